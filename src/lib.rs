@@ -1,1 +1,31 @@
-//! ringrelay
+//! # ringrelay
+//!
+//! An SMTP relay engine for Linux: a sharded thread-per-core runtime on io_uring (with an
+//! epoll fallback), a sans-IO SMTP core, and, in later stages, a durable group-commit spool
+//! and pooled pipelined delivery. Its ancestor is Perl's Net::SMTP::Server, whose shape it
+//! keeps: a [`Server`] accepts connections, each runs one SMTP session, and a [`Handler`]
+//! gets each message's [`Envelope`] (FROM, TO, MSG).
+//!
+//! ## Map
+//! - [`smtp`]: the protocol without I/O — commands, paths, replies, the DATA scanner and
+//!   the server [`Session`] state machine.
+//! - [`server`]: [`Server`], [`Handler`] and [`ServerHandle`], the library API.
+//! - `runtime` (private): shards, listeners, the io_uring and epoll drivers, the
+//!   connection loop, buffer pools and connection caps.
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`policy`]: relay access (who may relay where).
+//! - [`id`]: queue IDs, unique across shards and restarts.
+//! - [`sink`]: the `serve --sink` handler, which counts and discards.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod id;
+pub mod policy;
+mod runtime;
+pub mod server;
+pub mod sink;
+pub mod smtp;
+
+pub use config::Config;
+pub use server::{Handler, Server, ServerHandle};
+pub use smtp::{Envelope, Mailbox, Reply, ReversePath, Session};

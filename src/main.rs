@@ -1,1 +1,198 @@
-fn main() {}
+//! The `ringrelay` command line (DESIGN.md's contract): `serve`, `queue`, `check-config`.
+//!
+//! Exit codes: 0 success; 1 runtime failure; 2 usage or configuration error, with a
+//! one-line reason on stderr.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use ringrelay::config::{Config, IoMode};
+use ringrelay::sink::{NoSpoolHandler, SinkHandler, SinkTotals};
+use ringrelay::Server;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "ringrelay",
+    version,
+    about = "An SMTP relay on a thread-per-core io_uring runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the SMTP server.
+    Serve(ServeArgs),
+    /// Inspect or act on the spool's queue.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Validate a configuration file and print the effective settings.
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (every key optional).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on (repeatable; replaces `listen` from the config).
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Shard threads (0 = one per available core).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// I/O driver: auto, uring or epoll.
+    #[arg(long, value_name = "auto|uring|epoll")]
+    io: Option<IoMode>,
+    /// Spool directory.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// Accept and discard every message, with no spool (measures the front end alone).
+    #[arg(long)]
+    sink: bool,
+    /// Static route DOMAIN=HOST:PORT (repeatable).
+    #[arg(long = "route", value_name = "DOMAIN=HOST:PORT")]
+    route: Vec<String>,
+    /// Send everything to HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    smarthost: Option<String>,
+    /// DNS server IP:PORT (repeatable).
+    #[arg(long = "nameserver", value_name = "IP:PORT")]
+    nameserver: Vec<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List queued messages.
+    List(QueueArgs),
+    /// Queue statistics.
+    Stats(QueueArgs),
+    /// Retry every deferred message now.
+    Flush(QueueArgs),
+    /// Remove one message.
+    Remove {
+        /// Queue ID.
+        id: String,
+        #[command(flatten)]
+        args: QueueArgs,
+    },
+}
+
+#[derive(Args)]
+struct QueueArgs {
+    /// Spool directory.
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(c) => {
+                println!(
+                    "configuration ok: hostname {}, listen {:?}, {} shard(s), io {:?}, spool {}",
+                    c.effective_hostname(),
+                    c.listen,
+                    c.effective_shards(),
+                    c.io,
+                    c.spool.dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, &e.to_string()),
+        },
+        Command::Queue { action } => {
+            let _ = action;
+            fail(
+                1,
+                "queue: the spool is not built yet, so there is no queue to act on",
+            )
+        }
+    }
+}
+
+fn fail(code: u8, why: &str) -> ExitCode {
+    eprintln!("ringrelay: {why}");
+    ExitCode::from(code)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let mut config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e.to_string()),
+    };
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    if let Some(n) = args.shards {
+        config.shards = n;
+    }
+    if let Some(io) = args.io {
+        config.io = io;
+    }
+    if let Some(dir) = args.spool {
+        config.spool.dir = dir;
+    }
+    for route in &args.route {
+        if let Err(e) = config.apply_route(route) {
+            return fail(2, &e.to_string());
+        }
+    }
+    if let Some(smarthost) = args.smarthost {
+        config.delivery.smarthost = smarthost;
+    }
+    config.delivery.nameservers.extend(args.nameserver);
+    if let Err(e) = config.validate() {
+        return fail(2, &e.to_string());
+    }
+    let server = Server::new(config);
+    let result = if args.sink {
+        let totals = Arc::new(SinkTotals::default());
+        let shard_totals = Arc::clone(&totals);
+        let r = server.run(move |_| SinkHandler::new(Arc::clone(&shard_totals)));
+        tracing::info!(
+            "sink: accepted {} messages, {} recipients, {} bytes",
+            totals.messages.load(Ordering::Relaxed),
+            totals.recipients.load(Ordering::Relaxed),
+            totals.bytes.load(Ordering::Relaxed)
+        );
+        r
+    } else {
+        tracing::warn!(
+            "no spool yet: DATA is answered 451 4.3.0 (use --sink to accept and discard)"
+        );
+        server.run(|_| NoSpoolHandler)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e.to_string()),
+    }
+}

@@ -1,0 +1,419 @@
+//! The sink's SMTP server side: one connection's ESMTP dialogue (PIPELINING, SIZE, 8BITMIME,
+//! ENHANCEDSTATUSCODES), fault injection, and handing each message's verdict to the counters.
+//! Replies are batched until the input is exhausted, which is what makes pipelining cheap.
+
+use crate::data_scan::{DataScan, Verdict};
+use crate::ids::IdRegistry;
+use crate::message::push_u64;
+use crate::report::SinkStats;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// Where injected failures are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailStage {
+    /// Every RCPT of the message gets 4xx/5xx (DATA then gets 554: no valid recipients).
+    Rcpt,
+    /// The end of DATA gets 4xx/5xx.
+    Data,
+}
+
+impl FailStage {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailStage::Rcpt => "rcpt",
+            FailStage::Data => "data",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub hostname: String,
+    /// Shares of messages to fail, as fractions (0..=1).
+    pub tempfail: f64,
+    pub permfail: f64,
+    pub stage: FailStage,
+    pub delay: Option<Duration>,
+    pub max_size: u64,
+    pub expect: Option<u64>,
+}
+
+/// State shared by every sink thread.
+pub struct ServerShared {
+    pub cfg: ServerConfig,
+    pub ids: IdRegistry,
+    fates: AtomicU64,
+    pub expect_reached: Notify,
+    banner: Vec<u8>,
+    ehlo: Vec<u8>,
+    helo: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Ok,
+    Temp,
+    Perm,
+}
+
+impl ServerShared {
+    pub fn new(cfg: ServerConfig) -> ServerShared {
+        let h = &cfg.hostname;
+        let banner = format!("220 {h} ESMTP loadgen sink\r\n").into_bytes();
+        let ehlo = format!(
+            "250-{h}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n",
+            cfg.max_size
+        )
+        .into_bytes();
+        let helo = format!("250 {h}\r\n").into_bytes();
+        ServerShared {
+            cfg,
+            ids: IdRegistry::default(),
+            fates: AtomicU64::new(0),
+            expect_reached: Notify::new(),
+            banner,
+            ehlo,
+            helo,
+        }
+    }
+
+    /// Decides a message's fate. Message k fails when frac(k·φ) falls in the failure band: a
+    /// low-discrepancy sequence, so the shares are exact within a message or two at any count
+    /// and across threads, without randomness making tests flaky.
+    fn fate(&self) -> Fate {
+        let (t, p) = (self.cfg.tempfail, self.cfg.permfail);
+        if t <= 0.0 && p <= 0.0 {
+            return Fate::Ok;
+        }
+        let k = self.fates.fetch_add(1, Ordering::Relaxed);
+        let x = (k as f64 * 0.618_033_988_749_894_9).fract();
+        if x < t {
+            Fate::Temp
+        } else if x < t + p {
+            Fate::Perm
+        } else {
+            Fate::Ok
+        }
+    }
+}
+
+/// Read buffer per connection. Large enough that a 1 KiB pipelined transaction, or a good
+/// chunk of a large message, arrives in one read.
+const BUF: usize = 64 * 1024;
+
+#[derive(PartialEq, Eq)]
+enum Mode {
+    Command,
+    Data,
+}
+
+struct Txn {
+    active: bool,
+    fate: Fate,
+    rcpts: u64,
+}
+
+/// Records a connection's end even if its task is cancelled at shutdown.
+struct ConnGuard {
+    stats: Rc<RefCell<SinkStats>>,
+    active: Rc<Cell<usize>>,
+    msgs: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.active.set(self.active.get().saturating_sub(1));
+        if let Ok(mut s) = self.stats.try_borrow_mut() {
+            s.open = s.open.saturating_sub(1);
+            s.msgs_per_conn.record_value(self.msgs);
+        }
+    }
+}
+
+struct Conn<'a> {
+    sh: &'a ServerShared,
+    out: Vec<u8>,
+    mode: Mode,
+    txn: Txn,
+    scan: DataScan,
+    /// In command mode, an overlong line is being discarded up to its newline.
+    skip_line: bool,
+    quit: bool,
+}
+
+/// Serves one connection until the client quits or the connection fails. Nothing the client
+/// sends can make this panic: every malformed input gets an SMTP error reply.
+pub async fn serve(
+    mut stream: TcpStream,
+    sh: &ServerShared,
+    stats: Rc<RefCell<SinkStats>>,
+    active: Rc<Cell<usize>>,
+) {
+    active.set(active.get() + 1);
+    stats.borrow_mut().open += 1;
+    let mut guard = ConnGuard {
+        stats: stats.clone(),
+        active,
+        msgs: 0,
+    };
+    let mut c = Conn {
+        sh,
+        out: Vec::with_capacity(1024),
+        mode: Mode::Command,
+        txn: Txn {
+            active: false,
+            fate: Fate::Ok,
+            rcpts: 0,
+        },
+        scan: DataScan::default(),
+        skip_line: false,
+        quit: false,
+    };
+    c.out.extend_from_slice(&sh.banner);
+    let mut buf = vec![0u8; BUF];
+    let (mut start, mut end) = (0usize, 0usize);
+    loop {
+        let mut cmds = 0u32;
+        {
+            let mut st = stats.borrow_mut();
+            while !c.quit {
+                if c.mode == Mode::Data {
+                    let (n, done) = c.scan.feed(&buf[start..end], end - start == BUF);
+                    start += n;
+                    if !done {
+                        break;
+                    }
+                    c.end_of_data(&mut st, &mut guard.msgs);
+                    continue;
+                }
+                let rest = &buf[start..end];
+                match memchr::memchr(b'\n', rest) {
+                    Some(i) => {
+                        start += i + 1;
+                        if std::mem::take(&mut c.skip_line) {
+                            continue;
+                        }
+                        cmds += 1;
+                        c.command(&rest[..=i], &mut st);
+                    }
+                    None => {
+                        if end - start == BUF {
+                            // A command line longer than the whole buffer.
+                            if !c.skip_line {
+                                st.bad_commands += 1;
+                                c.out.extend_from_slice(b"500 5.5.0 Error: line too long\r\n");
+                            }
+                            c.skip_line = true;
+                            start = end;
+                        }
+                        break;
+                    }
+                }
+            }
+            if cmds > 1 {
+                st.pipelined_groups += 1;
+            }
+        }
+        if !c.out.is_empty() {
+            if let Some(d) = sh.cfg.delay {
+                tokio::time::sleep(d).await;
+            }
+            if stream.write_all(&c.out).await.is_err() {
+                return;
+            }
+            c.out.clear();
+        }
+        if c.quit {
+            return;
+        }
+        if start == end {
+            start = 0;
+            end = 0;
+        } else if end == BUF || start > BUF / 2 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        match stream.read(&mut buf[end..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => end += n,
+        }
+    }
+}
+
+fn strip_eol(l: &[u8]) -> &[u8] {
+    let l = l.strip_suffix(b"\n").unwrap_or(l);
+    l.strip_suffix(b"\r").unwrap_or(l)
+}
+
+fn has_prefix_ci(s: &[u8], p: &[u8]) -> bool {
+    s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p)
+}
+
+/// The SIZE= parameter of a MAIL command, if any.
+fn size_param(args: &[u8]) -> Option<u64> {
+    args.split(|&c| c == b' ').find_map(|t| {
+        if has_prefix_ci(t, b"SIZE=") {
+            std::str::from_utf8(&t[5..]).ok()?.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+impl Conn<'_> {
+    fn reply(&mut self, r: &[u8]) {
+        self.out.extend_from_slice(r);
+    }
+
+    fn reset_txn(&mut self) {
+        self.txn = Txn {
+            active: false,
+            fate: Fate::Ok,
+            rcpts: 0,
+        };
+    }
+
+    fn command(&mut self, line: &[u8], st: &mut SinkStats) {
+        let l = strip_eol(line);
+        let verb: [u8; 4] = match l.get(..4) {
+            Some(v) => [v[0], v[1], v[2], v[3]].map(|c| c.to_ascii_uppercase()),
+            None => [0; 4],
+        };
+        let args = &l[l.len().min(4)..];
+        match &verb {
+            b"EHLO" => {
+                self.reset_txn();
+                self.out.extend_from_slice(&self.sh.ehlo);
+            }
+            b"HELO" => {
+                self.reset_txn();
+                self.out.extend_from_slice(&self.sh.helo);
+            }
+            b"MAIL" => {
+                if self.txn.active {
+                    st.bad_commands += 1;
+                    self.reply(b"503 5.5.1 Error: nested MAIL command\r\n");
+                } else if !has_prefix_ci(args, b" FROM:") {
+                    st.bad_commands += 1;
+                    self.reply(b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n");
+                } else if size_param(args).is_some_and(|s| s > self.sh.cfg.max_size) {
+                    self.reply(b"552 5.3.4 Message size exceeds fixed limit\r\n");
+                } else {
+                    self.txn.active = true;
+                    self.txn.fate = self.sh.fate();
+                    self.reply(b"250 2.1.0 Ok\r\n");
+                }
+            }
+            b"RCPT" => {
+                if !self.txn.active {
+                    st.bad_commands += 1;
+                    self.reply(b"503 5.5.1 Error: need MAIL command\r\n");
+                } else if !has_prefix_ci(args, b" TO:") {
+                    st.bad_commands += 1;
+                    self.reply(b"501 5.5.4 Syntax: RCPT TO:<address>\r\n");
+                } else if self.sh.cfg.stage == FailStage::Rcpt && self.txn.fate != Fate::Ok {
+                    st.rcpt_rejected += 1;
+                    if self.txn.fate == Fate::Temp {
+                        self.reply(b"450 4.2.0 Recipient temporarily rejected (loadgen sink tempfail)\r\n");
+                    } else {
+                        self.reply(b"550 5.1.1 Recipient rejected (loadgen sink permfail)\r\n");
+                    }
+                } else {
+                    self.txn.rcpts += 1;
+                    self.reply(b"250 2.1.5 Ok\r\n");
+                }
+            }
+            b"DATA" => {
+                if !self.txn.active {
+                    st.bad_commands += 1;
+                    self.reply(b"503 5.5.1 Error: need RCPT command\r\n");
+                } else if self.txn.rcpts == 0 {
+                    self.reply(b"554 5.5.1 Error: no valid recipients\r\n");
+                } else {
+                    self.mode = Mode::Data;
+                    self.scan.reset();
+                    self.reply(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+                }
+            }
+            b"RSET" => {
+                self.reset_txn();
+                self.reply(b"250 2.0.0 Ok\r\n");
+            }
+            b"NOOP" => self.reply(b"250 2.0.0 Ok\r\n"),
+            b"QUIT" => {
+                self.reply(b"221 2.0.0 Bye\r\n");
+                self.quit = true;
+            }
+            b"VRFY" => self.reply(b"252 2.0.0 Cannot VRFY user\r\n"),
+            b"HELP" => self.reply(b"214 2.0.0 loadgen sink\r\n"),
+            _ => {
+                st.bad_commands += 1;
+                self.reply(b"502 5.5.2 Error: command not recognized\r\n");
+            }
+        }
+    }
+
+    fn end_of_data(&mut self, st: &mut SinkStats, conn_msgs: &mut u64) {
+        self.mode = Mode::Command;
+        let fate = if self.sh.cfg.stage == FailStage::Data {
+            self.txn.fate
+        } else {
+            Fate::Ok
+        };
+        let rcpts = self.txn.rcpts;
+        self.reset_txn();
+        if self.scan.bytes > self.sh.cfg.max_size {
+            self.reply(b"552 5.3.4 Message size exceeds fixed limit\r\n");
+            return;
+        }
+        match fate {
+            Fate::Temp => {
+                st.tempfailed += 1;
+                self.reply(b"451 4.3.0 Temporary failure (loadgen sink tempfail)\r\n");
+                return;
+            }
+            Fate::Perm => {
+                st.permfailed += 1;
+                self.reply(b"554 5.3.0 Message rejected (loadgen sink permfail)\r\n");
+                return;
+            }
+            Fate::Ok => {}
+        }
+        st.received += 1;
+        st.rcpt_accepted += rcpts;
+        st.bytes += self.scan.bytes;
+        *conn_msgs += 1;
+        let now = Instant::now();
+        if st.first.is_none() {
+            st.first = Some(now);
+        }
+        st.last = Some(now);
+        match self.scan.verdict() {
+            Verdict::Valid(id) => match self.sh.ids.intact(id) {
+                Some(n) => {
+                    if self.sh.cfg.expect == Some(n) {
+                        self.sh.expect_reached.notify_one();
+                    }
+                }
+                None => st.duplicates += 1,
+            },
+            Verdict::Corrupted(id) => {
+                st.corrupted += 1;
+                if let Some(id) = id {
+                    self.sh.ids.corrupted(id);
+                }
+            }
+            Verdict::Foreign => st.foreign += 1,
+        }
+        self.reply(b"250 2.0.0 Ok: queued as ");
+        push_u64(&mut self.out, st.received);
+        self.reply(b"\r\n");
+    }
+}

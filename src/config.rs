@@ -1,0 +1,445 @@
+//! Configuration: the TOML file of DESIGN.md's config contract, its defaults, and the
+//! validation that turns a mistake into one clear line naming the file and the key.
+//!
+//! Every key is optional. Unknown keys are errors, so a typo never silently falls back to a
+//! default. Command-line flags are applied on top with the `apply_*` methods.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::policy::{IpNet, RelayPolicy};
+use crate::smtp::command::valid_domain;
+
+/// Which I/O driver runs the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// io_uring when the kernel allows it, else epoll (with one log line saying why).
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// Plain tokio (epoll).
+    Epoll,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "uring" => Ok(IoMode::Uring),
+            "epoll" => Ok(IoMode::Epoll),
+            _ => Err(format!(
+                "unknown io mode {s:?} (expected auto, uring or epoll)"
+            )),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our host name; empty means the system host name.
+    pub hostname: String,
+    /// Addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Shard threads; 0 = one per available core.
+    pub shards: usize,
+    /// I/O driver.
+    pub io: IoMode,
+    /// Limits.
+    pub limits: Limits,
+    /// Relay access.
+    pub relay: Relay,
+    /// Spool.
+    pub spool: Spool,
+    /// Outbound delivery.
+    pub delivery: Delivery,
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message in bytes (advertised as SIZE).
+    pub max_message_size: usize,
+    /// Recipients per transaction.
+    pub max_recipients: usize,
+    /// Connections to the whole server.
+    pub max_connections: usize,
+    /// Connections from one client address.
+    pub max_connections_per_ip: usize,
+    /// Seconds to wait for a command line.
+    pub command_timeout_secs: u64,
+    /// Seconds to wait for more message content.
+    pub data_timeout_secs: u64,
+    /// Errors a client may make before `421` and close.
+    pub max_errors: u32,
+    /// Seconds transactions in flight get to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout_secs: u64,
+}
+
+/// `[relay]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    /// Client networks that may relay anywhere (CIDR).
+    pub mynetworks: Vec<String>,
+    /// Domains anyone may send to (`.example.com` also covers subdomains).
+    pub domains: Vec<String>,
+}
+
+/// `[spool]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Spool {
+    /// Spool directory.
+    pub dir: PathBuf,
+}
+
+/// `[delivery]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    /// Static routes: domain → `host:port`, skipping MX lookup.
+    pub routes: BTreeMap<String, String>,
+    /// `host:port` to send everything to; empty for none.
+    pub smarthost: String,
+    /// DNS servers (`ip:port`); empty for the system resolver.
+    pub nameservers: Vec<SocketAddr>,
+    /// Open connections per next hop, per shard.
+    pub max_connections_per_destination: usize,
+    /// Seconds between delivery attempts.
+    pub retry_schedule_secs: Vec<u64>,
+    /// Seconds after which an undeliverable message is bounced.
+    pub max_queue_age_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: String::new(),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            shards: 0,
+            io: IoMode::Auto,
+            limits: Limits::default(),
+            relay: Relay::default(),
+            spool: Spool::default(),
+            delivery: Delivery::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 36_700_160,
+            max_recipients: 100,
+            max_connections: 10_000,
+            max_connections_per_ip: 50,
+            command_timeout_secs: 300,
+            data_timeout_secs: 180,
+            max_errors: 10,
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay {
+            mynetworks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            domains: Vec::new(),
+        }
+    }
+}
+
+impl Default for Spool {
+    fn default() -> Self {
+        Spool {
+            dir: PathBuf::from("./spool"),
+        }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            routes: BTreeMap::new(),
+            smarthost: String::new(),
+            nameservers: Vec::new(),
+            max_connections_per_destination: 16,
+            retry_schedule_secs: vec![60, 300, 900, 3600, 14400],
+            max_queue_age_secs: 432_000,
+        }
+    }
+}
+
+/// A configuration error: one line an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates `path`, or gives the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            let config = Config::default();
+            config.validate()?;
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        let config = Config::from_toml(&text)
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml's message spans several lines (with a source excerpt); keep it to one.
+            let msg = e.message().replace('\n', " ");
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    ConfigError(format!("line {line}: {msg}"))
+                }
+                None => ConfigError(msg),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; the first problem found is returned, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        if !self.hostname.is_empty() && !valid_domain(&self.hostname) {
+            return err(
+                "hostname",
+                format!("{:?} is not a valid host name", self.hostname),
+            );
+        }
+        if self.listen.is_empty() {
+            return err("listen", "at least one address is needed".into());
+        }
+        if self.shards > 256 {
+            return err("shards", format!("{} is more than 256", self.shards));
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_message_size", l.max_message_size as u64),
+            ("limits.max_recipients", l.max_recipients as u64),
+            ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip as u64,
+            ),
+            ("limits.command_timeout_secs", l.command_timeout_secs),
+            ("limits.data_timeout_secs", l.data_timeout_secs),
+            ("limits.max_errors", u64::from(l.max_errors)),
+            (
+                "delivery.max_connections_per_destination",
+                self.delivery.max_connections_per_destination as u64,
+            ),
+        ] {
+            if value == 0 {
+                return err(key, "must be at least 1".into());
+            }
+        }
+        if l.max_message_size > (1 << 40) {
+            return err("limits.max_message_size", "more than 1 TiB".into());
+        }
+        for (i, net) in self.relay.mynetworks.iter().enumerate() {
+            if let Err(why) = net.parse::<IpNet>() {
+                return err(&format!("relay.mynetworks[{i}]"), why);
+            }
+        }
+        for (i, d) in self.relay.domains.iter().enumerate() {
+            if !valid_domain(d.strip_prefix('.').unwrap_or(d)) {
+                return err(
+                    &format!("relay.domains[{i}]"),
+                    format!("{d:?} is not a domain"),
+                );
+            }
+        }
+        for (domain, target) in &self.delivery.routes {
+            if !valid_domain(domain) {
+                return err("delivery.routes", format!("{domain:?} is not a domain"));
+            }
+            if let Err(why) = check_host_port(target) {
+                return err(&format!("delivery.routes.{domain}"), why);
+            }
+        }
+        if !self.delivery.smarthost.is_empty() {
+            if let Err(why) = check_host_port(&self.delivery.smarthost) {
+                return err("delivery.smarthost", why);
+            }
+        }
+        if self.delivery.retry_schedule_secs.is_empty()
+            || self.delivery.retry_schedule_secs.contains(&0)
+        {
+            return err(
+                "delivery.retry_schedule_secs",
+                "needs at least one interval, each at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The host name to use: the configured one, else the system's.
+    pub fn effective_hostname(&self) -> String {
+        if !self.hostname.is_empty() {
+            return self.hostname.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| valid_domain(s))
+            .unwrap_or_else(|| "localhost".to_string())
+    }
+
+    /// The number of shards to run: as configured, or one per available core.
+    pub fn effective_shards(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The relay policy, from `[relay]` (already validated).
+    pub fn relay_policy(&self) -> RelayPolicy {
+        let nets = self
+            .relay
+            .mynetworks
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        RelayPolicy::new(nets, self.relay.domains.clone())
+    }
+
+    /// Adds a `--route DOMAIN=HOST:PORT`.
+    pub fn apply_route(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let (domain, target) = spec
+            .split_once('=')
+            .ok_or_else(|| ConfigError(format!("--route {spec:?}: expected DOMAIN=HOST:PORT")))?;
+        if !valid_domain(domain) {
+            return Err(ConfigError(format!(
+                "--route {spec:?}: {domain:?} is not a domain"
+            )));
+        }
+        check_host_port(target).map_err(|why| ConfigError(format!("--route {spec:?}: {why}")))?;
+        self.delivery
+            .routes
+            .insert(domain.to_ascii_lowercase(), target.to_string());
+        Ok(())
+    }
+}
+
+/// `host:port` or `[v6]:port`, with a port in 1..=65535.
+fn check_host_port(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    if !port_ok {
+        return Err(format!("{s:?} has no valid port"));
+    }
+    if !valid_domain(host) {
+        return Err(format!("{s:?}: {host:?} is not a host name or IP address"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.limits.max_recipients, 100);
+        assert_eq!(c.io, IoMode::Auto);
+        assert!(c
+            .relay_policy()
+            .client_may_relay("127.0.0.9".parse().unwrap()));
+        assert!(c.relay_policy().client_may_relay("::1".parse().unwrap()));
+        assert!(!c
+            .relay_policy()
+            .client_may_relay("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_contract_example_parses() {
+        let text = r#"
+hostname = "relay.example.net"
+listen   = ["127.0.0.1:2525"]
+shards   = 0
+io       = "auto"
+[limits]
+max_message_size      = 36700160
+max_recipients        = 100
+max_connections       = 10000
+max_connections_per_ip = 50
+command_timeout_secs  = 300
+data_timeout_secs     = 180
+[relay]
+mynetworks = ["127.0.0.0/8", "::1/128"]
+domains    = []
+[spool]
+dir = "./spool"
+[delivery]
+routes      = { "example.test" = "127.0.0.1:2526" }
+smarthost   = ""
+nameservers = []
+max_connections_per_destination = 16
+retry_schedule_secs = [60, 300, 900, 3600, 14400]
+max_queue_age_secs  = 432000
+"#;
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(c.hostname, "relay.example.net");
+        assert_eq!(c.delivery.routes["example.test"], "127.0.0.1:2526");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = |t: &str| Config::from_toml(t).unwrap_err().0;
+        assert!(e("[limits]\nmax_recipients = 0").contains("limits.max_recipients"));
+        assert!(e("[relay]\nmynetworks = [\"10.0.0.0/99\"]").contains("relay.mynetworks[0]"));
+        assert!(e("[limits]\nmax_recipeints = 5").contains("max_recipeints"));
+        assert!(e("io = \"kqueue\"").contains("line 1"));
+        assert!(e("listen = [\"nonsense\"]").contains("line 1"));
+        assert!(e("[delivery]\nsmarthost = \"mx.example\"").contains("delivery.smarthost"));
+        assert!(e("hostname = \"bad host\"").contains("hostname"));
+        assert!(!e("[limits]\nmax_recipients = 0").contains('\n'));
+    }
+
+    #[test]
+    fn routes_from_the_command_line() {
+        let mut c = Config::default();
+        c.apply_route("Example.TEST=127.0.0.1:2526").unwrap();
+        assert_eq!(c.delivery.routes["example.test"], "127.0.0.1:2526");
+        assert!(c.apply_route("example.test").is_err());
+        assert!(c.apply_route("example.test=host").is_err());
+        assert!(c.apply_route("example.test=mx.example:25").is_ok());
+    }
+}

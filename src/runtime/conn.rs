@@ -1,0 +1,185 @@
+//! One connection's life, the same for both I/O drivers: read bytes into a pooled buffer,
+//! hand them to the sans-IO [`Session`], write its replies, await the handler for each
+//! finished message, and enforce timeouts and graceful shutdown.
+//!
+//! Timeouts and shutdown never drop an in-flight read (with io_uring a dropped read keeps
+//! running and would swallow the next bytes): the loser of the race is completed by shutting
+//! the socket down, which makes the pending read return.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, BytesMut};
+
+use super::caps::ConnectionSlot;
+use super::shard::{Shard, ShardHooks};
+use super::Phase;
+use crate::server::Handler;
+use crate::smtp::{Reply, Session};
+
+/// Read size while reading commands (small: idle connections are the common case).
+const COMMAND_READ: usize = 4 * 1024;
+/// Read size during DATA.
+const DATA_READ: usize = 64 * 1024;
+
+/// A connected stream as the connection loop needs it. Buffers are owned and handed back,
+/// which is what io_uring requires and what plain tokio can do too.
+pub(crate) trait Transport: 'static {
+    /// Reads into the spare capacity of `buf`, after its current content. `Ok(0)` is EOF.
+    fn read_more(&self, buf: BytesMut) -> impl Future<Output = (io::Result<usize>, BytesMut)>;
+    /// Writes all of `buf`.
+    fn send_all(&self, buf: BytesMut) -> impl Future<Output = (io::Result<()>, BytesMut)>;
+    /// Shuts both directions down: sends FIN and makes any pending read return.
+    fn close_both(&self);
+}
+
+/// A listening socket as the accept loop needs it.
+pub(crate) trait Acceptor: 'static {
+    /// The connection type it yields.
+    type Conn: Transport;
+    /// Waits for the next connection. Never dropped while pending (see DESIGN.md).
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>>;
+    /// Stops listening: new connections are refused and a pending accept fails.
+    fn stop(&self);
+}
+
+/// What ended a wait for input.
+enum Wake {
+    Read(io::Result<usize>, BytesMut),
+    TimedOut,
+    ShuttingDown,
+}
+
+/// Serves one accepted connection to the end.
+pub(crate) async fn serve<H: Handler, T: Transport>(
+    shard: Rc<Shard<H>>,
+    io: T,
+    peer: SocketAddr,
+    _slot: ConnectionSlot,
+) {
+    let _open = shard.connection_opened();
+    if let Err(reply) = shard.handler.on_connect(peer) {
+        let mut out = BytesMut::new();
+        reply.write_to(&mut out);
+        send(&io, out, shard.command_timeout).await;
+        io.close_both();
+        return;
+    }
+    let mut phase = shard.phase.clone();
+    let mut session = Session::new(Arc::clone(&shard.session_config), peer);
+    let mut hooks = ShardHooks::new(&shard, peer);
+    let mut buf = shard.pool.take();
+    session.greet();
+    loop {
+        if session.has_output() && !send(&io, session.take_output(), shard.command_timeout).await {
+            break;
+        }
+        if session.is_closed() {
+            break;
+        }
+        if let Some(envelope) = session.take_message() {
+            let result = shard.handler.on_message(envelope).await;
+            session.message_result(result);
+            // Commands pipelined behind the message were waiting in the buffer.
+            let used = session.receive(&buf, SystemTime::now(), &mut hooks);
+            buf.advance(used);
+            continue;
+        }
+        let now_phase = *phase.borrow_and_update();
+        if now_phase == Phase::Closing || (now_phase == Phase::Draining && session.is_idle()) {
+            session.shutting_down();
+            continue;
+        }
+        let (want, timeout) = if session.in_data() {
+            (DATA_READ, shard.data_timeout)
+        } else {
+            (COMMAND_READ, shard.command_timeout)
+        };
+        if buf.capacity() - buf.len() < want / 2 {
+            buf.reserve(want);
+        }
+        let mut read = pin!(io.read_more(buf));
+        let mut sleep = pin!(tokio::time::sleep(timeout));
+        let mut watching = true;
+        let wake = loop {
+            tokio::select! {
+                biased;
+                (result, b) = &mut read => break Wake::Read(result, b),
+                _ = &mut sleep => break Wake::TimedOut,
+                changed = phase.changed(), if watching => {
+                    if changed.is_err() {
+                        // The server handle is gone: nobody can ask us to stop any more.
+                        watching = false;
+                        continue;
+                    }
+                    let p = *phase.borrow_and_update();
+                    if p == Phase::Closing || (p == Phase::Draining && session.is_idle()) {
+                        break Wake::ShuttingDown;
+                    }
+                }
+            }
+        };
+        match wake {
+            Wake::Read(Ok(0), b) | Wake::Read(Err(_), b) => {
+                buf = b;
+                break;
+            }
+            Wake::Read(Ok(_), b) => {
+                buf = b;
+                let used = session.receive(&buf, SystemTime::now(), &mut hooks);
+                buf.advance(used);
+                if buf.is_empty() {
+                    // Lets the next reserve reuse the whole allocation from its start.
+                    buf.clear();
+                }
+            }
+            Wake::TimedOut | Wake::ShuttingDown => {
+                if matches!(wake, Wake::TimedOut) {
+                    session.timed_out();
+                } else {
+                    session.shutting_down();
+                }
+                // The read is still pending: write the 421 beside it, then shut the socket
+                // down so the read completes, and only then let go of the buffer.
+                send(&io, session.take_output(), shard.command_timeout).await;
+                io.close_both();
+                let (_, b) = read.await;
+                buf = b;
+                break;
+            }
+        }
+    }
+    io.close_both();
+    shard.pool.give(buf);
+}
+
+/// Refuses a connection over a cap with `reply`, then closes it.
+pub(crate) async fn refuse<T: Transport>(io: T, reply: Reply, timeout: Duration) {
+    let mut out = BytesMut::new();
+    reply.write_to(&mut out);
+    send(&io, out, timeout).await;
+    io.close_both();
+}
+
+/// Writes `out` within `timeout`. A client that stops reading is cut off: the socket is
+/// shut down, which ends the pending write. Returns false if the connection is unusable.
+async fn send<T: Transport>(io: &T, out: BytesMut, timeout: Duration) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let mut write = pin!(io.send_all(out));
+    tokio::select! {
+        biased;
+        (result, _) = &mut write => result.is_ok(),
+        _ = tokio::time::sleep(timeout) => {
+            io.close_both();
+            let _ = write.await;
+            false
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The thread-per-core runtime: one OS thread per shard, each with its own event loop
+//! (io_uring, or epoll as a fallback), its own `SO_REUSEPORT` listeners and buffer pool.
+//!
+//! - [`listener`]: binding the per-shard sockets.
+//! - [`probe`]: whether io_uring is usable here.
+//! - [`shard`]: a shard's state, accept loops and shutdown supervision.
+//! - [`conn`]: one connection's loop, shared by both drivers.
+//! - [`uring`] / [`epoll`]: the two drivers.
+//! - [`buffers`]: the per-shard buffer pool; [`caps`]: connection caps.
+
+pub(crate) mod buffers;
+pub(crate) mod caps;
+pub(crate) mod conn;
+pub(crate) mod epoll;
+pub(crate) mod listener;
+pub(crate) mod probe;
+pub(crate) mod shard;
+pub(crate) mod uring;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::{Config, IoMode};
+use crate::server::Handler;
+use crate::smtp::SessionConfig;
+use shard::{Shard, ShardSettings};
+
+/// Where a server is in its life; every connection watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Accepting and serving.
+    Running,
+    /// Not accepting; sessions end when their transaction does.
+    Draining,
+    /// Every session ends now with 421.
+    Closing,
+}
+
+/// The I/O driver in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IoDriver {
+    Uring,
+    Epoll,
+}
+
+impl IoDriver {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            IoDriver::Uring => "io_uring",
+            IoDriver::Epoll => "epoll",
+        }
+    }
+}
+
+/// What [`start`] hands back.
+pub(crate) struct Started {
+    pub(crate) phase: watch::Sender<Phase>,
+    pub(crate) threads: Vec<JoinHandle<io::Result<()>>>,
+    pub(crate) local_addrs: Vec<SocketAddr>,
+    pub(crate) io: IoDriver,
+}
+
+/// Picks the driver for `mode`; `auto` falls back to epoll with one log line saying why.
+pub(crate) fn choose_driver(mode: IoMode) -> io::Result<IoDriver> {
+    match mode {
+        IoMode::Epoll => Ok(IoDriver::Epoll),
+        IoMode::Uring => probe::io_uring_usable()
+            .map(|()| IoDriver::Uring)
+            .map_err(|why| io::Error::other(format!("--io uring: {why}"))),
+        IoMode::Auto => match probe::io_uring_usable() {
+            Ok(()) => Ok(IoDriver::Uring),
+            Err(why) => {
+                tracing::warn!("io_uring unavailable, falling back to epoll: {why}");
+                Ok(IoDriver::Epoll)
+            }
+        },
+    }
+}
+
+/// Binds the listeners and starts one thread per shard.
+pub(crate) fn start<H, F>(config: Config, make_handler: F) -> io::Result<Started>
+where
+    H: Handler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
+    let io = choose_driver(config.io)?;
+    let shards = config.effective_shards();
+    let (listeners, local_addrs) = listener::bind_all(&config.listen, shards)?;
+    let mut session_config = SessionConfig::new(
+        config.effective_hostname(),
+        config.limits.max_message_size,
+        config.limits.max_recipients,
+        config.relay_policy(),
+    );
+    session_config.max_errors = config.limits.max_errors;
+    let session_config = Arc::new(session_config);
+    let caps = caps::ConnectionCaps::new(
+        config.limits.max_connections,
+        config.limits.max_connections_per_ip,
+    );
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let make_handler = Arc::new(make_handler);
+    let cpus = allowed_cpus();
+    let pin = shards <= cpus.len();
+    let mut threads = Vec::with_capacity(shards);
+    for (index, listeners) in listeners.into_iter().enumerate() {
+        let settings = ShardSettings {
+            index,
+            session_config: Arc::clone(&session_config),
+            caps: Arc::clone(&caps),
+            phase: phase_rx.clone(),
+            command_timeout: Duration::from_secs(config.limits.command_timeout_secs),
+            data_timeout: Duration::from_secs(config.limits.data_timeout_secs),
+        };
+        let make_handler = Arc::clone(&make_handler);
+        let cpu = if pin { cpus.get(index).copied() } else { None };
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{index}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to_cpu(cpu);
+                }
+                let state = move || Shard::new(settings, make_handler(index));
+                let result = match io {
+                    IoDriver::Uring => uring::run(state, listeners),
+                    IoDriver::Epoll => epoll::run(state, listeners),
+                };
+                if let Err(e) = &result {
+                    tracing::error!(shard = index, "shard failed: {e}");
+                }
+                result
+            })?;
+        threads.push(thread);
+    }
+    let addrs: Vec<String> = local_addrs.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        "listening on {} with {shards} shard(s), io {}{}",
+        addrs.join(", "),
+        io.name(),
+        if pin { ", pinned to cores" } else { "" }
+    );
+    Ok(Started {
+        phase: phase_tx,
+        threads,
+        local_addrs,
+        io,
+    })
+}
+
+/// The CPUs this process may run on (respects `taskset` and cgroup cpusets).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data for which all-zero is a valid (empty) set, and
+    // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to one CPU; a failure is logged and otherwise ignored.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: as above; the set is fully initialised before sched_setaffinity reads it,
+    // and pid 0 means the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        tracing::warn!(
+            "could not pin shard to CPU {cpu}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! One shard: everything a core owns (handler, queue-ID generator, buffer pool, the count
+//! of its open connections) and the tasks that run there: an accept loop per listener and a
+//! supervisor that stops accepting on shutdown and waits for the last connection.
+//!
+//! Nothing here is shared with other shards except the read-only session configuration,
+//! the connection caps and the shutdown signal.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use super::buffers::BufferPool;
+use super::caps::{CapExceeded, ConnectionCaps};
+use super::conn::{self, Acceptor};
+use super::Phase;
+use crate::id::{IdGenerator, QueueId};
+use crate::server::Handler;
+use crate::smtp::{Hooks, Mailbox, Reply, ReversePath, SessionConfig};
+
+/// A shard's state, shared by its tasks through `Rc` (never across threads).
+pub(crate) struct Shard<H> {
+    pub(crate) index: usize,
+    pub(crate) handler: H,
+    pub(crate) session_config: Arc<SessionConfig>,
+    pub(crate) pool: BufferPool,
+    pub(crate) caps: Arc<ConnectionCaps>,
+    pub(crate) phase: watch::Receiver<Phase>,
+    pub(crate) command_timeout: Duration,
+    pub(crate) data_timeout: Duration,
+    ids: RefCell<IdGenerator>,
+    open: Cell<usize>,
+    all_closed: Notify,
+}
+
+/// What a shard is built from (all `Send`, made on the starting thread).
+pub(crate) struct ShardSettings {
+    pub(crate) index: usize,
+    pub(crate) session_config: Arc<SessionConfig>,
+    pub(crate) caps: Arc<ConnectionCaps>,
+    pub(crate) phase: watch::Receiver<Phase>,
+    pub(crate) command_timeout: Duration,
+    pub(crate) data_timeout: Duration,
+}
+
+impl<H: Handler> Shard<H> {
+    pub(crate) fn new(settings: ShardSettings, handler: H) -> Rc<Self> {
+        Rc::new(Shard {
+            index: settings.index,
+            handler,
+            session_config: settings.session_config,
+            pool: BufferPool::new(4 * 1024, 4096, 256 * 1024),
+            caps: settings.caps,
+            phase: settings.phase,
+            command_timeout: settings.command_timeout,
+            data_timeout: settings.data_timeout,
+            ids: RefCell::new(IdGenerator::new(settings.index)),
+            open: Cell::new(0),
+            all_closed: Notify::new(),
+        })
+    }
+
+    /// Counts a connection as open until the returned guard drops.
+    pub(crate) fn connection_opened(self: &Rc<Self>) -> OpenGuard<H> {
+        self.open.set(self.open.get() + 1);
+        OpenGuard(Rc::clone(self))
+    }
+
+    fn phase_now(&self) -> Phase {
+        *self.phase.borrow()
+    }
+}
+
+/// Marks one connection of a shard as open.
+pub(crate) struct OpenGuard<H: Handler>(Rc<Shard<H>>);
+
+impl<H: Handler> Drop for OpenGuard<H> {
+    fn drop(&mut self) {
+        let n = self.0.open.get().saturating_sub(1);
+        self.0.open.set(n);
+        if n == 0 {
+            self.0.all_closed.notify_one();
+        }
+    }
+}
+
+/// The session's hooks on this shard: IDs from the shard's generator, checks from the
+/// handler.
+pub(crate) struct ShardHooks<'a, H> {
+    shard: &'a Shard<H>,
+    peer: SocketAddr,
+}
+
+impl<'a, H> ShardHooks<'a, H> {
+    pub(crate) fn new(shard: &'a Shard<H>, peer: SocketAddr) -> Self {
+        ShardHooks { shard, peer }
+    }
+}
+
+impl<H: Handler> Hooks for ShardHooks<'_, H> {
+    fn queue_id(&mut self) -> QueueId {
+        self.shard.ids.borrow_mut().next_id()
+    }
+    fn check_mail(&mut self, from: &ReversePath) -> Result<(), Reply> {
+        self.shard.handler.on_mail(self.peer, from)
+    }
+    fn check_rcpt(&mut self, to: &Mailbox) -> Result<(), Reply> {
+        self.shard.handler.on_rcpt(self.peer, to)
+    }
+    fn check_data(&mut self) -> Result<(), Reply> {
+        self.shard.handler.on_data()
+    }
+}
+
+/// Runs a shard until shutdown has finished: one accept task per listener, then waits.
+pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors: Vec<A>) {
+    let acceptors: Vec<Rc<A>> = acceptors.into_iter().map(Rc::new).collect();
+    for acceptor in &acceptors {
+        // Accept lives in its own task and is never raced against anything: a dropped
+        // io_uring accept would leak the next connection.
+        tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(acceptor)));
+    }
+    let mut phase = shard.phase.clone();
+    while *phase.borrow_and_update() == Phase::Running {
+        if phase.changed().await.is_err() {
+            break;
+        }
+    }
+    for acceptor in &acceptors {
+        acceptor.stop();
+    }
+    while shard.open.get() > 0 {
+        shard.all_closed.notified().await;
+    }
+    tracing::debug!(shard = shard.index, "shard drained");
+}
+
+async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<A>) {
+    loop {
+        match acceptor.accept().await {
+            Ok((conn, peer)) => {
+                if shard.phase_now() != Phase::Running {
+                    let reply = Reply::shutting_down(&shard.session_config.hostname);
+                    tokio::task::spawn_local(conn::refuse(conn, reply, shard.command_timeout));
+                    continue;
+                }
+                match shard.caps.acquire(peer.ip()) {
+                    Ok(slot) => {
+                        tokio::task::spawn_local(conn::serve(Rc::clone(&shard), conn, peer, slot));
+                    }
+                    Err(which) => {
+                        tracing::debug!(%peer, ?which, "connection refused: cap reached");
+                        let host = &shard.session_config.hostname;
+                        let reply = match which {
+                            CapExceeded::Total | CapExceeded::PerIp => {
+                                Reply::too_many_connections(host)
+                            }
+                        };
+                        tokio::task::spawn_local(conn::refuse(conn, reply, shard.command_timeout));
+                    }
+                }
+            }
+            Err(e) => {
+                if shard.phase_now() != Phase::Running {
+                    return;
+                }
+                // Out of file descriptors or memory: back off instead of spinning; a
+                // connection aborted before accept is just skipped.
+                if e.kind() != std::io::ErrorKind::ConnectionAborted {
+                    tracing::warn!(shard = shard.index, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

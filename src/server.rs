@@ -1,0 +1,225 @@
+//! The library's front door, in the shape of the ancestor (Perl's Net::SMTP::Server):
+//! a [`Server`] accepts connections and runs one SMTP session each, and your [`Handler`]
+//! decides who may connect, send and receive, and what happens to each message.
+//!
+//! The handler is made once per shard by the factory given to [`Server::start`] and lives
+//! on that shard's thread, so it needs no locks (it need not be `Send`).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::runtime::{self, Phase};
+use crate::smtp::{Envelope, Mailbox, Reply, ReversePath};
+
+/// What the server asks of you, mirroring the seed's "checks for spammers, ACLs" and "save
+/// email to a file, or perform various other actions". Only `on_message` is required.
+///
+/// The checks run in the middle of protocol processing and must not block; `on_message`
+/// is awaited, so it may do I/O.
+pub trait Handler: 'static {
+    /// A client connected. `Err` sends that reply (use a 421 or 554) and closes.
+    fn on_connect(&self, peer: SocketAddr) -> Result<(), Reply> {
+        let _ = peer;
+        Ok(())
+    }
+
+    /// `MAIL FROM`. `Err` is the reply (for example `550 5.7.1 …`).
+    fn on_mail(&self, peer: SocketAddr, from: &ReversePath) -> Result<(), Reply> {
+        let _ = (peer, from);
+        Ok(())
+    }
+
+    /// `RCPT TO`, after the relay policy allowed it. `Err` is the reply.
+    fn on_rcpt(&self, peer: SocketAddr, to: &Mailbox) -> Result<(), Reply> {
+        let _ = (peer, to);
+        Ok(())
+    }
+
+    /// `DATA`, before the `354`. `Err` refuses the message before its content is sent.
+    fn on_data(&self) -> Result<(), Reply> {
+        Ok(())
+    }
+
+    /// A message arrived whole. `Ok` answers `250 2.0.0 Ok: queued as ID`; `Err` sends its
+    /// reply. Answer `Ok` only once the message is safe.
+    fn on_message(&self, envelope: Envelope) -> impl Future<Output = Result<(), Reply>>;
+}
+
+/// An SMTP server: listeners, shards and sessions, run with a [`Handler`].
+#[derive(Debug, Clone)]
+pub struct Server {
+    config: Config,
+}
+
+impl Server {
+    /// A server with this (already validated) configuration.
+    pub fn new(config: Config) -> Self {
+        Server { config }
+    }
+
+    /// Binds the listeners and starts the shards; returns at once. `make_handler(shard)` is
+    /// called once on each shard's thread.
+    pub fn start<H, F>(self, make_handler: F) -> io::Result<ServerHandle>
+    where
+        H: Handler,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        let shutdown_timeout = Duration::from_secs(self.config.limits.shutdown_timeout_secs);
+        let started = runtime::start(self.config, make_handler)?;
+        Ok(ServerHandle {
+            phase: started.phase,
+            threads: started.threads,
+            local_addrs: started.local_addrs,
+            io: started.io,
+            shutdown_timeout,
+        })
+    }
+
+    /// Starts the server and serves until SIGTERM or SIGINT; then stops accepting, lets
+    /// transactions in flight finish (up to `limits.shutdown_timeout_secs`), says `421` to
+    /// the rest and returns. A second signal skips the wait.
+    pub fn run<H, F>(self, make_handler: F) -> io::Result<()>
+    where
+        H: Handler,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        let signals = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Register before the shards start, so an early signal is not the default "die".
+        let (mut term, mut int) = signals.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok::<_, io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })?;
+        let handle = self.start(make_handler)?;
+        signals.block_on(async {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        });
+        tracing::info!("signal received: no longer accepting; finishing transactions in flight");
+        handle.shutdown();
+        let phase = handle.phase.clone();
+        let grace = handle.shutdown_timeout;
+        signals.spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = tokio::time::sleep(grace) => {}
+            }
+            phase.send_replace(Phase::Closing);
+        });
+        // Keep the signal runtime turning while the shards drain.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let joiner = std::thread::spawn(move || {
+            let r = handle.join();
+            let _ = done_tx.send(());
+            r
+        });
+        signals.block_on(async {
+            let _ = done_rx.await;
+        });
+        joiner
+            .join()
+            .map_err(|_| io::Error::other("a shard thread panicked"))?
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    phase: watch::Sender<Phase>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    local_addrs: Vec<SocketAddr>,
+    io: runtime::IoDriver,
+    shutdown_timeout: Duration,
+}
+
+impl ServerHandle {
+    /// The addresses actually listened on (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Which I/O driver runs the shards: `"io_uring"` or `"epoll"`.
+    pub fn io_driver(&self) -> &'static str {
+        self.io.name()
+    }
+
+    /// Begins a graceful shutdown: stop accepting; idle sessions get `421` now, busy ones
+    /// when their transaction ends. [`ServerHandle::join`] enforces the deadline.
+    pub fn shutdown(&self) {
+        self.phase.send_if_modified(|p| {
+            if *p == Phase::Running {
+                *p = Phase::Draining;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Ends every session now with `421`.
+    pub fn close_now(&self) {
+        self.phase.send_replace(Phase::Closing);
+    }
+
+    /// Waits for the shards to finish. After [`ServerHandle::shutdown`], sessions still
+    /// busy when `limits.shutdown_timeout_secs` has passed are closed with `421`.
+    pub fn join(self) -> io::Result<()> {
+        let deadline_phase = self.phase.clone();
+        let grace = self.shutdown_timeout;
+        // A watchdog that turns Draining into Closing after the grace period.
+        let watchdog = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build();
+            let Ok(rt) = rt else { return };
+            rt.block_on(async move {
+                let mut rx = deadline_phase.subscribe();
+                loop {
+                    let phase = *rx.borrow_and_update();
+                    match phase {
+                        Phase::Closing => return,
+                        Phase::Draining => {
+                            // Either the grace period ends, or the shards finish first
+                            // (join sends Closing once they have).
+                            tokio::select! {
+                                _ = tokio::time::sleep(grace) => {
+                                    deadline_phase.send_replace(Phase::Closing);
+                                }
+                                _ = rx.changed() => {}
+                            }
+                            return;
+                        }
+                        Phase::Running => {
+                            if rx.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        });
+        let mut result = Ok(());
+        for t in self.threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("a shard thread panicked")),
+            }
+        }
+        // The shards are gone; wake the watchdog if it still waits on a phase change.
+        self.phase.send_replace(Phase::Closing);
+        drop(self.phase);
+        let _ = watchdog.join();
+        result
+    }
+}

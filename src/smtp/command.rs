@@ -1,0 +1,381 @@
+//! SMTP command lines: one line (without its CRLF) in, one [`Command`] or a
+//! [`CommandError`] out (RFC 5321 §4.1, plus the SIZE and BODY parameters of RFC 1870 and
+//! RFC 6152).
+//!
+//! Verbs are case-insensitive. Parsing never allocates for commands that carry no address.
+
+use super::path::{is_domain, parse_path, Mailbox, PathError, ReversePath};
+
+/// The body type declared with `MAIL FROM:<…> BODY=` (RFC 6152).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BodyType {
+    /// `BODY=7BIT`, or nothing declared.
+    #[default]
+    SevenBit,
+    /// `BODY=8BITMIME`.
+    EightBitMime,
+}
+
+/// A parsed command line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `EHLO domain` (the argument as sent).
+    Ehlo(&'a str),
+    /// `HELO domain`.
+    Helo(&'a str),
+    /// `MAIL FROM:<reverse-path> [SIZE=n] [BODY=…]`.
+    Mail {
+        /// The reverse path.
+        from: ReversePath,
+        /// The declared `SIZE=`, if any.
+        size: Option<u64>,
+        /// The declared `BODY=`.
+        body: BodyType,
+    },
+    /// `RCPT TO:<forward-path>`, or `RCPT TO:<Postmaster>` (`None`).
+    Rcpt(Option<Mailbox>),
+    /// `DATA`.
+    Data,
+    /// `RSET`.
+    Rset,
+    /// `NOOP [string]`.
+    Noop,
+    /// `QUIT`.
+    Quit,
+    /// `VRFY string`.
+    Vrfy,
+    /// `HELP [string]`.
+    Help,
+    /// A command we know but do not offer (EXPN, TURN, STARTTLS…): answered 502.
+    Unsupported,
+}
+
+/// Why a command line was refused; each maps to one reply code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandError {
+    /// Not a command we know: `500 5.5.2`.
+    Unknown,
+    /// Bad arguments: `501 5.5.4`, with a hint of what was expected.
+    Syntax(&'static str),
+    /// An ESMTP parameter we do not support: `555 5.5.4`.
+    UnknownParameter,
+}
+
+/// Parses one command line, without the line terminator.
+pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
+    let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    let verb = &line[..verb_end];
+    let args = &line[verb_end..];
+    // Only the verb is matched case-insensitively; arguments keep their case.
+    let is = |name: &[u8]| verb.eq_ignore_ascii_case(name);
+    if is(b"EHLO") || is(b"HELO") {
+        let host = greeting_arg(args)?;
+        return Ok(if is(b"EHLO") {
+            Command::Ehlo(host)
+        } else {
+            Command::Helo(host)
+        });
+    }
+    if is(b"MAIL") {
+        return parse_mail(args);
+    }
+    if is(b"RCPT") {
+        return parse_rcpt(args);
+    }
+    if is(b"DATA") || is(b"RSET") || is(b"QUIT") {
+        if !args.is_empty() {
+            return Err(CommandError::Syntax("no arguments allowed"));
+        }
+        return Ok(if is(b"DATA") {
+            Command::Data
+        } else if is(b"RSET") {
+            Command::Rset
+        } else {
+            Command::Quit
+        });
+    }
+    if is(b"NOOP") {
+        return Ok(Command::Noop);
+    }
+    if is(b"HELP") {
+        return Ok(Command::Help);
+    }
+    if is(b"VRFY") {
+        if args.iter().all(|&b| b == b' ') {
+            return Err(CommandError::Syntax("VRFY address"));
+        }
+        return Ok(Command::Vrfy);
+    }
+    const UNSUPPORTED: [&[u8]; 13] = [
+        b"EXPN",
+        b"TURN",
+        b"ETRN",
+        b"ATRN",
+        b"SEND",
+        b"SOML",
+        b"SAML",
+        b"BDAT",
+        b"AUTH",
+        b"STARTTLS",
+        b"XCLIENT",
+        b"XFORWARD",
+        b"VERB",
+    ];
+    if UNSUPPORTED.iter().any(|name| is(name)) {
+        return Ok(Command::Unsupported);
+    }
+    Err(CommandError::Unknown)
+}
+
+/// The EHLO/HELO argument: one token of printable ASCII. It ends up in a Received header,
+/// so nothing that could break a header line is let through.
+fn greeting_arg(args: &[u8]) -> Result<&str, CommandError> {
+    const HINT: &str = "EHLO hostname";
+    let arg = trim_spaces(args);
+    if arg.is_empty() || !arg.iter().all(|&b| b.is_ascii_graphic()) {
+        return Err(CommandError::Syntax(HINT));
+    }
+    std::str::from_utf8(arg).map_err(|_| CommandError::Syntax(HINT))
+}
+
+fn trim_spaces(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|&b| b != b' ').unwrap_or(s.len());
+    let end = s.iter().rposition(|&b| b != b' ').map_or(start, |i| i + 1);
+    &s[start..end]
+}
+
+/// Strips ` KEYWORD:` (case-insensitive) and any spaces after the colon. Postfix and most
+/// servers accept `MAIL FROM: <a@b>`, so we do too.
+fn strip_keyword<'a>(args: &'a [u8], keyword: &[u8]) -> Option<&'a [u8]> {
+    let args = args.strip_prefix(b" ")?;
+    if args.len() < keyword.len() || !args[..keyword.len()].eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let rest = &args[keyword.len()..];
+    let skip = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    Some(&rest[skip..])
+}
+
+fn path_error(e: PathError, hint: &'static str) -> CommandError {
+    match e {
+        PathError::Syntax => CommandError::Syntax(hint),
+        PathError::TooLong => CommandError::Syntax("address too long"),
+    }
+}
+
+fn parse_mail(args: &[u8]) -> Result<Command<'_>, CommandError> {
+    const HINT: &str = "MAIL FROM:<address>";
+    let rest = strip_keyword(args, b"FROM:").ok_or(CommandError::Syntax(HINT))?;
+    let (mailbox, params) = parse_path(rest, true).map_err(|e| path_error(e, HINT))?;
+    let from = match mailbox {
+        None => ReversePath::Null,
+        Some(m) => ReversePath::Mailbox(m),
+    };
+    let mut size = None;
+    let mut body = None;
+    for (key, value) in params_of(params)? {
+        if key.eq_ignore_ascii_case(b"SIZE") {
+            let value = value.ok_or(CommandError::Syntax("SIZE=number"))?;
+            if size.is_some() || value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+                return Err(CommandError::Syntax("SIZE=number"));
+            }
+            // A number too large for u64 is certainly over any limit.
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
+            size = Some(n);
+        } else if key.eq_ignore_ascii_case(b"BODY") {
+            let value = value.ok_or(CommandError::Syntax("BODY=7BIT or BODY=8BITMIME"))?;
+            if body.is_some() {
+                return Err(CommandError::Syntax("BODY=7BIT or BODY=8BITMIME"));
+            }
+            body = Some(if value.eq_ignore_ascii_case(b"7BIT") {
+                BodyType::SevenBit
+            } else if value.eq_ignore_ascii_case(b"8BITMIME") {
+                BodyType::EightBitMime
+            } else {
+                return Err(CommandError::Syntax("BODY=7BIT or BODY=8BITMIME"));
+            });
+        } else {
+            return Err(CommandError::UnknownParameter);
+        }
+    }
+    Ok(Command::Mail {
+        from,
+        size,
+        body: body.unwrap_or_default(),
+    })
+}
+
+fn parse_rcpt(args: &[u8]) -> Result<Command<'_>, CommandError> {
+    const HINT: &str = "RCPT TO:<address>";
+    let rest = strip_keyword(args, b"TO:").ok_or(CommandError::Syntax(HINT))?;
+    // RFC 5321 §4.1.1.3: "<Postmaster>" without a domain must be accepted.
+    if rest.len() >= 12 && rest[..12].eq_ignore_ascii_case(b"<postmaster>") {
+        params_of(&rest[12..])?
+            .next()
+            .map_or(Ok(()), |_| Err(CommandError::UnknownParameter))?;
+        return Ok(Command::Rcpt(None));
+    }
+    let (mailbox, params) = parse_path(rest, false).map_err(|e| path_error(e, HINT))?;
+    let mailbox = mailbox.ok_or(CommandError::Syntax(HINT))?;
+    if params_of(params)?.next().is_some() {
+        return Err(CommandError::UnknownParameter);
+    }
+    Ok(Command::Rcpt(Some(mailbox)))
+}
+
+/// Splits ` KEY[=VALUE] KEY[=VALUE]…` after a path. Keywords are `(ALPHA/DIGIT)
+/// *(ALPHA/DIGIT/"-")` and values printable ASCII except `=` (RFC 5321 §4.1.2); anything else
+/// is a syntax error, checked for the whole list before the first pair is returned.
+fn params_of(s: &[u8]) -> Result<impl Iterator<Item = (&[u8], Option<&[u8]>)>, CommandError> {
+    const HINT: &str = "bad parameter syntax";
+    if !s.is_empty() && s[0] != b' ' {
+        return Err(CommandError::Syntax(HINT));
+    }
+    for p in s.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
+        let (key, value) = split_param(p);
+        let key_ok = key.first().is_some_and(u8::is_ascii_alphanumeric)
+            && key.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-');
+        let value_ok = value.is_none_or(|v| {
+            !v.is_empty() && v.iter().all(|&b| (33..=126).contains(&b) && b != b'=')
+        });
+        if !key_ok || !value_ok {
+            return Err(CommandError::Syntax(HINT));
+        }
+    }
+    Ok(s.split(|&b| b == b' ')
+        .filter(|p| !p.is_empty())
+        .map(split_param))
+}
+
+fn split_param(p: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match p.iter().position(|&b| b == b'=') {
+        Some(eq) => (&p[..eq], Some(&p[eq + 1..])),
+        None => (p, None),
+    }
+}
+
+/// True when `s` is a syntactically valid domain (for configuration checks).
+pub fn valid_domain(s: &str) -> bool {
+    is_domain(s.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mail(line: &str) -> Result<(String, Option<u64>, BodyType), CommandError> {
+        match parse(line.as_bytes())? {
+            Command::Mail { from, size, body } => Ok((from.to_string(), size, body)),
+            other => panic!("not MAIL: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn verbs_are_case_insensitive() {
+        assert_eq!(
+            parse(b"ehlo client.example"),
+            Ok(Command::Ehlo("client.example"))
+        );
+        assert_eq!(
+            parse(b"HeLo client.example"),
+            Ok(Command::Helo("client.example"))
+        );
+        assert_eq!(parse(b"dAtA"), Ok(Command::Data));
+        assert_eq!(parse(b"quit"), Ok(Command::Quit));
+        assert_eq!(parse(b"noop anything at all"), Ok(Command::Noop));
+        assert_eq!(parse(b"help"), Ok(Command::Help));
+        assert_eq!(parse(b"Vrfy bob"), Ok(Command::Vrfy));
+    }
+
+    #[test]
+    fn unsupported_and_unknown() {
+        assert_eq!(parse(b"EXPN staff"), Ok(Command::Unsupported));
+        assert_eq!(parse(b"TURN"), Ok(Command::Unsupported));
+        assert_eq!(parse(b"STARTTLS"), Ok(Command::Unsupported));
+        assert_eq!(parse(b"FOO bar"), Err(CommandError::Unknown));
+        assert_eq!(parse(b""), Err(CommandError::Unknown));
+        assert_eq!(parse(b"MAILX FROM:<a@b>"), Err(CommandError::Unknown));
+    }
+
+    #[test]
+    fn greeting_needs_an_argument() {
+        assert!(matches!(parse(b"EHLO"), Err(CommandError::Syntax(_))));
+        assert!(matches!(parse(b"EHLO   "), Err(CommandError::Syntax(_))));
+        assert!(matches!(
+            parse(b"EHLO a\x01b"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert_eq!(parse(b"EHLO [127.0.0.1]"), Ok(Command::Ehlo("[127.0.0.1]")));
+    }
+
+    #[test]
+    fn mail_from_forms_and_parameters() {
+        assert_eq!(mail("MAIL FROM:<a@b.example>").unwrap().0, "a@b.example");
+        assert_eq!(mail("mail from:<>").unwrap().0, "");
+        assert_eq!(mail("MAIL FROM: <a@b.example>").unwrap().0, "a@b.example");
+        let (_, size, body) = mail("MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME").unwrap();
+        assert_eq!((size, body), (Some(1000), BodyType::EightBitMime));
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example> body=7bit").unwrap().2,
+            BodyType::SevenBit
+        );
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example> SIZE=99999999999999999999999")
+                .unwrap()
+                .1,
+            Some(u64::MAX)
+        );
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example> FOO=bar"),
+            Err(CommandError::UnknownParameter)
+        );
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example> SMTPUTF8"),
+            Err(CommandError::UnknownParameter)
+        );
+        for bad in [
+            "MAIL FROM:<a@b.example> SIZE=abc",
+            "MAIL FROM:<a@b.example> SIZE=",
+            "MAIL FROM:<a@b.example> SIZE",
+            "MAIL FROM:<a@b.example> SIZE=1 SIZE=2",
+            "MAIL FROM:<a@b.example> BODY=BINARYMIME",
+            "MAIL FROM:<a@b.example>SIZE=1",
+            "MAIL FROM:<a@b.example> =1",
+            "MAIL FROM:a@b.example",
+            "MAIL TO:<a@b.example>",
+            "MAIL",
+            "MAIL FROM:",
+        ] {
+            assert!(matches!(mail(bad), Err(CommandError::Syntax(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rcpt_to_forms() {
+        let Ok(Command::Rcpt(Some(m))) = parse(b"RCPT TO:<u@d.example>") else {
+            panic!()
+        };
+        assert_eq!(m.domain(), "d.example");
+        assert_eq!(parse(b"RCPT TO:<Postmaster>"), Ok(Command::Rcpt(None)));
+        assert_eq!(parse(b"rcpt to:<POSTMASTER>"), Ok(Command::Rcpt(None)));
+        assert!(matches!(parse(b"RCPT TO:<>"), Err(CommandError::Syntax(_))));
+        assert!(matches!(
+            parse(b"RCPT FROM:<a@b>"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert_eq!(
+            parse(b"RCPT TO:<u@d.example> NOTIFY=NEVER"),
+            Err(CommandError::UnknownParameter)
+        );
+    }
+
+    #[test]
+    fn commands_without_arguments_refuse_them() {
+        assert!(matches!(parse(b"DATA now"), Err(CommandError::Syntax(_))));
+        assert!(matches!(parse(b"RSET x"), Err(CommandError::Syntax(_))));
+        assert!(matches!(parse(b"VRFY"), Err(CommandError::Syntax(_))));
+    }
+}

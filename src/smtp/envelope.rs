@@ -1,0 +1,30 @@
+//! The envelope of one accepted message: what the seed's `Client` yielded as FROM, TO and
+//! MSG, plus who sent it and the queue ID it was given.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use super::command::BodyType;
+use super::path::{Mailbox, ReversePath};
+use crate::id::QueueId;
+
+/// One message as received: envelope, content (with our `Received:` header prepended) and
+/// the client it came from.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Queue ID, unique across shards and restarts; also in the `Received:` header.
+    pub id: QueueId,
+    /// The reverse path (`MAIL FROM`); [`ReversePath::Null`] for bounces.
+    pub from: ReversePath,
+    /// The accepted forward paths (`RCPT TO`), in the order given.
+    pub to: Vec<Mailbox>,
+    /// The message: headers and body, CRLF line endings, dot-stuffing removed.
+    pub data: Bytes,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The name the client gave in EHLO or HELO.
+    pub helo: String,
+    /// The `BODY=` the client declared.
+    pub body_type: BodyType,
+}

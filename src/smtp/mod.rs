@@ -1,0 +1,24 @@
+//! The SMTP protocol without I/O (sans-IO): bytes in, replies and events out.
+//!
+//! Nothing here touches a socket or reads a clock, so every byte of a conversation can be
+//! driven and checked from a test, and fuzzed.
+//!
+//! - [`command`]: one command line to a [`command::Command`].
+//! - [`path`]: reverse and forward paths, validated per RFC 5321.
+//! - [`data`]: the DATA scanner (end of message, dot-stuffing, bare CR/LF).
+//! - [`session`]: the server state machine that ties them together.
+//! - [`reply`]: reply codes and text; [`received`]: our trace header;
+//!   [`envelope`]: what a finished transaction yields.
+
+pub mod command;
+pub mod data;
+pub mod envelope;
+pub mod path;
+pub mod received;
+pub mod reply;
+pub mod session;
+
+pub use envelope::Envelope;
+pub use path::{Mailbox, ReversePath};
+pub use reply::Reply;
+pub use session::{Hooks, Session, SessionConfig};

@@ -1,0 +1,140 @@
+//! The `Received:` trace header we prepend to every message (RFC 5321 §4.4) and the RFC 5322
+//! date it carries.
+
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+
+use crate::id::QueueId;
+
+/// Appends `Received: from HELO ([IP]) by HOST (ringrelay) with ESMTP id ID [for <RCPT>]; DATE`
+/// to `out`, folded over three lines. `helo` must already be printable ASCII without spaces
+/// (the command parser guarantees it); `for` is given only for a single recipient.
+pub fn write_received(
+    out: &mut BytesMut,
+    helo: &str,
+    ip: IpAddr,
+    hostname: &str,
+    esmtp: bool,
+    id: QueueId,
+    single_rcpt: Option<&str>,
+    now: SystemTime,
+) {
+    use std::fmt::Write;
+    let proto = if esmtp { "ESMTP" } else { "SMTP" };
+    let ip_literal = match ip {
+        IpAddr::V4(v4) => format!("[{v4}]"),
+        IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+    };
+    let mut s = String::with_capacity(200);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        s,
+        "Received: from {helo} ({ip_literal})\r\n\tby {hostname} (ringrelay) with {proto} id {id}"
+    );
+    if let Some(rcpt) = single_rcpt {
+        let _ = write!(s, "\r\n\tfor <{rcpt}>");
+    }
+    s.push_str(";\r\n\t");
+    write_rfc5322_date(&mut s, now);
+    s.push_str("\r\n");
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Formats `now` as an RFC 5322 date in UTC, e.g. `Sat, 21 Nov 2026 20:39:18 +0000`.
+pub fn write_rfc5322_date(out: &mut String, now: SystemTime) {
+    use std::fmt::Write;
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    let _ = write!(
+        out,
+        "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
+        DAYS[(days % 7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    );
+}
+
+/// Days since 1970-01-01 to (year, month 1–12, day 1–31), proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    // Shift the epoch to 0000-03-01 so leap days fall at the end of each 400-year era.
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn date(secs: u64) -> String {
+        let mut s = String::new();
+        write_rfc5322_date(&mut s, UNIX_EPOCH + Duration::from_secs(secs));
+        s
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+        assert_eq!(date(1_795_293_558), "Sat, 21 Nov 2026 20:39:18 +0000");
+    }
+
+    #[test]
+    fn header_shape() {
+        let mut b = BytesMut::new();
+        let id = crate::id::IdGenerator::starting_at(0, 1).next_id();
+        write_received(
+            &mut b,
+            "client.example",
+            "192.0.2.7".parse().unwrap(),
+            "relay.example",
+            true,
+            id,
+            Some("rcpt@dest.example"),
+            UNIX_EPOCH,
+        );
+        let s = String::from_utf8(b.to_vec()).unwrap();
+        assert_eq!(
+            s,
+            format!(
+                "Received: from client.example ([192.0.2.7])\r\n\tby relay.example (ringrelay) with ESMTP id {id}\r\n\tfor <rcpt@dest.example>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+            )
+        );
+        let mut b = BytesMut::new();
+        write_received(
+            &mut b,
+            "h",
+            "::1".parse().unwrap(),
+            "r",
+            false,
+            id,
+            None,
+            UNIX_EPOCH,
+        );
+        let s = String::from_utf8(b.to_vec()).unwrap();
+        assert!(s.contains("([IPv6:::1])") && s.contains("with SMTP id") && !s.contains("for <"));
+    }
+}

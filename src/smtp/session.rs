@@ -1,0 +1,511 @@
+//! The server side of one SMTP connection as a deterministic state machine (sans-IO).
+//!
+//! Bytes go in through [`Session::receive`]; replies accumulate in an output buffer the
+//! driver drains with [`Session::take_output`]; a finished message comes out of
+//! [`Session::take_message`] and its fate goes back in with [`Session::message_result`].
+//! There are no sockets and no clock: the time is an argument, and queue IDs and
+//! per-address checks come from the caller's [`Hooks`]. A whole conversation can therefore
+//! be driven, byte by byte, from a test.
+//!
+//! PIPELINING (RFC 2920): every command in the input is processed in order; the session
+//! stops early only when a message awaits its result, or when the session closed. Replies
+//! are only ever appended, so none is lost or reordered; the driver sends them whenever
+//! the input runs dry.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+
+use super::command::{self, BodyType, Command, CommandError};
+use super::data::{DataOutcome, DataScanner};
+use super::envelope::Envelope;
+use super::path::{Mailbox, ReversePath};
+use super::received::write_received;
+use super::reply::Reply;
+use crate::id::QueueId;
+use crate::policy::RelayPolicy;
+
+/// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
+pub const MAX_COMMAND_LINE: usize = 512;
+
+/// Extra `452 4.5.3` replies tolerated past `max_recipients` before they count as errors
+/// (a client may legitimately pipeline more recipients than we take).
+const RCPT_OVERSHOOT_ALLOWANCE: u32 = 1000;
+
+/// What a session needs to know, shared by every session of a server.
+#[derive(Debug)]
+pub struct SessionConfig {
+    /// Our host name: in the greeting, EHLO reply and Received headers.
+    pub hostname: String,
+    /// Largest message accepted, in bytes (advertised as SIZE).
+    pub max_message_size: usize,
+    /// Most recipients per transaction; beyond: `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Errors tolerated before `421` and close.
+    pub max_errors: u32,
+    /// Who may relay where.
+    pub relay: RelayPolicy,
+    greeting: Bytes,
+    ehlo_reply: Bytes,
+    helo_reply: Bytes,
+    postmaster: Mailbox,
+}
+
+impl SessionConfig {
+    /// A configuration; the fixed reply texts are built once here.
+    pub fn new(
+        hostname: String,
+        max_message_size: usize,
+        max_recipients: usize,
+        relay: RelayPolicy,
+    ) -> Self {
+        let greeting = Bytes::from(format!("220 {hostname} ESMTP ringrelay\r\n"));
+        let ehlo_reply = Bytes::from(format!(
+            "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+        ));
+        let helo_reply = Bytes::from(format!("250 {hostname}\r\n"));
+        let postmaster = Mailbox::parse(&format!("postmaster@{hostname}"))
+            .or_else(|_| Mailbox::parse("postmaster@localhost"))
+            .expect("postmaster@localhost is a valid mailbox");
+        SessionConfig {
+            hostname,
+            max_message_size,
+            max_recipients: max_recipients.max(1),
+            max_errors: 10,
+            relay,
+            greeting,
+            ehlo_reply,
+            helo_reply,
+            postmaster,
+        }
+    }
+}
+
+/// The caller's side of the decisions a session cannot make alone. Implementations must
+/// not block: they run in the middle of processing input.
+pub trait Hooks {
+    /// A fresh queue ID for a message whose DATA is about to begin.
+    fn queue_id(&mut self) -> QueueId;
+
+    /// May this reverse path send? `Err` is the reply to MAIL.
+    fn check_mail(&mut self, from: &ReversePath) -> Result<(), Reply> {
+        let _ = from;
+        Ok(())
+    }
+
+    /// May we take this recipient? Called after the relay policy agreed. `Err` is the reply
+    /// to RCPT.
+    fn check_rcpt(&mut self, to: &Mailbox) -> Result<(), Reply> {
+        let _ = to;
+        Ok(())
+    }
+
+    /// May this transaction send its content? Asked at DATA, before the `354`. `Err` is
+    /// the reply (a refusal here is the server's doing, so it does not count as a client
+    /// error).
+    fn check_data(&mut self) -> Result<(), Reply> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading command lines.
+    Command,
+    /// Between `354` and the end of the message.
+    Data,
+    /// A message was handed out; waiting for [`Session::message_result`].
+    AwaitingResult,
+    /// QUIT, too many errors, timeout or shutdown: nothing more is read.
+    Closed,
+}
+
+/// One mail transaction (RFC 5321 §3.3), from MAIL to the end of DATA.
+#[derive(Debug, Default)]
+struct Transaction {
+    from: Option<ReversePath>,
+    to: Vec<Mailbox>,
+    body_type: BodyType,
+    /// RCPT commands seen, accepted or not: tells "need RCPT" from "no valid recipients".
+    rcpt_attempts: u32,
+    id: Option<QueueId>,
+}
+
+/// The server side of one SMTP connection.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    peer: SocketAddr,
+    may_relay: bool,
+    state: State,
+    helo: Option<Box<str>>,
+    esmtp: bool,
+    tx: Transaction,
+    scanner: DataScanner,
+    body: BytesMut,
+    out: BytesMut,
+    message: Option<Envelope>,
+    errors: u32,
+    rcpt_overshoot: u32,
+    /// Discarding the rest of an over-long command line.
+    skipping_line: bool,
+}
+
+impl Session {
+    /// A new session for a client at `peer`. Call [`Session::greet`] to queue the banner.
+    pub fn new(config: Arc<SessionConfig>, peer: SocketAddr) -> Self {
+        let may_relay = config.relay.client_may_relay(peer.ip());
+        let scanner = DataScanner::new(config.max_message_size);
+        Session {
+            config,
+            peer,
+            may_relay,
+            state: State::Command,
+            helo: None,
+            esmtp: false,
+            tx: Transaction::default(),
+            scanner,
+            body: BytesMut::new(),
+            out: BytesMut::with_capacity(256),
+            message: None,
+            errors: 0,
+            rcpt_overshoot: 0,
+            skipping_line: false,
+        }
+    }
+
+    /// Queues the `220` greeting.
+    pub fn greet(&mut self) {
+        self.out.extend_from_slice(&self.config.greeting);
+    }
+
+    /// Processes `input` and returns how many bytes were consumed. Unconsumed bytes (a
+    /// partial command line, or input after a message that awaits its result) must be
+    /// offered again, followed by whatever arrives next.
+    pub fn receive(&mut self, input: &[u8], now: SystemTime, hooks: &mut impl Hooks) -> usize {
+        let mut pos = 0;
+        loop {
+            match self.state {
+                State::Closed | State::AwaitingResult => return pos,
+                State::Data => {
+                    let (n, outcome) = self.scanner.scan(&input[pos..], &mut self.body);
+                    pos += n;
+                    match outcome {
+                        Some(outcome) => self.end_of_data(outcome),
+                        None => return pos,
+                    }
+                }
+                State::Command => {
+                    let rest = &input[pos..];
+                    let Some(lf) = memchr::memchr(b'\n', rest) else {
+                        if self.skipping_line {
+                            return input.len();
+                        }
+                        if rest.len() >= MAX_COMMAND_LINE {
+                            // No line end within the limit: refuse now, drop the rest of it.
+                            self.line_too_long();
+                            self.skipping_line = true;
+                            return input.len();
+                        }
+                        return pos;
+                    };
+                    pos += lf + 1;
+                    if self.skipping_line {
+                        self.skipping_line = false;
+                        continue;
+                    }
+                    // Bare LF ends a command line too (as in Postfix); only DATA is strict.
+                    let line = &rest[..lf];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    if line.len() + 2 > MAX_COMMAND_LINE {
+                        self.line_too_long();
+                    } else {
+                        self.command(line, now, hooks);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pending reply bytes, to be written to the client.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Takes the pending reply bytes, leaving the output empty.
+    pub fn take_output(&mut self) -> BytesMut {
+        self.out.split()
+    }
+
+    /// True when replies are waiting to be written.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// The finished message, once: the session then waits for [`Session::message_result`].
+    pub fn take_message(&mut self) -> Option<Envelope> {
+        self.message.take()
+    }
+
+    /// The fate of the message taken with [`Session::take_message`]: `Ok` answers
+    /// `250 2.0.0 Ok: queued as ID`, `Err` sends its reply. Input processing may resume.
+    pub fn message_result(&mut self, result: Result<(), Reply>) {
+        if self.state != State::AwaitingResult {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let id = self.tx.id.map(QueueId::encode).unwrap_or([b'0'; 20]);
+                self.out.extend_from_slice(b"250 2.0.0 Ok: queued as ");
+                self.out.extend_from_slice(&id);
+                self.out.extend_from_slice(b"\r\n");
+            }
+            Err(reply) => reply.write_to(&mut self.out),
+        }
+        self.tx = Transaction::default();
+        self.state = State::Command;
+    }
+
+    /// The client was silent too long: queue `421 4.4.2` and close.
+    pub fn timed_out(&mut self) {
+        if self.state != State::Closed {
+            let text = format!("4.4.2 {} Error: timeout exceeded", self.config.hostname);
+            Reply::new(421, text).write_to(&mut self.out);
+            self.state = State::Closed;
+        }
+    }
+
+    /// The server is going down: queue `421 4.3.2` and close.
+    pub fn shutting_down(&mut self) {
+        if self.state != State::Closed {
+            Reply::shutting_down(&self.config.hostname).write_to(&mut self.out);
+            self.state = State::Closed;
+        }
+    }
+
+    /// True once nothing more will be read: flush the output, then close.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// True while receiving message content (the data timeout applies).
+    pub fn in_data(&self) -> bool {
+        self.state == State::Data
+    }
+
+    /// True between transactions: no MAIL given, no message in flight. A graceful shutdown
+    /// may close such a session at once.
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Command && self.tx.from.is_none()
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn reply(&mut self, wire: &[u8]) {
+        self.out.extend_from_slice(wire);
+    }
+
+    /// Sends an error reply and counts it; at the limit, says `421` and closes.
+    fn error(&mut self, wire: &[u8]) {
+        self.reply(wire);
+        self.count_error();
+    }
+
+    fn error_reply(&mut self, reply: Reply) {
+        reply.write_to(&mut self.out);
+        self.count_error();
+    }
+
+    fn count_error(&mut self) {
+        self.errors += 1;
+        if self.errors >= self.config.max_errors && self.state != State::Closed {
+            let text = format!("4.7.0 {} Error: too many errors", self.config.hostname);
+            Reply::new(421, text).write_to(&mut self.out);
+            self.state = State::Closed;
+        }
+    }
+
+    fn line_too_long(&mut self) {
+        self.error(b"500 5.5.6 Error: line too long\r\n");
+    }
+
+    fn command(&mut self, line: &[u8], now: SystemTime, hooks: &mut impl Hooks) {
+        let cmd = match command::parse(line) {
+            Ok(cmd) => cmd,
+            Err(CommandError::Unknown) => {
+                return self.error(b"500 5.5.2 Error: command not recognized\r\n")
+            }
+            Err(CommandError::UnknownParameter) => {
+                return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
+            }
+            Err(CommandError::Syntax(hint)) => {
+                return self.error_reply(Reply::new(501, format!("5.5.4 Syntax: {hint}")))
+            }
+        };
+        match cmd {
+            Command::Ehlo(host) | Command::Helo(host) => {
+                let esmtp = matches!(cmd, Command::Ehlo(_));
+                self.helo = Some(host.into());
+                self.esmtp = esmtp;
+                self.tx = Transaction::default();
+                let config = Arc::clone(&self.config);
+                self.reply(if esmtp {
+                    &config.ehlo_reply
+                } else {
+                    &config.helo_reply
+                });
+            }
+            Command::Mail { from, size, body } => self.mail(from, size, body, hooks),
+            Command::Rcpt(to) => self.rcpt(to, hooks),
+            Command::Data => self.data(now, hooks),
+            Command::Rset => {
+                self.tx = Transaction::default();
+                self.reply(b"250 2.0.0 Ok\r\n");
+            }
+            Command::Noop => self.reply(b"250 2.0.0 Ok\r\n"),
+            Command::Quit => {
+                self.reply(b"221 2.0.0 Bye\r\n");
+                self.state = State::Closed;
+            }
+            Command::Vrfy => self.reply(
+                b"252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n",
+            ),
+            Command::Help => self.reply(
+                b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n",
+            ),
+            Command::Unsupported => self.error(b"502 5.5.1 Error: command not implemented\r\n"),
+        }
+    }
+
+    fn mail(
+        &mut self,
+        from: ReversePath,
+        size: Option<u64>,
+        body: BodyType,
+        hooks: &mut impl Hooks,
+    ) {
+        if self.helo.is_none() {
+            return self.error(b"503 5.5.1 Error: send HELO/EHLO first\r\n");
+        }
+        if self.tx.from.is_some() {
+            return self.error(b"503 5.5.1 Error: nested MAIL command\r\n");
+        }
+        if size.is_some_and(|s| s > self.config.max_message_size as u64) {
+            return self.error(b"552 5.3.4 Error: message size exceeds fixed limit\r\n");
+        }
+        if let Err(reply) = hooks.check_mail(&from) {
+            return self.error_reply(reply);
+        }
+        self.tx = Transaction {
+            from: Some(from),
+            body_type: body,
+            ..Transaction::default()
+        };
+        self.reply(b"250 2.1.0 Ok\r\n");
+    }
+
+    fn rcpt(&mut self, to: Option<Mailbox>, hooks: &mut impl Hooks) {
+        if self.tx.from.is_none() {
+            return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
+        }
+        self.tx.rcpt_attempts = self.tx.rcpt_attempts.saturating_add(1);
+        if self.tx.to.len() >= self.config.max_recipients {
+            self.reply(b"452 4.5.3 Error: too many recipients\r\n");
+            self.rcpt_overshoot += 1;
+            if self.rcpt_overshoot > RCPT_OVERSHOOT_ALLOWANCE {
+                self.count_error();
+            }
+            return;
+        }
+        // `<Postmaster>` with no domain is ours, and always accepted (RFC 5321 §4.1.1.3).
+        let (to, local) = match to {
+            Some(m) => (m, false),
+            None => (self.config.postmaster.clone(), true),
+        };
+        if !local && !self.may_relay && !self.config.relay.is_relay_domain(to.domain()) {
+            return self.error(b"550 5.7.1 Relay access denied\r\n");
+        }
+        if let Err(reply) = hooks.check_rcpt(&to) {
+            return self.error_reply(reply);
+        }
+        self.tx.to.push(to);
+        self.reply(b"250 2.1.5 Ok\r\n");
+    }
+
+    fn data(&mut self, now: SystemTime, hooks: &mut impl Hooks) {
+        let Some(helo) = self.helo.as_deref() else {
+            return self.error(b"503 5.5.1 Error: send HELO/EHLO first\r\n");
+        };
+        if self.tx.from.is_none() {
+            return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
+        }
+        if self.tx.to.is_empty() {
+            return if self.tx.rcpt_attempts == 0 {
+                self.error(b"503 5.5.1 Error: need RCPT command\r\n")
+            } else {
+                self.error(b"554 5.5.1 Error: no valid recipients\r\n")
+            };
+        }
+        if let Err(reply) = hooks.check_data() {
+            return reply.write_to(&mut self.out);
+        }
+        let id = hooks.queue_id();
+        self.tx.id = Some(id);
+        self.body.clear();
+        self.body.reserve(1024);
+        let single = (self.tx.to.len() == 1).then(|| self.tx.to[0].as_str());
+        write_received(
+            &mut self.body,
+            helo,
+            self.peer.ip().to_canonical(),
+            &self.config.hostname,
+            self.esmtp,
+            id,
+            single,
+            now,
+        );
+        self.scanner.reset();
+        self.state = State::Data;
+        self.reply(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+    }
+
+    fn end_of_data(&mut self, outcome: DataOutcome) {
+        if outcome.bare_line_ending {
+            self.tx = Transaction::default();
+            self.body.clear();
+            self.state = State::Command;
+            return self.error(
+                b"550 5.5.2 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>\r\n",
+            );
+        }
+        if outcome.too_large {
+            self.tx = Transaction::default();
+            self.body.clear();
+            self.state = State::Command;
+            return self.error(b"552 5.3.4 Error: message size exceeds fixed limit\r\n");
+        }
+        let tx = std::mem::take(&mut self.tx);
+        let (Some(from), Some(id)) = (tx.from, tx.id) else {
+            // Unreachable by construction (DATA requires both); fail safe, not silent.
+            self.state = State::Command;
+            return self.reply(b"451 4.3.0 Error: internal state error\r\n");
+        };
+        self.message = Some(Envelope {
+            id,
+            from,
+            to: tx.to,
+            data: self.body.split().freeze(),
+            peer: self.peer,
+            helo: self.helo.as_deref().unwrap_or_default().to_string(),
+            body_type: tx.body_type,
+        });
+        // Keep the ID for the 250 reply; the rest of the transaction is gone.
+        self.tx.id = Some(id);
+        self.state = State::AwaitingResult;
+    }
+}
