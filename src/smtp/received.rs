@@ -8,20 +8,35 @@ use bytes::BytesMut;
 
 use crate::id::QueueId;
 
+/// What a `Received:` header records about one message.
+#[derive(Debug, Clone, Copy)]
+pub struct Trace<'a> {
+    /// The EHLO/HELO name: printable ASCII without spaces (the command parser ensures it).
+    pub helo: &'a str,
+    /// The client's address.
+    pub ip: IpAddr,
+    /// Our host name.
+    pub hostname: &'a str,
+    /// EHLO (ESMTP) or HELO (SMTP).
+    pub esmtp: bool,
+    /// The message's queue ID.
+    pub id: QueueId,
+    /// The recipient, when there is exactly one (RFC 5321 §4.4 `for` clause).
+    pub single_rcpt: Option<&'a str>,
+}
+
 /// Appends `Received: from HELO ([IP]) by HOST (ringrelay) with ESMTP id ID [for <RCPT>]; DATE`
-/// to `out`, folded over three lines. `helo` must already be printable ASCII without spaces
-/// (the command parser guarantees it); `for` is given only for a single recipient.
-pub fn write_received(
-    out: &mut BytesMut,
-    helo: &str,
-    ip: IpAddr,
-    hostname: &str,
-    esmtp: bool,
-    id: QueueId,
-    single_rcpt: Option<&str>,
-    now: SystemTime,
-) {
+/// to `out`, folded over several lines.
+pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
     use std::fmt::Write;
+    let Trace {
+        helo,
+        ip,
+        hostname,
+        esmtp,
+        id,
+        single_rcpt,
+    } = *trace;
     let proto = if esmtp { "ESMTP" } else { "SMTP" };
     let ip_literal = match ip {
         IpAddr::V4(v4) => format!("[{v4}]"),
@@ -106,16 +121,15 @@ mod tests {
     fn header_shape() {
         let mut b = BytesMut::new();
         let id = crate::id::IdGenerator::starting_at(0, 1).next_id();
-        write_received(
-            &mut b,
-            "client.example",
-            "192.0.2.7".parse().unwrap(),
-            "relay.example",
-            true,
+        let trace = Trace {
+            helo: "client.example",
+            ip: "192.0.2.7".parse().unwrap(),
+            hostname: "relay.example",
+            esmtp: true,
             id,
-            Some("rcpt@dest.example"),
-            UNIX_EPOCH,
-        );
+            single_rcpt: Some("rcpt@dest.example"),
+        };
+        write_received(&mut b, &trace, UNIX_EPOCH);
         let s = String::from_utf8(b.to_vec()).unwrap();
         assert_eq!(
             s,
@@ -124,16 +138,15 @@ mod tests {
             )
         );
         let mut b = BytesMut::new();
-        write_received(
-            &mut b,
-            "h",
-            "::1".parse().unwrap(),
-            "r",
-            false,
+        let trace = Trace {
+            helo: "h",
+            ip: "::1".parse().unwrap(),
+            hostname: "r",
+            esmtp: false,
             id,
-            None,
-            UNIX_EPOCH,
-        );
+            single_rcpt: None,
+        };
+        write_received(&mut b, &trace, UNIX_EPOCH);
         let s = String::from_utf8(b.to_vec()).unwrap();
         assert!(s.contains("([IPv6:::1])") && s.contains("with SMTP id") && !s.contains("for <"));
     }

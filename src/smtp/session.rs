@@ -22,7 +22,7 @@ use super::command::{self, BodyType, Command, CommandError};
 use super::data::{DataOutcome, DataScanner};
 use super::envelope::Envelope;
 use super::path::{Mailbox, ReversePath};
-use super::received::write_received;
+use super::received::{write_received, Trace};
 use super::reply::Reply;
 use crate::id::QueueId;
 use crate::policy::RelayPolicy;
@@ -459,16 +459,15 @@ impl Session {
         self.body.clear();
         self.body.reserve(1024);
         let single = (self.tx.to.len() == 1).then(|| self.tx.to[0].as_str());
-        write_received(
-            &mut self.body,
+        let trace = Trace {
             helo,
-            self.peer.ip().to_canonical(),
-            &self.config.hostname,
-            self.esmtp,
+            ip: self.peer.ip().to_canonical(),
+            hostname: &self.config.hostname,
+            esmtp: self.esmtp,
             id,
-            single,
-            now,
-        );
+            single_rcpt: single,
+        };
+        write_received(&mut self.body, &trace, now);
         self.scanner.reset();
         self.state = State::Data;
         self.reply(b"354 End data with <CR><LF>.<CR><LF>\r\n");

@@ -1,0 +1,328 @@
+//! The sending side of one SMTP connection: greeting, EHLO (with HELO fallback), one message
+//! transaction either one command per round trip or pipelined, RSET and QUIT. Replies are
+//! parsed strictly; anything that is not SMTP is a `ClientError`, never a panic.
+
+use crate::message::{push_u64, Built, MessageBuilder};
+use std::io;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug)]
+pub enum ClientError {
+    Io(io::Error),
+    /// The server closed the connection.
+    Closed,
+    Protocol(&'static str),
+    Timeout,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Io(e) => write!(f, "{e}"),
+            ClientError::Closed => write!(f, "connection closed by server"),
+            ClientError::Protocol(p) => write!(f, "protocol error: {p}"),
+            ClientError::Timeout => write!(f, "timed out"),
+        }
+    }
+}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+/// How a transaction ended when the server answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnResult {
+    /// 2xx after the data; carries the code.
+    Accepted(u16),
+    /// A 4xx/5xx (or otherwise unusable) reply ended the transaction. `closing` is set after
+    /// 421, when the server is about to drop the connection.
+    Rejected { code: u16, closing: bool },
+}
+
+/// Recipient replies of one transaction.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct RcptTally {
+    pub accepted: u64,
+    pub rejected: u64,
+}
+
+/// Read buffer: replies are short, but a multi-line EHLO can be a few hundred bytes.
+const RBUF: usize = 8 * 1024;
+
+pub struct SmtpClient {
+    stream: TcpStream,
+    rbuf: Box<[u8]>,
+    rstart: usize,
+    rend: usize,
+    wbuf: Vec<u8>,
+    /// The server advertised PIPELINING.
+    pub pipelining: bool,
+    /// The server advertised SIZE, so MAIL carries SIZE=.
+    pub size_ext: bool,
+}
+
+fn is_2xx(c: u16) -> bool {
+    (200..300).contains(&c)
+}
+
+impl SmtpClient {
+    pub fn new(stream: TcpStream) -> SmtpClient {
+        SmtpClient {
+            stream,
+            rbuf: vec![0u8; RBUF].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::with_capacity(512),
+            pipelining: false,
+            size_ext: false,
+        }
+    }
+
+    /// Reads one complete (possibly multi-line) reply and returns its code. `on_line` sees the
+    /// text after the code of every line (used to collect EHLO keywords).
+    async fn reply_with(&mut self, mut on_line: impl FnMut(&[u8])) -> Result<u16, ClientError> {
+        let mut code: Option<u16> = None;
+        loop {
+            while let Some(i) = memchr::memchr(b'\n', &self.rbuf[self.rstart..self.rend]) {
+                let line = &self.rbuf[self.rstart..self.rstart + i];
+                self.rstart += i + 1;
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+                    return Err(ClientError::Protocol("reply does not start with a 3-digit code"));
+                }
+                let c = u16::from(line[0] - b'0') * 100
+                    + u16::from(line[1] - b'0') * 10
+                    + u16::from(line[2] - b'0');
+                if !(200..600).contains(&c) {
+                    return Err(ClientError::Protocol("reply code out of range"));
+                }
+                if code.is_some_and(|p| p != c) {
+                    return Err(ClientError::Protocol("multi-line reply changes its code"));
+                }
+                code = Some(c);
+                let more = match line.get(3) {
+                    None | Some(b' ') => false,
+                    Some(b'-') => true,
+                    Some(_) => return Err(ClientError::Protocol("bad separator after reply code")),
+                };
+                on_line(line.get(4..).unwrap_or(&[]));
+                if !more {
+                    return Ok(c);
+                }
+            }
+            if self.rstart == self.rend {
+                self.rstart = 0;
+                self.rend = 0;
+            } else if self.rend == self.rbuf.len() {
+                if self.rstart == 0 {
+                    return Err(ClientError::Protocol("reply line too long"));
+                }
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend -= self.rstart;
+                self.rstart = 0;
+            }
+            let n = self.stream.read(&mut self.rbuf[self.rend..]).await?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.rend += n;
+        }
+    }
+
+    pub async fn reply(&mut self) -> Result<u16, ClientError> {
+        self.reply_with(|_| {}).await
+    }
+
+    async fn send(&mut self) -> Result<(), ClientError> {
+        self.stream.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Reads the greeting. Returns its code (220 expected).
+    pub async fn greeting(&mut self) -> Result<u16, ClientError> {
+        self.reply().await
+    }
+
+    /// EHLO, falling back to HELO when refused. Returns the final code.
+    pub async fn hello(&mut self, name: &str) -> Result<u16, ClientError> {
+        self.wbuf.extend_from_slice(b"EHLO ");
+        self.wbuf.extend_from_slice(name.as_bytes());
+        self.wbuf.extend_from_slice(b"\r\n");
+        self.send().await?;
+        let (mut pipe, mut size) = (false, false);
+        let code = self
+            .reply_with(|text| {
+                let kw = text.split(|&c| c == b' ').next().unwrap_or(&[]);
+                if kw.eq_ignore_ascii_case(b"PIPELINING") {
+                    pipe = true;
+                } else if kw.eq_ignore_ascii_case(b"SIZE") {
+                    size = true;
+                }
+            })
+            .await?;
+        if is_2xx(code) {
+            self.pipelining = pipe;
+            self.size_ext = size;
+            return Ok(code);
+        }
+        self.wbuf.extend_from_slice(b"HELO ");
+        self.wbuf.extend_from_slice(name.as_bytes());
+        self.wbuf.extend_from_slice(b"\r\n");
+        self.send().await?;
+        self.reply().await
+    }
+
+    fn push_mail(&mut self, from: &str, size: usize) {
+        self.wbuf.extend_from_slice(b"MAIL FROM:<");
+        self.wbuf.extend_from_slice(from.as_bytes());
+        self.wbuf.push(b'>');
+        if self.size_ext {
+            self.wbuf.extend_from_slice(b" SIZE=");
+            push_u64(&mut self.wbuf, size as u64);
+        }
+        self.wbuf.extend_from_slice(b"\r\n");
+    }
+
+    fn push_rcpt(&mut self, mb: &MessageBuilder, seq: u64, j: usize) {
+        self.wbuf.extend_from_slice(b"RCPT TO:<");
+        mb.push_rcpt(seq, j, &mut self.wbuf);
+        self.wbuf.extend_from_slice(b">\r\n");
+    }
+
+    /// Sends RSET after a failed transaction so the next one starts clean; a 421 here means
+    /// the server is going away.
+    async fn rset(&mut self) -> Result<bool, ClientError> {
+        self.wbuf.extend_from_slice(b"RSET\r\n");
+        self.send().await?;
+        Ok(self.reply().await? == 421)
+    }
+
+    async fn data_content(&mut self, msg: &[u8]) -> Result<TxnResult, ClientError> {
+        self.stream.write_all(msg).await?;
+        let code = self.reply().await?;
+        Ok(if is_2xx(code) {
+            TxnResult::Accepted(code)
+        } else {
+            TxnResult::Rejected {
+                code,
+                closing: code == 421,
+            }
+        })
+    }
+
+    /// Runs one transaction for the message already built in `msg` (wire form, with its
+    /// terminator). With `pipeline`, MAIL, every RCPT and DATA go in one write (RFC 2920).
+    pub async fn transaction(
+        &mut self,
+        mb: &MessageBuilder,
+        seq: u64,
+        built: Built,
+        msg: &[u8],
+        pipeline: bool,
+        tally: &mut RcptTally,
+    ) -> Result<TxnResult, ClientError> {
+        let rcpts = mb.spec().rcpts;
+        let from = mb.spec().from.as_str();
+        if pipeline {
+            self.push_mail(from, built.size);
+            for j in 0..rcpts {
+                self.push_rcpt(mb, seq, j);
+            }
+            self.wbuf.extend_from_slice(b"DATA\r\n");
+            self.send().await?;
+            let mail = self.reply().await?;
+            let mut first_bad = None;
+            let mut ok = 0;
+            for _ in 0..rcpts {
+                let c = self.reply().await?;
+                if is_2xx(c) {
+                    ok += 1;
+                    tally.accepted += 1;
+                } else {
+                    tally.rejected += 1;
+                    first_bad.get_or_insert(c);
+                }
+            }
+            let data = self.reply().await?;
+            let fail = if !is_2xx(mail) {
+                Some(mail)
+            } else if ok == 0 {
+                Some(first_bad.unwrap_or(data))
+            } else {
+                None
+            };
+            if data == 354 {
+                if let Some(code) = fail {
+                    // A server that says 354 without a valid transaction still needs the data
+                    // phase closed; send an empty message so the dialogue stays in step.
+                    self.stream.write_all(b".\r\n").await?;
+                    self.reply().await?;
+                    return Ok(TxnResult::Rejected { code, closing: code == 421 });
+                }
+                return self.data_content(msg).await;
+            }
+            let code = fail.unwrap_or(data);
+            let mut closing = code == 421 || data == 421;
+            if is_2xx(mail) && !closing {
+                closing = self.rset().await?;
+            }
+            return Ok(TxnResult::Rejected { code, closing });
+        }
+
+        self.push_mail(from, built.size);
+        self.send().await?;
+        let mail = self.reply().await?;
+        if !is_2xx(mail) {
+            return Ok(TxnResult::Rejected {
+                code: mail,
+                closing: mail == 421,
+            });
+        }
+        let mut first_bad = None;
+        let mut ok = 0;
+        for j in 0..rcpts {
+            self.push_rcpt(mb, seq, j);
+            self.send().await?;
+            let c = self.reply().await?;
+            if is_2xx(c) {
+                ok += 1;
+                tally.accepted += 1;
+            } else {
+                tally.rejected += 1;
+                first_bad.get_or_insert(c);
+                if c == 421 {
+                    return Ok(TxnResult::Rejected { code: c, closing: true });
+                }
+            }
+        }
+        if ok == 0 {
+            let code = first_bad.unwrap_or(554);
+            let closing = self.rset().await?;
+            return Ok(TxnResult::Rejected { code, closing });
+        }
+        self.wbuf.extend_from_slice(b"DATA\r\n");
+        self.send().await?;
+        let data = self.reply().await?;
+        if data != 354 {
+            let closing = data == 421 || self.rset().await?;
+            return Ok(TxnResult::Rejected { code: data, closing });
+        }
+        self.data_content(msg).await
+    }
+
+    /// Says goodbye politely but without waiting long: the run is over either way.
+    pub async fn quit(mut self) {
+        self.wbuf.extend_from_slice(b"QUIT\r\n");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.send().await?;
+            self.reply().await
+        })
+        .await;
+    }
+}
