@@ -71,7 +71,12 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 1, value_parser = nonzero)]
     pub rcpts: u64,
     /// Recipient domain; repeat (or separate with commas) to spread recipients over several.
-    #[arg(long = "domain", value_name = "D", value_delimiter = ',', default_value = "example.test")]
+    #[arg(
+        long = "domain",
+        value_name = "D",
+        value_delimiter = ',',
+        default_value = "example.test"
+    )]
     pub domains: Vec<String>,
     /// Envelope sender and From: address.
     #[arg(long, default_value = "loadgen@loadgen.test")]

@@ -179,7 +179,10 @@ mod tests {
             from: "f@x.test".into(),
             domains: vec!["d.test".into()],
             rcpts: 1,
-            size: SizeRange { min: size, max: size },
+            size: SizeRange {
+                min: size,
+                max: size,
+            },
             date: rfc5322_date(1),
         };
         let mut out = Vec::new();
@@ -233,14 +236,20 @@ mod tests {
         let mut w = wire(3000, 2);
         let at = w.len() - 40;
         w[at] ^= 1;
-        assert_eq!(scan(&w, 100, 4096).0.verdict(), Verdict::Corrupted(Some(MsgId { run: 0x77, seq: 2 })));
+        assert_eq!(
+            scan(&w, 100, 4096).0.verdict(),
+            Verdict::Corrupted(Some(MsgId { run: 0x77, seq: 2 }))
+        );
 
         // A missing stuffing dot ends the message early: truncated, so corrupted.
         let w = wire(10_000, 3);
         let p = memchr::memmem::find(&w, b"\r\n..\r\n").unwrap();
         let mut cut = w[..p + 2].to_vec();
         cut.extend_from_slice(&w[p + 3..]);
-        assert!(matches!(scan(&cut, 100, 4096).0.verdict(), Verdict::Corrupted(_)));
+        assert!(matches!(
+            scan(&cut, 100, 4096).0.verdict(),
+            Verdict::Corrupted(_)
+        ));
 
         let foreign = b"Subject: bounce\r\n\r\nhello\r\n.\r\n";
         assert_eq!(scan(foreign, 3, 64).0.verdict(), Verdict::Foreign);

@@ -1,6 +1,80 @@
-//! `loadgen`: SMTP load generator (`send`) and verifying sink (`sink`). A stub until its issue.
+//! `loadgen`: SMTP load generator (`send`) and verifying sink (`sink`). This file owns the
+//! entry point: argument parsing, the one-line error convention and the exit codes.
+
+mod cli;
+mod data_scan;
+mod ids;
+mod manifest;
+mod message;
+mod report;
+mod send;
+mod sink;
+mod smtp_client;
+mod smtp_server;
+
+use clap::Parser;
+use std::path::Path;
+
+// Per-message buffers and histograms churn the allocator; mimalloc keeps that cheap.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Exit status: bad command line.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status: runtime failure (unreachable target, unwritable file, ...).
+pub const EXIT_RUNTIME: i32 = 1;
+/// Exit status of `sink --check-manifest` when acknowledged messages were lost or corrupted.
+pub const EXIT_LOSS: i32 = 3;
+
+/// Why a subcommand could not do its job; each maps to an exit status and a one-line message.
+#[derive(Debug)]
+pub enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+/// Writes a report as pretty JSON.
+pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), Failure> {
+    let mut s = serde_json::to_string_pretty(v)
+        .map_err(|e| Failure::Runtime(format!("cannot encode JSON: {e}")))?;
+    s.push('\n');
+    std::fs::write(path, s)
+        .map_err(|e| Failure::Runtime(format!("cannot write {}: {e}", path.display())))
+}
 
 fn main() {
-    eprintln!("loadgen: not built yet (see the loadgen issue)");
-    std::process::exit(2);
+    let cli = match cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            // clap's message spans several lines (usage, hints); keep only the reason.
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("loadgen: {first} (see --help)");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    let r = match cli.cmd {
+        cli::Cmd::Send(a) => send::run(a),
+        cli::Cmd::Sink(a) => sink::run(a),
+    };
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(Failure::Usage(m)) => {
+            eprintln!("loadgen: {m}");
+            std::process::exit(EXIT_USAGE);
+        }
+        Err(Failure::Runtime(m)) => {
+            eprintln!("loadgen: {m}");
+            std::process::exit(EXIT_RUNTIME);
+        }
+    }
 }

@@ -11,6 +11,9 @@ use std::sync::Mutex;
 
 /// First line of every manifest; lines starting with `#` are comments.
 pub const MAGIC: &str = "# loadgen manifest v1";
+/// Start of the last line, written when `send` exits normally: a reader that sees it knows
+/// the manifest is complete.
+pub const END: &str = "# end";
 
 /// Appends acknowledged IDs. Shared by all sender threads; flushed periodically and at exit so
 /// that the file is complete when `send` exits.
@@ -42,19 +45,35 @@ impl ManifestWriter {
         out.get_ref().sync_data()
     }
 
+    /// Writes the completion trailer. Call once, after the last `record`.
+    pub fn finish(&self, accepted: u64) -> io::Result<()> {
+        {
+            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            writeln!(out, "{END} accepted={accepted}")?;
+        }
+        self.flush()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 }
 
-/// Reads a manifest. Any line that is neither a comment, blank, nor an ID is an error naming
-/// its line number: a damaged manifest must not silently shrink the set being checked.
-pub fn read(path: &Path) -> Result<Vec<MsgId>, String> {
-    let f = File::open(path).map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
+/// Reads a manifest; also says whether it has the completion trailer. Any line that is
+/// neither a comment, blank, nor an ID is an error naming its line number: a damaged manifest
+/// must not silently shrink the set being checked. A last line without its newline is a
+/// write in progress and is left out.
+pub fn read(path: &Path) -> Result<(Vec<MsgId>, bool), String> {
+    let f =
+        File::open(path).map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
     let mut ids = Vec::new();
+    let mut complete = false;
     for (n, line) in BufReader::new(f).split(b'\n').enumerate() {
         let line = line.map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
         let t = line.trim_ascii();
+        if t.starts_with(END.as_bytes()) {
+            complete = true;
+        }
         if t.is_empty() || t.starts_with(b"#") {
             continue;
         }
@@ -68,7 +87,26 @@ pub fn read(path: &Path) -> Result<Vec<MsgId>, String> {
         })?;
         ids.push(id);
     }
-    Ok(ids)
+    Ok((ids, complete))
+}
+
+/// Reads a manifest, waiting up to `wait` for its writer to finish it: the sink usually
+/// stops while `send` is still closing its connections and flushing.
+pub fn read_complete(path: &Path, wait: std::time::Duration) -> Result<(Vec<MsgId>, bool), String> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let r = if path.exists() || std::time::Instant::now() >= until {
+            Some(read(path))
+        } else {
+            None
+        };
+        match r {
+            Some(Ok((ids, true))) => return Ok((ids, true)),
+            Some(Err(e)) if std::time::Instant::now() >= until => return Err(e),
+            Some(Ok(r)) if std::time::Instant::now() >= until => return Ok(r),
+            _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
 }
 
 /// How many IDs a report lists in full; the counts are always complete.
@@ -78,6 +116,8 @@ const LIST_MAX: usize = 1000;
 #[derive(Serialize, Debug, Default, Clone)]
 pub struct ManifestCheck {
     pub file: String,
+    /// The manifest ended with the trailer `send` writes on a normal exit.
+    pub complete: bool,
     /// Lines with an ID (a repeated line counts each time).
     pub entries: u64,
     /// Distinct IDs in the manifest.
@@ -103,9 +143,10 @@ impl ManifestCheck {
     }
 }
 
-pub fn check(path: &Path, ids: &[MsgId], seen: &IdRegistry) -> ManifestCheck {
+pub fn check(path: &Path, ids: &[MsgId], complete: bool, seen: &IdRegistry) -> ManifestCheck {
     let mut c = ManifestCheck {
         file: path.display().to_string(),
+        complete,
         entries: ids.len() as u64,
         ..ManifestCheck::default()
     };
@@ -155,8 +196,15 @@ mod tests {
             w.record(MsgId { run: 5, seq }).unwrap();
         }
         w.flush().unwrap();
-        let ids = read(&dir).unwrap();
+        let (ids, complete) = read(&dir).unwrap();
         assert_eq!(ids.len(), 4);
+        assert!(!complete);
+        w.finish(4).unwrap();
+        assert!(
+            read_complete(&dir, std::time::Duration::from_secs(5))
+                .unwrap()
+                .1
+        );
 
         let seen = IdRegistry::default();
         seen.intact(MsgId { run: 5, seq: 0 });
@@ -164,8 +212,11 @@ mod tests {
         seen.intact(MsgId { run: 5, seq: 1 });
         seen.corrupted(MsgId { run: 5, seq: 2 });
         seen.intact(MsgId { run: 5, seq: 9 });
-        let c = check(&dir, &ids, &seen);
-        assert_eq!((c.lost, c.corrupted, c.duplicates, c.unexpected), (1, 1, 1, 1));
+        let c = check(&dir, &ids, true, &seen);
+        assert_eq!(
+            (c.lost, c.corrupted, c.duplicates, c.unexpected),
+            (1, 1, 1, 1)
+        );
         assert_eq!(c.lost_ids, vec!["0000000000000005-3".to_string()]);
         assert!(c.failed());
 

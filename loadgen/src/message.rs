@@ -171,12 +171,15 @@ pub struct MessageBuilder {
 pub struct Built {
     /// Size of the message before dot-stuffing (header + blank line + body); the SIZE= value.
     pub size: usize,
+    /// The body's CRC-32C, as written into the checksum header.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub checksum: u32,
 }
 
 impl MessageBuilder {
     pub fn new(spec: MessageSpec, seed: u64) -> MessageBuilder {
-        const ALPHA: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,;:!?-";
+        const ALPHA: &[u8] =
+            b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,;:!?-";
         let mut g = fastrand::Rng::with_seed(0x5eed_10ad_9e4e_0001);
         let pool = (0..POOL_LEN + LINE)
             .map(|_| ALPHA[g.usize(..ALPHA.len())])
@@ -198,9 +201,7 @@ impl MessageBuilder {
     /// over the domains so every domain gets its share.
     pub fn rcpt_domain(&self, seq: u64, j: usize) -> &str {
         let d = &self.spec.domains;
-        let k = (seq as usize)
-            .wrapping_mul(self.spec.rcpts)
-            .wrapping_add(j);
+        let k = (seq as usize).wrapping_mul(self.spec.rcpts).wrapping_add(j);
         &d[k % d.len()]
     }
 
@@ -368,10 +369,16 @@ mod tests {
 
     #[test]
     fn ids_round_trip() {
-        let id = MsgId { run: 0xdead_beef, seq: 42 };
+        let id = MsgId {
+            run: 0xdead_beef,
+            seq: 42,
+        };
         assert_eq!(id.to_string(), "00000000deadbeef-42");
         assert_eq!(MsgId::parse(id.to_string().as_bytes()), Some(id));
-        assert_eq!(MsgId::parse(b" 1f-7\r\n"), Some(MsgId { run: 0x1f, seq: 7 }));
+        assert_eq!(
+            MsgId::parse(b" 1f-7\r\n"),
+            Some(MsgId { run: 0x1f, seq: 7 })
+        );
         assert_eq!(MsgId::parse(b"zz-1"), None);
         assert_eq!(MsgId::parse(b"12"), None);
         assert_eq!(MsgId::parse(b"1-"), None);
@@ -379,10 +386,19 @@ mod tests {
 
     #[test]
     fn sizes_parse() {
-        assert_eq!(SizeRange::parse("1k").unwrap(), SizeRange { min: 1024, max: 1024 });
+        assert_eq!(
+            SizeRange::parse("1k").unwrap(),
+            SizeRange {
+                min: 1024,
+                max: 1024
+            }
+        );
         assert_eq!(
             SizeRange::parse("1k-100K").unwrap(),
-            SizeRange { min: 1024, max: 102_400 }
+            SizeRange {
+                min: 1024,
+                max: 102_400
+            }
         );
         assert_eq!(SizeRange::parse("500").unwrap().max, 500);
         assert!(SizeRange::parse("10k-1k").is_err());
@@ -393,7 +409,16 @@ mod tests {
     #[test]
     fn built_message_is_exact_size_stuffed_and_checksummed() {
         for size in [1, 300, 1024, 1025, 4096, 100_000] {
-            let mut b = MessageBuilder::new(spec(SizeRange { min: size, max: size }, 1), 1);
+            let mut b = MessageBuilder::new(
+                spec(
+                    SizeRange {
+                        min: size,
+                        max: size,
+                    },
+                    1,
+                ),
+                1,
+            );
             let mut wire = Vec::new();
             let built = b.build(7, &mut wire);
             let msg = unstuff(&wire);
@@ -431,6 +456,9 @@ mod tests {
     #[test]
     fn dates_format() {
         assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_795_293_600), "Sat, 21 Nov 2026 20:40:00 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_293_600),
+            "Sat, 21 Nov 2026 20:40:00 +0000"
+        );
     }
 }

@@ -36,17 +36,23 @@ impl Latency {
         let _ = self.0.add(&o.0);
     }
 
-    pub fn count(&self) -> u64 {
-        self.0.len()
-    }
-
     pub fn summary(&self) -> LatencySummary {
         let h = &self.0;
-        let q = |p: f64| if h.is_empty() { 0 } else { h.value_at_quantile(p) };
+        let q = |p: f64| {
+            if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(p)
+            }
+        };
         LatencySummary {
             count: h.len(),
             min: if h.is_empty() { 0 } else { h.min() },
-            mean: if h.is_empty() { 0.0 } else { (h.mean() * 10.0).round() / 10.0 },
+            mean: if h.is_empty() {
+                0.0
+            } else {
+                (h.mean() * 10.0).round() / 10.0
+            },
             p50: q(0.5),
             p90: q(0.9),
             p99: q(0.99),
@@ -330,7 +336,11 @@ impl SendReport {
             throughput: Throughput {
                 sent_per_s: per_s(s.sent, secs),
                 accepted_per_s: per_s(s.accepted, secs),
-                mb_per_s: r3(if secs > 0.0 { s.bytes_accepted as f64 / 1e6 / secs } else { 0.0 }),
+                mb_per_s: r3(if secs > 0.0 {
+                    s.bytes_accepted as f64 / 1e6 / secs
+                } else {
+                    0.0
+                }),
             },
             latency_us: SendLatency {
                 connect: s.connect.summary(),
@@ -355,15 +365,30 @@ impl SendReport {
             "  throughput: {:.1} msgs/s sent, {:.1} msgs/s accepted, {:.3} MB/s accepted",
             self.throughput.sent_per_s, self.throughput.accepted_per_s, self.throughput.mb_per_s
         );
-        let codes: Vec<String> = self.reply_codes.iter().map(|(c, n)| format!("{c}={n}")).collect();
-        let _ = writeln!(o, "  reply codes: {}", if codes.is_empty() { "none".into() } else { codes.join(" ") });
+        let codes: Vec<String> = self
+            .reply_codes
+            .iter()
+            .map(|(c, n)| format!("{c}={n}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  reply codes: {}",
+            if codes.is_empty() {
+                "none".into()
+            } else {
+                codes.join(" ")
+            }
+        );
         let e = &self.errors;
         let _ = writeln!(
             o,
             "  errors: connect={} greeting={} timeout={} closed={} io={} protocol={}; connections opened={}",
             e.connect, e.greeting, e.timeout, e.closed, e.io, e.protocol, self.connections.opened
         );
-        let _ = writeln!(o, "  latency ms        p50      p90      p99    p99.9      max    count");
+        let _ = writeln!(
+            o,
+            "  latency ms        p50      p90      p99    p99.9      max    count"
+        );
         for (name, l) in [
             ("connect", &self.latency_us.connect),
             ("banner", &self.latency_us.banner),
@@ -585,7 +610,11 @@ impl SinkReport {
             throughput: SinkThroughput {
                 active_s: r3(active),
                 msgs_per_s: per_s(s.received, active),
-                mb_per_s: r3(if active > 0.0 { s.bytes as f64 / 1e6 / active } else { 0.0 }),
+                mb_per_s: r3(if active > 0.0 {
+                    s.bytes as f64 / 1e6 / active
+                } else {
+                    0.0
+                }),
             },
             pipelined_groups: s.pipelined_groups,
             bad_commands: s.bad_commands,

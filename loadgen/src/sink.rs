@@ -24,7 +24,11 @@ fn bind(addr: SocketAddr, n: usize) -> std::io::Result<(Vec<std::net::TcpListene
     let mut out = Vec::with_capacity(n);
     let mut actual = addr;
     for i in 0..n {
-        let s = Socket::new(Domain::for_address(actual), Type::STREAM, Some(Protocol::TCP))?;
+        let s = Socket::new(
+            Domain::for_address(actual),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
         if actual.is_ipv6() {
@@ -97,13 +101,18 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
         .map_err(|e| Failure::Usage(format!("invalid --listen '{}': {e}", a.listen)))?
         .next()
         .ok_or_else(|| Failure::Usage(format!("invalid --listen '{}': no address", a.listen)))?;
-    for (name, v) in [("--tempfail-pct", a.tempfail_pct), ("--permfail-pct", a.permfail_pct)] {
+    for (name, v) in [
+        ("--tempfail-pct", a.tempfail_pct),
+        ("--permfail-pct", a.permfail_pct),
+    ] {
         if !(0.0..=100.0).contains(&v) {
             return Err(Failure::Usage(format!("{name} must be between 0 and 100")));
         }
     }
     if a.tempfail_pct + a.permfail_pct > 100.0 {
-        return Err(Failure::Usage("--tempfail-pct plus --permfail-pct exceeds 100".into()));
+        return Err(Failure::Usage(
+            "--tempfail-pct plus --permfail-pct exceeds 100".into(),
+        ));
     }
     if a.expect == Some(0) {
         return Err(Failure::Usage("--expect must be at least 1".into()));
@@ -114,7 +123,12 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
     if threads == 0 {
         return Err(Failure::Usage("--threads must be at least 1".into()));
     }
-    let max_size = a.max_size.as_deref().map(crate::message::parse_bytes).transpose().map_err(Failure::Usage)?;
+    let max_size = a
+        .max_size
+        .as_deref()
+        .map(crate::message::parse_bytes)
+        .transpose()
+        .map_err(Failure::Usage)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -124,13 +138,15 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
     // it reads the line never hits the default action.
     let (mut sigint, mut sigterm) = {
         let _g = rt.enter();
-        let i = signal(SignalKind::interrupt()).map_err(|e| Failure::Runtime(format!("cannot handle SIGINT: {e}")))?;
-        let t = signal(SignalKind::terminate()).map_err(|e| Failure::Runtime(format!("cannot handle SIGTERM: {e}")))?;
+        let i = signal(SignalKind::interrupt())
+            .map_err(|e| Failure::Runtime(format!("cannot handle SIGINT: {e}")))?;
+        let t = signal(SignalKind::terminate())
+            .map_err(|e| Failure::Runtime(format!("cannot handle SIGTERM: {e}")))?;
         (i, t)
     };
 
-    let (listeners, bound) =
-        bind(addr, threads).map_err(|e| Failure::Runtime(format!("cannot listen on {addr}: {e}")))?;
+    let (listeners, bound) = bind(addr, threads)
+        .map_err(|e| Failure::Runtime(format!("cannot listen on {addr}: {e}")))?;
     let sh = Arc::new(ServerShared::new(ServerConfig {
         hostname: a.hostname.clone(),
         tempfail: a.tempfail_pct / 100.0,

@@ -93,7 +93,9 @@ impl SmtpClient {
                 self.rstart += i + 1;
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-                    return Err(ClientError::Protocol("reply does not start with a 3-digit code"));
+                    return Err(ClientError::Protocol(
+                        "reply does not start with a 3-digit code",
+                    ));
                 }
                 let c = u16::from(line[0] - b'0') * 100
                     + u16::from(line[1] - b'0') * 10
@@ -263,7 +265,10 @@ impl SmtpClient {
                     // phase closed; send an empty message so the dialogue stays in step.
                     self.stream.write_all(b".\r\n").await?;
                     self.reply().await?;
-                    return Ok(TxnResult::Rejected { code, closing: code == 421 });
+                    return Ok(TxnResult::Rejected {
+                        code,
+                        closing: code == 421,
+                    });
                 }
                 return self.data_content(msg).await;
             }
@@ -297,7 +302,10 @@ impl SmtpClient {
                 tally.rejected += 1;
                 first_bad.get_or_insert(c);
                 if c == 421 {
-                    return Ok(TxnResult::Rejected { code: c, closing: true });
+                    return Ok(TxnResult::Rejected {
+                        code: c,
+                        closing: true,
+                    });
                 }
             }
         }
@@ -311,7 +319,10 @@ impl SmtpClient {
         let data = self.reply().await?;
         if data != 354 {
             let closing = data == 421 || self.rset().await?;
-            return Ok(TxnResult::Rejected { code: data, closing });
+            return Ok(TxnResult::Rejected {
+                code: data,
+                closing,
+            });
         }
         self.data_content(msg).await
     }

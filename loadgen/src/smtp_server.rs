@@ -207,7 +207,8 @@ pub async fn serve(
                             // A command line longer than the whole buffer.
                             if !c.skip_line {
                                 st.bad_commands += 1;
-                                c.out.extend_from_slice(b"500 5.5.0 Error: line too long\r\n");
+                                c.out
+                                    .extend_from_slice(b"500 5.5.0 Error: line too long\r\n");
                             }
                             c.skip_line = true;
                             start = end;
@@ -321,7 +322,9 @@ impl Conn<'_> {
                 } else if self.sh.cfg.stage == FailStage::Rcpt && self.txn.fate != Fate::Ok {
                     st.rcpt_rejected += 1;
                     if self.txn.fate == Fate::Temp {
-                        self.reply(b"450 4.2.0 Recipient temporarily rejected (loadgen sink tempfail)\r\n");
+                        self.reply(
+                            b"450 4.2.0 Recipient temporarily rejected (loadgen sink tempfail)\r\n",
+                        );
                     } else {
                         self.reply(b"550 5.1.1 Recipient rejected (loadgen sink permfail)\r\n");
                     }

@@ -508,3 +508,553 @@ impl Session {
         self.state = State::AwaitingResult;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::IdGenerator;
+    use crate::policy::IpNet;
+    use proptest::prelude::*;
+    use std::time::UNIX_EPOCH;
+
+    struct TestHooks {
+        ids: IdGenerator,
+        refuse_sender: Option<&'static str>,
+        refuse_data: bool,
+    }
+
+    impl Hooks for TestHooks {
+        fn queue_id(&mut self) -> QueueId {
+            self.ids.next_id()
+        }
+        fn check_mail(&mut self, from: &ReversePath) -> Result<(), Reply> {
+            match (self.refuse_sender, from.mailbox()) {
+                (Some(bad), Some(m)) if m.as_str() == bad => {
+                    Err(Reply::new(550, "5.7.1 sender refused"))
+                }
+                _ => Ok(()),
+            }
+        }
+        fn check_data(&mut self) -> Result<(), Reply> {
+            if self.refuse_data {
+                Err(Reply::new(451, "4.3.0 no spool"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn hooks() -> TestHooks {
+        TestHooks {
+            ids: IdGenerator::starting_at(0, 1),
+            refuse_sender: None,
+            refuse_data: false,
+        }
+    }
+
+    fn config_with(max_size: usize, max_rcpts: usize) -> Arc<SessionConfig> {
+        let policy = RelayPolicy::new(
+            vec!["127.0.0.1/32".parse::<IpNet>().unwrap()],
+            vec!["local.test".into()],
+        );
+        Arc::new(SessionConfig::new(
+            "relay.test".into(),
+            max_size,
+            max_rcpts,
+            policy,
+        ))
+    }
+
+    /// A session fed by a test: keeps unconsumed input like a driver would, answers every
+    /// finished message with 250, and collects the messages.
+    struct Harness {
+        session: Session,
+        hooks: TestHooks,
+        pending: Vec<u8>,
+        messages: Vec<Envelope>,
+    }
+
+    impl Harness {
+        fn new(config: Arc<SessionConfig>, peer: &str) -> Self {
+            let mut session = Session::new(config, peer.parse().unwrap());
+            session.greet();
+            Harness {
+                session,
+                hooks: hooks(),
+                pending: Vec::new(),
+                messages: Vec::new(),
+            }
+        }
+
+        fn local() -> Self {
+            Self::new(config_with(10_000, 5), "127.0.0.1:40000")
+        }
+
+        /// Feeds bytes; returns the replies produced (as text).
+        fn feed(&mut self, bytes: &[u8]) -> String {
+            self.pending.extend_from_slice(bytes);
+            let mut out = Vec::new();
+            loop {
+                let used = self
+                    .session
+                    .receive(&self.pending, UNIX_EPOCH, &mut self.hooks);
+                self.pending.drain(..used);
+                out.extend_from_slice(&self.session.take_output());
+                match self.session.take_message() {
+                    Some(m) => {
+                        self.messages.push(m);
+                        self.session.message_result(Ok(()));
+                    }
+                    None => break,
+                }
+            }
+            out.extend_from_slice(&self.session.take_output());
+            String::from_utf8(out).unwrap()
+        }
+
+        fn codes(&mut self, bytes: &[u8]) -> Vec<String> {
+            reply_codes(&self.feed(bytes))
+        }
+    }
+
+    /// "code enhanced" of each final reply line, e.g. "250 2.1.0" (or just "220").
+    fn reply_codes(text: &str) -> Vec<String> {
+        text.split("\r\n")
+            .filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ')
+            .map(|l| {
+                let mut parts = l.splitn(3, ' ');
+                let code = parts.next().unwrap();
+                match parts.next() {
+                    Some(e)
+                        if e.chars().next().is_some_and(|c| c.is_ascii_digit())
+                            && e.contains('.') =>
+                    {
+                        format!("{code} {e}")
+                    }
+                    _ => code.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    const TX: &[u8] = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n";
+
+    #[test]
+    fn greeting_and_ehlo_advertise_the_extensions() {
+        let mut h = Harness::local();
+        let text = h.feed(b"EHLO client.example\r\n");
+        assert_eq!(
+            text,
+            "220 relay.test ESMTP ringrelay\r\n250-relay.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+        );
+        assert_eq!(h.feed(b"HELO other\r\n"), "250 relay.test\r\n");
+    }
+
+    #[test]
+    fn a_whole_transaction_yields_the_envelope() {
+        let mut h = Harness::local();
+        let codes = h.codes(b"EHLO c.example\r\nMAIL FROM:<a@example.org> BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\nSubject: x\r\n\r\n..hi\r\n.\r\nQUIT\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "250",
+                "250 2.1.0",
+                "250 2.1.5",
+                "250 2.1.5",
+                "354",
+                "250 2.0.0",
+                "221 2.0.0"
+            ]
+        );
+        assert_eq!(h.messages.len(), 1);
+        let m = &h.messages[0];
+        assert_eq!(m.from.to_string(), "a@example.org");
+        assert_eq!(
+            m.to.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            ["b@example.org", "c@example.org"]
+        );
+        assert_eq!(m.helo, "c.example");
+        assert_eq!(m.body_type, BodyType::EightBitMime);
+        let data = std::str::from_utf8(&m.data).unwrap();
+        assert!(data.starts_with(
+            "Received: from c.example ([127.0.0.1])\r\n\tby relay.test (ringrelay) with ESMTP id "
+        ));
+        assert!(!data.contains("for <"), "two recipients: no for clause");
+        assert!(data.ends_with("\r\nSubject: x\r\n\r\n.hi\r\n"), "{data:?}");
+        assert!(h.session.is_closed());
+    }
+
+    #[test]
+    fn queued_as_carries_the_id_of_the_received_header() {
+        let mut h = Harness::local();
+        let text =
+            h.feed(b"HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nx\r\n.\r\n");
+        let id = h.messages[0].id.to_string();
+        assert!(
+            text.contains(&format!("250 2.0.0 Ok: queued as {id}\r\n")),
+            "{text}"
+        );
+        let data = std::str::from_utf8(&h.messages[0].data).unwrap();
+        assert!(
+            data.contains(&format!("with SMTP id {id}\r\n\tfor <b@example.org>;")),
+            "{data}"
+        );
+        assert_eq!(h.messages[0].from, ReversePath::Null);
+    }
+
+    #[test]
+    fn out_of_order_commands_get_503() {
+        let mut h = Harness::local();
+        let codes = h.codes(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nEHLO c\r\nRCPT TO:<b@example.org>\r\nDATA\r\nMAIL FROM:<a@example.org>\r\nMAIL FROM:<a@example.org>\r\nDATA\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "503 5.5.1",
+                "503 5.5.1",
+                "503 5.5.1",
+                "250",
+                "503 5.5.1",
+                "503 5.5.1",
+                "250 2.1.0",
+                "503 5.5.1",
+                "503 5.5.1"
+            ]
+        );
+    }
+
+    #[test]
+    fn all_recipients_refused_gives_554_at_data() {
+        let mut h = Harness::new(config_with(10_000, 5), "192.0.2.1:1");
+        let codes = h.codes(
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@elsewhere.test>\r\nDATA\r\n",
+        );
+        assert_eq!(codes, ["220", "250", "250 2.1.0", "550 5.7.1", "554 5.5.1"]);
+    }
+
+    #[test]
+    fn syntax_errors_get_501_and_keep_the_state() {
+        let mut h = Harness::local();
+        let codes = h.codes(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<bad address>\r\nRCPT TO:<b@example.org>\r\nDATA extra\r\nDATA\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "250",
+                "250 2.1.0",
+                "501 5.5.4",
+                "250 2.1.5",
+                "501 5.5.4",
+                "354"
+            ]
+        );
+        assert!(
+            h.session.in_data(),
+            "the transaction survived both syntax errors"
+        );
+    }
+
+    #[test]
+    fn unknown_parameters_get_555_and_unknown_commands_500() {
+        let mut h = Harness::local();
+        let codes = h.codes(b"EHLO c\r\nMAIL FROM:<a@example.org> AUTH=<>\r\nFOO\r\nEXPN list\r\nTURN\r\nVRFY x\r\nHELP\r\nNOOP\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "250",
+                "555 5.5.4",
+                "500 5.5.2",
+                "502 5.5.1",
+                "502 5.5.1",
+                "252 2.0.0",
+                "214 2.0.0",
+                "250 2.0.0"
+            ]
+        );
+    }
+
+    #[test]
+    fn second_ehlo_and_rset_reset_the_transaction() {
+        let mut h = Harness::local();
+        let codes = h.codes(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nEHLO c\r\nRCPT TO:<b@example.org>\r\nMAIL FROM:<a@example.org>\r\nRSET\r\nRCPT TO:<b@example.org>\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "250",
+                "250 2.1.0",
+                "250",
+                "503 5.5.1",
+                "250 2.1.0",
+                "250 2.0.0",
+                "503 5.5.1"
+            ]
+        );
+    }
+
+    #[test]
+    fn relay_policy_is_checked_at_rcpt() {
+        let mut outside = Harness::new(config_with(10_000, 5), "127.0.0.2:5000");
+        let codes = outside.codes(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.test>\r\nRCPT TO:<x@LOCAL.test>\r\nRCPT TO:<Postmaster>\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "250",
+                "250 2.1.0",
+                "550 5.7.1",
+                "250 2.1.5",
+                "250 2.1.5"
+            ]
+        );
+        assert!(outside
+            .feed(b"RCPT TO:<y@elsewhere.test>\r\n")
+            .starts_with("550 5.7.1 Relay access denied\r\n"));
+        let mut inside = Harness::local();
+        assert_eq!(
+            inside.codes(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.test>\r\n")
+                [3],
+            "250 2.1.5"
+        );
+    }
+
+    #[test]
+    fn hooks_can_refuse_senders_and_data() {
+        let mut h = Harness::local();
+        h.hooks.refuse_sender = Some("spam@example.org");
+        h.hooks.refuse_data = true;
+        let codes = h.codes(b"EHLO c\r\nMAIL FROM:<spam@example.org>\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "250",
+                "550 5.7.1",
+                "250 2.1.0",
+                "250 2.1.5",
+                "451 4.3.0"
+            ]
+        );
+        assert!(!h.session.in_data());
+    }
+
+    #[test]
+    fn long_command_line_gets_500_5_5_6_and_the_session_goes_on() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\n");
+        // 510 octets + CRLF = 512: allowed.
+        let ok = format!("NOOP {}\r\n", "x".repeat(505));
+        assert_eq!(ok.len(), 512);
+        assert_eq!(h.codes(ok.as_bytes()), ["250 2.0.0"]);
+        let long = format!("NOOP {}\r\n", "x".repeat(506));
+        assert_eq!(h.codes(long.as_bytes()), ["500 5.5.6"]);
+        // A line longer than the limit arriving in pieces, without its end for a while.
+        assert_eq!(h.codes("y".repeat(700).as_bytes()), ["500 5.5.6"]);
+        assert_eq!(h.codes("y".repeat(5000).as_bytes()), Vec::<String>::new());
+        assert_eq!(h.codes(b"yyy\r\nNOOP\r\n"), ["250 2.0.0"]);
+        assert!(h.pending.is_empty());
+    }
+
+    #[test]
+    fn too_many_recipients_get_452() {
+        let mut h = Harness::new(config_with(10_000, 2), "127.0.0.1:1");
+        let codes = h.codes(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<1@example.org>\r\nRCPT TO:<2@example.org>\r\nRCPT TO:<3@example.org>\r\nDATA\r\nx\r\n.\r\n");
+        assert_eq!(
+            codes,
+            [
+                "220",
+                "250",
+                "250 2.1.0",
+                "250 2.1.5",
+                "250 2.1.5",
+                "452 4.5.3",
+                "354",
+                "250 2.0.0"
+            ]
+        );
+        assert_eq!(h.messages[0].to.len(), 2);
+    }
+
+    #[test]
+    fn declared_size_over_the_limit_gets_552_at_mail() {
+        let mut h = Harness::new(config_with(1000, 5), "127.0.0.1:1");
+        let codes = h.codes(b"EHLO c\r\nMAIL FROM:<a@example.org> SIZE=1001\r\nMAIL FROM:<a@example.org> SIZE=1000\r\n");
+        assert_eq!(codes, ["220", "250", "552 5.3.4", "250 2.1.0"]);
+    }
+
+    #[test]
+    fn data_over_the_limit_is_read_thrown_away_and_refused() {
+        let mut h = Harness::new(config_with(1000, 5), "127.0.0.1:1");
+        h.feed(b"EHLO c\r\n");
+        let mut big = TX.to_vec();
+        for _ in 0..100 {
+            big.extend_from_slice(b"0123456789012345678901234567890123456789\r\n");
+        }
+        big.extend_from_slice(b".\r\nNOOP\r\n");
+        assert_eq!(
+            h.codes(&big),
+            ["250 2.1.0", "250 2.1.5", "354", "552 5.3.4", "250 2.0.0"]
+        );
+        assert!(h.messages.is_empty());
+        // The session goes on: a message within the limit is accepted.
+        let mut small = TX.to_vec();
+        small.extend_from_slice(b"small\r\n.\r\n");
+        assert_eq!(
+            h.codes(&small),
+            ["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]
+        );
+        assert_eq!(h.messages.len(), 1);
+    }
+
+    #[test]
+    fn bare_line_endings_reject_the_message_and_nothing_is_smuggled() {
+        for fake_end in ["\n.\n", "\n.\r\n", "\r.\r", "\r\n.\n"] {
+            let mut h = Harness::local();
+            h.feed(b"EHLO c\r\n");
+            let mut input = TX.to_vec();
+            input.extend_from_slice(b"Subject: a\r\n\r\nfirst");
+            input.extend_from_slice(fake_end.as_bytes());
+            input.extend_from_slice(b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n");
+            let codes = h.codes(&input);
+            assert_eq!(
+                codes,
+                ["250 2.1.0", "250 2.1.5", "354", "550 5.5.2", "250 2.0.0"],
+                "{fake_end:?}"
+            );
+            assert!(h.messages.is_empty(), "{fake_end:?}");
+        }
+    }
+
+    #[test]
+    fn too_many_errors_close_with_421() {
+        let mut h = Harness::local();
+        let mut input = Vec::new();
+        for _ in 0..12 {
+            input.extend_from_slice(b"BOGUS\r\n");
+        }
+        let codes = h.codes(&input);
+        assert_eq!(codes.len(), 1 + 10 + 1, "{codes:?}");
+        assert_eq!(codes.last().unwrap(), "421 4.7.0");
+        assert!(h.session.is_closed());
+        assert_eq!(
+            h.codes(b"NOOP\r\n"),
+            Vec::<String>::new(),
+            "nothing is read after close"
+        );
+    }
+
+    #[test]
+    fn pipelined_replies_keep_their_order_across_a_message() {
+        // The whole exchange in one input: the session must stop at the finished message,
+        // and the rest must wait for the message's result.
+        let mut session = Session::new(config_with(10_000, 5), "127.0.0.1:1".parse().unwrap());
+        let mut hk = hooks();
+        let input = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n";
+        let used = session.receive(input, UNIX_EPOCH, &mut hk);
+        let rest = &input[used..];
+        assert_eq!(rest, b"NOOP\r\nQUIT\r\n");
+        assert!(session.take_message().is_some());
+        assert_eq!(
+            session.receive(rest, UNIX_EPOCH, &mut hk),
+            0,
+            "waits for the result"
+        );
+        session.message_result(Err(Reply::new(554, "5.6.0 rejected by handler")));
+        assert_eq!(session.receive(rest, UNIX_EPOCH, &mut hk), rest.len());
+        let out = String::from_utf8(session.take_output().to_vec()).unwrap();
+        assert_eq!(
+            reply_codes(&out),
+            [
+                "250",
+                "250 2.1.0",
+                "250 2.1.5",
+                "354",
+                "554 5.6.0",
+                "250 2.0.0",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[test]
+    fn commands_split_at_every_byte_give_the_same_replies() {
+        let input: &[u8] = b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nx\r\n..y\r\n.\r\nRSET\r\nQUIT\r\n";
+        let mut whole = Harness::local();
+        let expected = whole.feed(input);
+        for split in 0..input.len() {
+            let mut h = Harness::local();
+            let mut got = h.feed(&input[..split]);
+            got.push_str(&h.feed(&input[split..]));
+            // IDs differ only if the generator does; both start equal, so replies match.
+            assert_eq!(got, expected, "split at {split}");
+            assert_eq!(h.messages[0].data, whole.messages[0].data);
+        }
+        let mut h = Harness::local();
+        let mut got = String::new();
+        for b in input {
+            got.push_str(&h.feed(std::slice::from_ref(b)));
+        }
+        assert_eq!(got, expected, "byte by byte");
+    }
+
+    #[test]
+    fn timeout_and_shutdown_say_421_once() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\n");
+        assert!(h.session.is_idle());
+        h.session.timed_out();
+        h.session.shutting_down();
+        let out = String::from_utf8(h.session.take_output().to_vec()).unwrap();
+        assert_eq!(reply_codes(&out), ["421 4.4.2"]);
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+        assert!(!h.session.is_idle(), "a transaction is in flight");
+        h.session.shutting_down();
+        assert!(String::from_utf8(h.session.take_output().to_vec())
+            .unwrap()
+            .starts_with("421 4.3.2"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Random bytes in random pieces never panic, every reply line is well formed, and
+        /// the output stays bounded by the input.
+        #[test]
+        fn random_input_never_panics(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(
+                    prop_oneof![
+                        any::<u8>(),
+                        Just(b'\r'), Just(b'\n'), Just(b'.'), Just(b' '), Just(b':'), Just(b'<'), Just(b'>'),
+                    ],
+                    0..200,
+                ),
+                0..20,
+            ),
+            prefix in prop_oneof![
+                Just(&b""[..]),
+                Just(&b"EHLO x\r\n"[..]),
+                Just(&b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"[..]),
+                Just(&b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"[..]),
+            ],
+        ) {
+            let mut h = Harness::new(config_with(500, 3), "127.0.0.1:1");
+            let mut out = h.feed(prefix);
+            let mut fed = prefix.len();
+            for c in &chunks {
+                out.push_str(&h.feed(c));
+                fed += c.len();
+                // A closed session reads nothing more; an open one holds at most a partial line.
+                prop_assert!(h.session.is_closed() || h.pending.len() < MAX_COMMAND_LINE);
+            }
+            for line in out.split_terminator("\r\n") {
+                prop_assert!(line.len() >= 3 && line[..3].bytes().all(|b| b.is_ascii_digit()), "{line:?}");
+            }
+            // At most one reply per input line, each well under 1 KiB.
+            prop_assert!(out.len() <= 1024 + fed * 64);
+        }
+    }
+}

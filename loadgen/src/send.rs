@@ -1,0 +1,599 @@
+//! `loadgen send`: the load plan (closed loop, or an open-loop schedule that measures from each
+//! message's intended start), the connection workers that survive resets by reconnecting,
+//! sender threads, the progress bar and the final report.
+
+use crate::cli::SendArgs;
+use crate::manifest::ManifestWriter;
+use crate::message::{rfc5322_date, MessageBuilder, MessageSpec, MsgId};
+use crate::report::{ManifestInfo, Schedule, SendConfigReport, SendReport, SendStats};
+use crate::smtp_client::{ClientError, RcptTally, SmtpClient, TxnResult};
+use crate::Failure;
+use std::cell::RefCell;
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// Default message count when neither --messages nor --duration is given.
+const DEFAULT_MESSAGES: u64 = 1000;
+
+/// The work to do, shared by every connection: a ticket counter handing out sequence
+/// numbers, and for open loop the schedule each ticket's intended start comes from.
+struct Plan {
+    limit: u64,
+    deadline: Option<Instant>,
+    t0: Instant,
+    rate: Option<f64>,
+    next: AtomicU64,
+    started: AtomicU64,
+    stop: AtomicBool,
+    signalled: AtomicBool,
+    fatal: Mutex<Option<String>>,
+    ever_connected: AtomicBool,
+    // Live counters for the progress bar only; the report uses per-thread stats.
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Plan {
+    fn stopping(&self) -> bool {
+        self.stop.load(Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn exhausted(&self) -> bool {
+        self.next.load(Relaxed) >= self.limit
+    }
+
+    /// Hands out the next message: its sequence number and, in open loop, when it should
+    /// start. `None` once the run is over.
+    fn claim(&self) -> Option<(u64, Option<Instant>)> {
+        if self.stopping() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Relaxed);
+        if i >= self.limit {
+            return None;
+        }
+        let at = self
+            .rate
+            .map(|r| self.t0 + Duration::from_secs_f64(i as f64 / r));
+        self.started.fetch_add(1, Relaxed);
+        Some((i, at))
+    }
+
+    fn fail(&self, msg: String) {
+        let mut f = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert(msg);
+        self.stop.store(true, Relaxed);
+    }
+}
+
+/// Per-run settings every connection reads.
+struct Cfg {
+    addr: SocketAddr,
+    target: String,
+    helo: String,
+    timeout: Duration,
+    give_up: Duration,
+    pipelining: bool,
+    new_conn: bool,
+    spec: MessageSpec,
+}
+
+fn count_error(stats: &RefCell<SendStats>, e: &ClientError) {
+    let mut s = stats.borrow_mut();
+    match e {
+        ClientError::Io(_) => s.errors.io += 1,
+        ClientError::Closed => s.errors.closed += 1,
+        ClientError::Protocol(_) => s.errors.protocol += 1,
+        ClientError::Timeout => s.errors.timeout += 1,
+    }
+}
+
+/// Sleeps for `d` but wakes early when the run stops.
+async fn nap(plan: &Plan, d: Duration) {
+    let end = Instant::now() + d;
+    while !plan.stopping() {
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        tokio::time::sleep((end - now).min(Duration::from_millis(50))).await;
+    }
+}
+
+/// Opens a connection and gets it to the point where a transaction can start.
+async fn open(cfg: &Cfg, stats: &RefCell<SendStats>) -> Result<SmtpClient, String> {
+    let t = Instant::now();
+    let stream = match timeout(cfg.timeout, TcpStream::connect(cfg.addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stats.borrow_mut().errors.connect += 1;
+            return Err(format!("cannot connect to {}: {e}", cfg.target));
+        }
+        Err(_) => {
+            stats.borrow_mut().errors.connect += 1;
+            return Err(format!("cannot connect to {}: timed out", cfg.target));
+        }
+    };
+    let connected = Instant::now();
+    {
+        let mut s = stats.borrow_mut();
+        s.connect.record(connected - t);
+        s.conns_opened += 1;
+    }
+    let _ = stream.set_nodelay(true);
+    let mut c = SmtpClient::new(stream);
+    let greeted = timeout(cfg.timeout, async {
+        let g = c.greeting().await?;
+        stats.borrow_mut().banner.record(connected.elapsed());
+        if g != 220 {
+            return Ok(Err(format!("greeting {g}")));
+        }
+        let h = c.hello(&cfg.helo).await?;
+        if !(200..300).contains(&h) {
+            return Ok(Err(format!("EHLO/HELO refused with {h}")));
+        }
+        Ok::<_, ClientError>(Ok(()))
+    })
+    .await;
+    let why = match greeted {
+        Ok(Ok(Ok(()))) => return Ok(c),
+        Ok(Ok(Err(why))) => why,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "greeting timed out".to_string(),
+    };
+    stats.borrow_mut().errors.greeting += 1;
+    Err(format!("{}: {why}", cfg.target))
+}
+
+/// One connection slot: connects, sends message after message, reconnects after errors,
+/// until the plan runs out.
+async fn connection(
+    idx: usize,
+    plan: Arc<Plan>,
+    cfg: Arc<Cfg>,
+    manifest: Option<Arc<ManifestWriter>>,
+    stats: Rc<RefCell<SendStats>>,
+) {
+    let seed = cfg.spec.run ^ (idx as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut mb = MessageBuilder::new(cfg.spec.clone(), seed);
+    let mut msg = Vec::with_capacity(cfg.spec.size.max + cfg.spec.size.max / 32 + 1024);
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(20);
+    'conn: loop {
+        if plan.stopping() || plan.exhausted() {
+            return;
+        }
+        let mut client = match open(&cfg, &stats).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Never having reached the target is a configuration problem: fail fast.
+                // Afterwards the target may be restarting, so keep trying for a while.
+                if !plan.ever_connected.load(Relaxed) {
+                    plan.fail(e);
+                    return;
+                }
+                plan.errors.fetch_add(1, Relaxed);
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= cfg.give_up {
+                    plan.fail(format!(
+                        "giving up after {:.0} s of failures: {e}",
+                        cfg.give_up.as_secs_f64()
+                    ));
+                    return;
+                }
+                nap(&plan, backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        plan.ever_connected.store(true, Relaxed);
+        failing_since = None;
+        backoff = Duration::from_millis(20);
+        let pipeline = cfg.pipelining && client.pipelining;
+        if cfg.pipelining && !client.pipelining {
+            stats.borrow_mut().conns_without_pipelining += 1;
+        }
+        loop {
+            let Some((seq, intended)) = plan.claim() else {
+                client.quit().await;
+                return;
+            };
+            if let Some(at) = intended {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let start = Instant::now();
+            let built = mb.build(seq, &mut msg);
+            {
+                let mut s = stats.borrow_mut();
+                s.sent += 1;
+                if let Some(at) = intended {
+                    s.lag.record(start.saturating_duration_since(at));
+                }
+            }
+            plan.sent.fetch_add(1, Relaxed);
+            let mut tally = RcptTally::default();
+            let r = timeout(
+                cfg.timeout,
+                client.transaction(&mb, seq, built, &msg, pipeline, &mut tally),
+            )
+            .await
+            .unwrap_or(Err(ClientError::Timeout));
+            let mut s = stats.borrow_mut();
+            s.rcpt_accepted += tally.accepted;
+            s.rcpt_rejected += tally.rejected;
+            match r {
+                Ok(TxnResult::Accepted(code)) => {
+                    // Latency counts from the intended start so that a stall shows up in full.
+                    s.txn.record(intended.unwrap_or(start).elapsed());
+                    s.accepted += 1;
+                    s.code(code);
+                    s.bytes_accepted += built.size as u64;
+                    drop(s);
+                    plan.accepted.fetch_add(1, Relaxed);
+                    if let Some(m) = &manifest {
+                        if let Err(e) = m.record(MsgId {
+                            run: cfg.spec.run,
+                            seq,
+                        }) {
+                            plan.fail(format!("cannot write manifest {}: {e}", m.path().display()));
+                        }
+                    }
+                }
+                Ok(TxnResult::Rejected { code, closing }) => {
+                    if code >= 500 {
+                        s.permfail += 1;
+                    } else {
+                        s.tempfail += 1;
+                    }
+                    s.code(code);
+                    if closing {
+                        continue 'conn;
+                    }
+                }
+                Err(e) => {
+                    s.failed += 1;
+                    drop(s);
+                    count_error(&stats, &e);
+                    plan.errors.fetch_add(1, Relaxed);
+                    // The connection is in an unknown state: drop it and start afresh.
+                    continue 'conn;
+                }
+            }
+            if cfg.new_conn {
+                client.quit().await;
+                continue 'conn;
+            }
+        }
+    }
+}
+
+fn thread_main(
+    slots: Vec<usize>,
+    plan: Arc<Plan>,
+    cfg: Arc<Cfg>,
+    manifest: Option<Arc<ManifestWriter>>,
+) -> SendStats {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            plan.fail(format!("cannot start runtime: {e}"));
+            return SendStats::default();
+        }
+    };
+    let stats = Rc::new(RefCell::new(SendStats::default()));
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        let tasks: Vec<_> = slots
+            .into_iter()
+            .map(|i| {
+                tokio::task::spawn_local(connection(
+                    i,
+                    plan.clone(),
+                    cfg.clone(),
+                    manifest.clone(),
+                    stats.clone(),
+                ))
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    drop(local);
+    let s = std::mem::take(&mut *stats.borrow_mut());
+    s
+}
+
+fn random_run_id() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = t ^ u64::from(std::process::id()).rotate_left(32) ^ fastrand::u64(..);
+    // splitmix64 finaliser: spreads nearby seeds over the whole range.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Live progress on a terminal; `None` when stderr is not one.
+fn progress_bar(a: &SendArgs, limit: u64) -> Option<indicatif::ProgressBar> {
+    if a.no_progress || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let (len, unit) = match a.duration {
+        Some(d) if a.messages.is_none() => (d.ceil() as u64, "s"),
+        _ => (limit, ""),
+    };
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}}{unit} {{msg}}"
+    ))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    Some(bar)
+}
+
+pub fn run(a: SendArgs) -> Result<i32, Failure> {
+    if !a.target.contains(':') {
+        return Err(Failure::Usage(format!(
+            "invalid --target '{}': expected HOST:PORT",
+            a.target
+        )));
+    }
+    let addr = a
+        .target
+        .to_socket_addrs()
+        .map_err(|e| Failure::Runtime(format!("cannot resolve --target '{}': {e}", a.target)))?
+        .next()
+        .ok_or_else(|| Failure::Runtime(format!("cannot resolve --target '{}'", a.target)))?;
+    let domains: Vec<String> = a
+        .domains
+        .iter()
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if domains.is_empty() || domains.iter().any(|d| d.contains(['<', '>', ' ', '@'])) {
+        return Err(Failure::Usage("--domain needs plain domain names".into()));
+    }
+    if a.from.contains(['<', '>', ' ', '\r', '\n']) || a.helo.contains(['\r', '\n', ' ']) {
+        return Err(Failure::Usage(
+            "--from/--helo contain invalid characters".into(),
+        ));
+    }
+    let run = match &a.run_id {
+        Some(h) => {
+            if h.is_empty() || h.len() > 16 || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(Failure::Usage("--run-id must be 1 to 16 hex digits".into()));
+            }
+            u64::from_str_radix(h, 16).map_err(|e| Failure::Usage(format!("--run-id: {e}")))?
+        }
+        None => random_run_id(),
+    };
+    let mut limit = a.messages.unwrap_or(if a.duration.is_some() {
+        u64::MAX
+    } else {
+        DEFAULT_MESSAGES
+    });
+    if let (Some(r), Some(d)) = (a.rate, a.duration) {
+        // The schedule only has the messages whose intended start falls inside the run.
+        limit = limit.min((r * d).ceil().max(1.0) as u64);
+    }
+    let connections = usize::try_from(a.connections)
+        .map_err(|_| Failure::Usage("--connections is too large".into()))?;
+    let threads = (a.threads as usize).min(connections);
+    let rcpts =
+        usize::try_from(a.rcpts).map_err(|_| Failure::Usage("--rcpts is too large".into()))?;
+
+    let manifest = match &a.manifest {
+        Some(p) => Some(Arc::new(ManifestWriter::create(p, run).map_err(|e| {
+            Failure::Runtime(format!("cannot create manifest {}: {e}", p.display()))
+        })?)),
+        None => None,
+    };
+    let start_wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let cfg = Arc::new(Cfg {
+        addr,
+        target: a.target.clone(),
+        helo: a.helo.clone(),
+        timeout: Duration::from_secs_f64(a.timeout),
+        give_up: Duration::from_secs_f64(a.give_up_after),
+        pipelining: a.pipelining,
+        new_conn: a.new_connection_per_message,
+        spec: MessageSpec {
+            run,
+            from: a.from.clone(),
+            domains: domains.clone(),
+            rcpts,
+            size: a.size,
+            date: rfc5322_date(start_wall),
+        },
+    });
+    let t0 = Instant::now();
+    let plan = Arc::new(Plan {
+        limit,
+        deadline: a.duration.map(|d| t0 + Duration::from_secs_f64(d)),
+        t0,
+        rate: a.rate,
+        next: AtomicU64::new(0),
+        started: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        signalled: AtomicBool::new(false),
+        fatal: Mutex::new(None),
+        ever_connected: AtomicBool::new(false),
+        sent: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Runtime(format!("cannot start runtime: {e}")))?;
+    let (mut sigint, mut sigterm) = {
+        let _g = rt.enter();
+        use tokio::signal::unix::{signal, SignalKind};
+        let i = signal(SignalKind::interrupt())
+            .map_err(|e| Failure::Runtime(format!("cannot handle SIGINT: {e}")))?;
+        let t = signal(SignalKind::terminate())
+            .map_err(|e| Failure::Runtime(format!("cannot handle SIGTERM: {e}")))?;
+        (i, t)
+    };
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let slots: Vec<usize> = (t..connections).step_by(threads).collect();
+        let (plan, cfg, manifest, done) =
+            (plan.clone(), cfg.clone(), manifest.clone(), done.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("send-{t}"))
+            .spawn(move || {
+                let s = thread_main(slots, plan, cfg, manifest);
+                done.fetch_add(1, Relaxed);
+                s
+            })
+            .map_err(|e| Failure::Runtime(format!("cannot start thread: {e}")))?;
+        handles.push(h);
+    }
+
+    let bar = progress_bar(&a, limit);
+    rt.block_on(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut last_flush = Instant::now();
+        let mut window: std::collections::VecDeque<(Instant, u64)> = Default::default();
+        while done.load(Relaxed) < threads {
+            tokio::select! {
+                _ = sigint.recv() => on_signal(&plan, manifest.as_deref()),
+                _ = sigterm.recv() => on_signal(&plan, manifest.as_deref()),
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            if let Some(m) = &manifest {
+                if now - last_flush >= Duration::from_secs(1) {
+                    let _ = m.flush();
+                    last_flush = now;
+                }
+            }
+            if let Some(bar) = &bar {
+                let acc = plan.accepted.load(Relaxed);
+                window.push_back((now, acc));
+                while window.len() > 2 && now - window[0].0 > Duration::from_secs(2) {
+                    window.pop_front();
+                }
+                let (t_old, a_old) = window[0];
+                let dt = (now - t_old).as_secs_f64();
+                let rate = if dt > 0.0 {
+                    (acc - a_old) as f64 / dt
+                } else {
+                    0.0
+                };
+                if a.duration.is_some() && a.messages.is_none() {
+                    bar.set_position((now - t0).as_secs());
+                } else {
+                    bar.set_position(plan.sent.load(Relaxed));
+                }
+                bar.set_message(format!(
+                    "{rate:.0} msg/s, {acc} accepted, {} errors",
+                    plan.errors.load(Relaxed)
+                ));
+            }
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let mut stats = SendStats::default();
+    for h in handles {
+        match h.join() {
+            Ok(s) => stats.merge(&s),
+            Err(_) => plan.fail("a sender thread panicked".into()),
+        }
+    }
+    let elapsed = t0.elapsed();
+    if let Some(m) = &manifest {
+        m.flush().map_err(|e| {
+            Failure::Runtime(format!("cannot write manifest {}: {e}", m.path().display()))
+        })?;
+    }
+    let fatal = plan.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let stop_reason = if fatal.is_some() {
+        "failed"
+    } else if plan.signalled.load(Relaxed) {
+        "signal"
+    } else if plan.deadline.is_some_and(|d| Instant::now() >= d) && limit != stats.sent {
+        "duration"
+    } else {
+        "complete"
+    };
+    let schedule = a.rate.map(|rate| {
+        let started = plan.started.load(Relaxed).min(limit);
+        let unstarted = limit.saturating_sub(started);
+        Schedule {
+            rate,
+            scheduled: limit,
+            started,
+            unstarted,
+            lag_us: stats.lag.summary(),
+            behind_at_end_ms: crate::report::r3(unstarted as f64 / rate * 1000.0),
+        }
+    });
+    let report = SendReport::build(
+        &stats,
+        format!("{run:016x}"),
+        a.target.clone(),
+        stop_reason.to_string(),
+        SendConfigReport {
+            connections,
+            threads,
+            messages: a.messages,
+            duration_s: a.duration,
+            rate: a.rate,
+            size_min: a.size.min,
+            size_max: a.size.max,
+            rcpts,
+            domains,
+            pipelining: a.pipelining,
+            new_connection_per_message: a.new_connection_per_message,
+        },
+        elapsed,
+        schedule,
+        manifest.as_ref().map(|m| ManifestInfo {
+            file: m.path().display().to_string(),
+            entries: stats.accepted,
+        }),
+    );
+    if let Some(p) = &a.json {
+        crate::write_json(p, &report)?;
+    }
+    if stats.sent > 0 || fatal.is_none() {
+        print!("{}", report.human());
+    }
+    match fatal {
+        Some(f) => Err(Failure::Runtime(f)),
+        None => Ok(0),
+    }
+}
+
+/// First signal: stop starting messages and let those in flight finish. Second: leave now,
+/// with the manifest flushed so that it still lists everything acknowledged.
+fn on_signal(plan: &Plan, manifest: Option<&ManifestWriter>) {
+    if plan.signalled.swap(true, Relaxed) {
+        if let Some(m) = manifest {
+            let _ = m.flush();
+        }
+        std::process::exit(130);
+    }
+    plan.stop.store(true, Relaxed);
+}
