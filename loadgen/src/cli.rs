@@ -142,6 +142,9 @@ pub struct SinkArgs {
     /// When stopping, check arrivals against this manifest; exit 3 if anything was lost.
     #[arg(long, value_name = "FILE")]
     pub check_manifest: Option<PathBuf>,
+    /// How long --check-manifest waits for the manifest's completion trailer, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = positive_f64)]
+    pub manifest_wait: f64,
     /// Stop after this many seconds even if --expect was not reached (then exit 1).
     #[arg(long, value_name = "SECS", value_parser = positive_f64)]
     pub timeout: Option<f64>,

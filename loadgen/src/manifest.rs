@@ -5,7 +5,7 @@ use crate::ids::{IdMap, IdRegistry};
 use crate::message::MsgId;
 use serde::Serialize;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -64,12 +64,15 @@ impl ManifestWriter {
 /// must not silently shrink the set being checked. A last line without its newline is a
 /// write in progress and is left out.
 pub fn read(path: &Path) -> Result<(Vec<MsgId>, bool), String> {
-    let f =
-        File::open(path).map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
+    let data =
+        std::fs::read(path).map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
     let mut ids = Vec::new();
     let mut complete = false;
-    for (n, line) in BufReader::new(f).split(b'\n').enumerate() {
-        let line = line.map_err(|e| format!("cannot read manifest {}: {e}", path.display()))?;
+    let whole = match memchr::memrchr(b'\n', &data) {
+        Some(i) => &data[..=i],
+        None => &[][..],
+    };
+    for (n, line) in whole.split(|&c| c == b'\n').enumerate() {
         let t = line.trim_ascii();
         if t.starts_with(END.as_bytes()) {
             complete = true;

@@ -655,8 +655,9 @@ impl SinkReport {
         if let Some(mc) = &self.manifest {
             let _ = writeln!(
                 o,
-                "  manifest {}: {} entries, {} lost, {} corrupted, {} duplicates, {} unexpected => {}",
+                "  manifest {}{}: {} entries, {} lost, {} corrupted, {} duplicates, {} unexpected => {}",
                 mc.file,
+                if mc.complete { "" } else { " (INCOMPLETE: no end trailer)" },
                 mc.entries,
                 mc.lost,
                 mc.corrupted,

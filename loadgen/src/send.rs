@@ -523,7 +523,7 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
     }
     let elapsed = t0.elapsed();
     if let Some(m) = &manifest {
-        m.flush().map_err(|e| {
+        m.finish(stats.accepted).map_err(|e| {
             Failure::Runtime(format!("cannot write manifest {}: {e}", m.path().display()))
         })?;
     }

@@ -205,8 +205,10 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
 
     let manifest = match &a.check_manifest {
         Some(p) => {
-            let ids = crate::manifest::read(p).map_err(Failure::Runtime)?;
-            Some(crate::manifest::check(p, &ids, &sh.ids))
+            let wait = Duration::from_secs_f64(a.manifest_wait);
+            let (ids, complete) =
+                crate::manifest::read_complete(p, wait).map_err(Failure::Runtime)?;
+            Some(crate::manifest::check(p, &ids, complete, &sh.ids))
         }
         None => None,
     };

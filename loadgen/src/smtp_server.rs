@@ -309,6 +309,14 @@ impl Conn<'_> {
                 } else {
                     self.txn.active = true;
                     self.txn.fate = self.sh.fate();
+                    // At the RCPT stage the fate is final now; count the message here.
+                    if self.sh.cfg.stage == FailStage::Rcpt {
+                        match self.txn.fate {
+                            Fate::Temp => st.tempfailed += 1,
+                            Fate::Perm => st.permfailed += 1,
+                            Fate::Ok => {}
+                        }
+                    }
                     self.reply(b"250 2.1.0 Ok\r\n");
                 }
             }
