@@ -85,8 +85,7 @@ struct Cfg {
     spec: MessageSpec,
 }
 
-fn count_error(stats: &RefCell<SendStats>, e: &ClientError) {
-    let mut s = stats.borrow_mut();
+fn count_error(s: &mut SendStats, e: &ClientError) {
     match e {
         ClientError::Io(_) => s.errors.io += 1,
         ClientError::Closed => s.errors.closed += 1,
@@ -225,46 +224,53 @@ async fn connection(
             )
             .await
             .unwrap_or(Err(ClientError::Timeout));
-            let mut s = stats.borrow_mut();
-            s.rcpt_accepted += tally.accepted;
-            s.rcpt_rejected += tally.rejected;
-            match r {
-                Ok(TxnResult::Accepted(code)) => {
-                    // Latency counts from the intended start so that a stall shows up in full.
-                    s.txn.record(intended.unwrap_or(start).elapsed());
-                    s.accepted += 1;
-                    s.code(code);
-                    s.bytes_accepted += built.size as u64;
-                    drop(s);
-                    plan.accepted.fetch_add(1, Relaxed);
-                    if let Some(m) = &manifest {
-                        if let Err(e) = m.record(MsgId {
-                            run: cfg.spec.run,
-                            seq,
-                        }) {
-                            plan.fail(format!("cannot write manifest {}: {e}", m.path().display()));
+            // Count under one short borrow; nothing below awaits while it is held.
+            let (accepted, reconnect, failed) = {
+                let mut s = stats.borrow_mut();
+                s.rcpt_accepted += tally.accepted;
+                s.rcpt_rejected += tally.rejected;
+                match r {
+                    Ok(TxnResult::Accepted(code)) => {
+                        // Latency counts from the intended start so a stall shows in full.
+                        s.txn.record(intended.unwrap_or(start).elapsed());
+                        s.accepted += 1;
+                        s.code(code);
+                        s.bytes_accepted += built.size as u64;
+                        (true, false, false)
+                    }
+                    Ok(TxnResult::Rejected { code, closing }) => {
+                        if code >= 500 {
+                            s.permfail += 1;
+                        } else {
+                            s.tempfail += 1;
                         }
+                        s.code(code);
+                        (false, closing, false)
+                    }
+                    Err(e) => {
+                        s.failed += 1;
+                        count_error(&mut s, &e);
+                        // The connection is in an unknown state: drop it and start afresh.
+                        (false, true, true)
                     }
                 }
-                Ok(TxnResult::Rejected { code, closing }) => {
-                    if code >= 500 {
-                        s.permfail += 1;
-                    } else {
-                        s.tempfail += 1;
-                    }
-                    s.code(code);
-                    if closing {
-                        continue 'conn;
+            };
+            if accepted {
+                plan.accepted.fetch_add(1, Relaxed);
+                if let Some(m) = &manifest {
+                    let id = MsgId {
+                        run: cfg.spec.run,
+                        seq,
+                    };
+                    if let Err(e) = m.record(id) {
+                        plan.fail(format!("cannot write manifest {}: {e}", m.path().display()));
                     }
                 }
-                Err(e) => {
-                    s.failed += 1;
-                    drop(s);
-                    count_error(&stats, &e);
-                    plan.errors.fetch_add(1, Relaxed);
-                    // The connection is in an unknown state: drop it and start afresh.
-                    continue 'conn;
-                }
+            } else if failed {
+                plan.errors.fetch_add(1, Relaxed);
+            }
+            if reconnect {
+                continue 'conn;
             }
             if cfg.new_conn {
                 client.quit().await;

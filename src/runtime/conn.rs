@@ -14,6 +14,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
 use bytes::{Buf, BytesMut};
 
 use super::caps::ConnectionSlot;
@@ -74,6 +76,8 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut session = Session::new(Arc::clone(&shard.session_config), peer);
     let mut hooks = ShardHooks::new(&shard, peer);
     let mut buf = shard.pool.take();
+    // One timer for the connection's whole life, re-armed only when it fires early.
+    let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
     session.greet();
     loop {
         if session.has_output() && !send(&io, session.take_output(), shard.command_timeout).await {
@@ -103,14 +107,26 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         if buf.capacity() - buf.len() < want / 2 {
             buf.reserve(want);
         }
+        let wait_start = Instant::now();
+        if sleep.deadline() > wait_start + timeout {
+            // The timeout got shorter (data → command phase): bring the timer forward.
+            sleep.as_mut().reset(wait_start + timeout);
+        }
         let mut read = pin!(io.read_more(buf));
-        let mut sleep = pin!(tokio::time::sleep(timeout));
         let mut watching = true;
         let wake = loop {
             tokio::select! {
                 biased;
                 (result, b) = &mut read => break Wake::Read(result, b),
-                _ = &mut sleep => break Wake::TimedOut,
+                _ = &mut sleep => {
+                    // The timer is armed lazily (once per timeout period, not per read):
+                    // when it fires, check against when this wait actually began.
+                    let due = wait_start + timeout;
+                    if Instant::now() >= due {
+                        break Wake::TimedOut;
+                    }
+                    sleep.as_mut().reset(due);
+                }
                 changed = phase.changed(), if watching => {
                     if changed.is_err() {
                         // The server handle is gone: nobody can ask us to stop any more.

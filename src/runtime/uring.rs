@@ -25,13 +25,33 @@ pub(crate) fn run<H: Handler>(
     shard_state: impl FnOnce() -> Rc<Shard<H>>,
     listeners: Vec<std::net::TcpListener>,
 ) -> io::Result<()> {
-    let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES))?;
+    let runtime = new_runtime()?;
     runtime.block_on(async move {
         let shard = shard_state();
         let acceptors = listeners.into_iter().map(TcpListener::from_std).collect();
         shard::run::<H, TcpListener>(shard, acceptors).await;
     });
     Ok(())
+}
+
+/// A ring with `IORING_SETUP_COOP_TASKRUN` (kernel 5.19+): completions are processed when
+/// the thread next enters the kernel instead of by an interrupt, which this thread-per-core
+/// design never needs. `RINGRELAY_URING_SETUP=plain` turns it off (for A/B measurements);
+/// a kernel that refuses the flag gets a plain ring.
+fn new_runtime() -> io::Result<tokio_uring::Runtime> {
+    let plain = std::env::var("RINGRELAY_URING_SETUP").is_ok_and(|v| v == "plain");
+    if !plain {
+        let mut flags = tokio_uring::uring_builder();
+        flags.setup_coop_taskrun();
+        if let Ok(rt) = tokio_uring::Runtime::new(
+            tokio_uring::builder()
+                .entries(RING_ENTRIES)
+                .uring_builder(&flags),
+        ) {
+            return Ok(rt);
+        }
+    }
+    tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES))
 }
 
 impl Acceptor for TcpListener {

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Front end alone, side by side: Postfix's smtp-source drives, in turn, Postfix's
+# smtp-sink and `ringrelay serve --sink` (io_uring and epoll drivers), with the same
+# message size and session count, interleaved rep by rep so machine noise hits all alike.
+# Prints per-run lines on stderr and a table of medians (and ratios to smtp-sink) on stdout.
+#
+# usage: benches/sink_compare.sh [REPS] [MSGS] [SESSIONS] [SIZE]
+#   env RINGRELAY (default target/release/ringrelay), PORT (default 2640),
+#       SHARDS (ringrelay shards, default 0 = one per core), VARIANTS (see below),
+#       PIN_LOAD / PIN_SERVER (CPU lists for taskset: pin smtp-source and the server).
+# Needs: postfix (smtp-source, smtp-sink), root (smtp-sink drops to user postfix).
+# Uses ../shared/bench/lib.sh for CPU accounting, so figures match the shared harness.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${SHARED:-$ROOT/../shared/bench}
+. "$SHARED/lib.sh"
+need smtp-source smtp-sink
+
+REPS=${1:-3}
+MSGS=${2:-100000}
+SESS=${3:-50}
+SIZE=${4:-1024}
+PORT=${PORT:-2640}
+SHARDS=${SHARDS:-0}
+RINGRELAY=${RINGRELAY:-$ROOT/target/release/ringrelay}
+VARIANTS=${VARIANTS:-"smtp-sink ringrelay-uring ringrelay-epoll"}
+[ -x "$RINGRELAY" ] || { echo "build first: cargo build --release ($RINGRELAY missing)" >&2; exit 2; }
+WORK=$(mktemp -d /tmp/sink_compare.XXXXXX)
+SRV=""
+cleanup() {
+    [ -n "$SRV" ] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+port_free "$PORT" || { echo "127.0.0.1:$PORT is busy" >&2; exit 1; }
+
+PIN_LOAD=${PIN_LOAD:-}
+PIN_SERVER=${PIN_SERVER:-}
+# Prefixes that exec into the command, so $! is the server's own PID.
+SRV_PREFIX=(env); [ -n "$PIN_SERVER" ] && SRV_PREFIX=(taskset -c "$PIN_SERVER")
+LOAD_PREFIX=(env); [ -n "$PIN_LOAD" ] && LOAD_PREFIX=(taskset -c "$PIN_LOAD")
+
+start_server() {
+    case "$1" in
+    smtp-sink) "${SRV_PREFIX[@]}" smtp-sink -c -u postfix -m 1024 "127.0.0.1:$PORT" 1024 >"$WORK/srv.out" 2>&1 & ;;
+    ringrelay-uring) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
+    ringrelay-uring-plain) RINGRELAY_URING_SETUP=plain "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
+    ringrelay-epoll) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io epoll --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
+    *) echo "unknown variant $1" >&2; exit 2 ;;
+    esac
+    SRV=$!
+    wait_port 127.0.0.1 "$PORT" || { echo "$1 did not start" >&2; cat "$WORK/srv.out" >&2; exit 1; }
+}
+
+# one_run VARIANT -> appends "variant msgs_per_s cpu_us_per_msg peak_rss_kb" to $WORK/results
+one_run() {
+    local v=$1 c0 c1 t0 t1 rss
+    start_server "$v"
+    c0=$(cpu_ticks "$SRV")
+    t0=$(now)
+    "${LOAD_PREFIX[@]}" smtp-source -d -s "$SESS" -m "$MSGS" -l "$SIZE" -f sender@example.com -t rcpt@example.com \
+        "127.0.0.1:$PORT" >"$WORK/src.out" 2>&1 || { echo "smtp-source failed" >&2; cat "$WORK/src.out" >&2; exit 1; }
+    t1=$(now)
+    sleep 0.2
+    c1=$(cpu_ticks "$SRV")
+    rss=$(peak_rss_kb "$SRV")
+    kill -TERM "$SRV"; wait "$SRV" 2>/dev/null || true; SRV=""
+    awk -v v="$v" -v m="$MSGS" -v t0="$t0" -v t1="$t1" -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v rss="$rss" \
+        'BEGIN {printf "%s %.0f %.1f %d\n", v, m / (t1 - t0), 1e6 * c / hz / m, rss}' | tee -a "$WORK/results" >&2
+}
+
+printf "# sink_compare on %s (%s cores, kernel %s), %s, %s reps x %s msgs, %s sessions, %s bytes, shards=%s pin_load=%s pin_server=%s\n" \
+    "$(hostname)" "$(nproc)" "$(uname -r)" "$(date -u +%Y-%m-%dT%H:%MZ)" "$REPS" "$MSGS" "$SESS" "$SIZE" "$SHARDS" "${PIN_LOAD:--}" "${PIN_SERVER:--}"
+for r in $(seq 1 "$REPS"); do
+    for v in $VARIANTS; do one_run "$v"; done
+done
+base_rate=$(awk '$1 == "smtp-sink" {print $2}' "$WORK/results" | median)
+base_cpu=$(awk '$1 == "smtp-sink" {print $3}' "$WORK/results" | median)
+printf "%-16s %10s %12s %14s %12s %10s\n" server "msgs/s" "cpu_us/msg" "rate_vs_sink" "cpu_vs_sink" "peakRSS_MB"
+for v in $VARIANTS; do
+    rate=$(awk -v v="$v" '$1 == v {print $2}' "$WORK/results" | median)
+    cpu=$(awk -v v="$v" '$1 == v {print $3}' "$WORK/results" | median)
+    rss=$(awk -v v="$v" '$1 == v {print $4}' "$WORK/results" | median)
+    awk -v v="$v" -v r="$rate" -v c="$cpu" -v br="$base_rate" -v bc="$base_cpu" -v rss="$rss" \
+        'BEGIN {printf "%-16s %10.0f %12.1f %13.2fx %11.2fx %10.1f\n", v, r, c, (br > 0 ? r / br : 0), (bc > 0 ? c / bc : 0), rss / 1024}'
+done
