@@ -45,10 +45,6 @@ impl Plan {
         self.stop.load(Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    fn exhausted(&self) -> bool {
-        self.next.load(Relaxed) >= self.limit
-    }
-
     /// Hands out the next message: its sequence number and, in open loop, when it should
     /// start. `None` once the run is over.
     fn claim(&self) -> Option<(u64, Option<Instant>)> {
@@ -165,8 +161,15 @@ async fn connection(
     let mut msg = Vec::with_capacity(cfg.spec.size.max + cfg.spec.size.max / 32 + 1024);
     let mut failing_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(20);
+    // A message is claimed before its connection is opened, and carried across failed
+    // connection attempts, so no connection is ever opened for a message that another
+    // connection has meanwhile taken (one connection per message means exactly that).
+    let mut carried: Option<(u64, Option<Instant>)> = None;
     'conn: loop {
-        if plan.stopping() || plan.exhausted() {
+        if carried.is_none() {
+            carried = plan.claim();
+        }
+        if carried.is_none() || plan.stopping() {
             return;
         }
         let mut client = match open(&cfg, &stats).await {
@@ -200,7 +203,7 @@ async fn connection(
             stats.borrow_mut().conns_without_pipelining += 1;
         }
         loop {
-            let Some((seq, intended)) = plan.claim() else {
+            let Some((seq, intended)) = carried.take().or_else(|| plan.claim()) else {
                 client.quit().await;
                 return;
             };

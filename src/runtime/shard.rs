@@ -118,11 +118,12 @@ impl<H: Handler> Hooks for ShardHooks<'_, H> {
 /// Runs a shard until shutdown has finished: one accept task per listener, then waits.
 pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors: Vec<A>) {
     let acceptors: Vec<Rc<A>> = acceptors.into_iter().map(Rc::new).collect();
-    for acceptor in &acceptors {
-        // Accept lives in its own task and is never raced against anything: a dropped
-        // io_uring accept would leak the next connection.
-        tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(acceptor)));
-    }
+    // Accept lives in its own task and is never raced against anything: a dropped
+    // io_uring accept would leak the next connection.
+    let accept_tasks: Vec<_> = acceptors
+        .iter()
+        .map(|a| tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(a))))
+        .collect();
     let mut phase = shard.phase.clone();
     while *phase.borrow_and_update() == Phase::Running {
         if phase.changed().await.is_err() {
@@ -131,6 +132,11 @@ pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors:
     }
     for acceptor in &acceptors {
         acceptor.stop();
+    }
+    // Wait for each accept loop to see its listener fail: an accept that completed in the
+    // kernel just before the stop is still handed to us, and gets its 421.
+    for task in accept_tasks {
+        let _ = task.await;
     }
     while shard.open.get() > 0 {
         shard.all_closed.notified().await;
@@ -144,7 +150,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
             Ok((conn, peer)) => {
                 if shard.phase_now() != Phase::Running {
                     let reply = Reply::shutting_down(&shard.session_config.hostname);
-                    tokio::task::spawn_local(conn::refuse(conn, reply, shard.command_timeout));
+                    refuse(&shard, conn, reply);
                     continue;
                 }
                 match shard.caps.acquire(peer.ip()) {
@@ -159,7 +165,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
                                 Reply::too_many_connections(host)
                             }
                         };
-                        tokio::task::spawn_local(conn::refuse(conn, reply, shard.command_timeout));
+                        refuse(&shard, conn, reply);
                     }
                 }
             }
@@ -176,4 +182,15 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
             }
         }
     }
+}
+
+/// Answers a connection we will not serve with `reply` and closes it, in a task counted
+/// as an open connection so that shutdown waits for the reply to go out.
+fn refuse<H: Handler, T: conn::Transport>(shard: &Rc<Shard<H>>, conn: T, reply: Reply) {
+    let open = shard.connection_opened();
+    let timeout = shard.command_timeout;
+    tokio::task::spawn_local(async move {
+        conn::refuse(conn, reply, timeout).await;
+        drop(open);
+    });
 }

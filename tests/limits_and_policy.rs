@@ -1,0 +1,317 @@
+//! Limits and policy over the wire, on both I/O drivers: command and data timeouts
+//! (`421 4.4.2`, then close); a client that never reads its replies is cut off; relay
+//! access (`550 5.7.1 Relay access denied`, relay domains, `<Postmaster>`); the
+//! per-address and total connection caps (`421 4.7.0`, and slots given back on close or
+//! abrupt disconnect); and the protocol limits: command line length (`500 5.5.6`),
+//! recipients per transaction (`452 4.5.3`), message size (`552 5.3.4` at MAIL for `SIZE=`
+//! and after the terminator for content, exact at the boundary) and the error budget
+//! (`421 4.7.0 … too many errors`).
+//!
+//! The relay test's outside client binds its socket to 127.0.0.2, with
+//! `mynetworks = ["127.0.0.1/32"]`.
+
+mod common;
+
+use std::io::{ErrorKind, Write};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::{assert_sequence, message, Client, Relay, HOST};
+
+io_tests!(
+    timeouts,
+    client_that_never_reads_is_cut_off,
+    relay_access,
+    connection_caps,
+    protocol_limits,
+);
+
+fn timeouts(io: &str) {
+    let mut relay = Relay::start(
+        io,
+        "[limits]\ncommand_timeout_secs = 1\ndata_timeout_secs = 2",
+    );
+    let timeout_reply = format!("421 4.4.2 {HOST} Error: timeout exceeded");
+
+    // A: silent after the banner. B: silent in the middle of a command line.
+    // C: silent in the middle of a message (the data timeout, 2 s, applies there).
+    // Each clock starts no later than the server's, so no wait is measured short.
+    let a_since = Instant::now();
+    let mut a = relay.connect();
+    let mut b = relay.connect();
+    b.ehlo(common::DEFAULT_MAX_SIZE);
+    b.send("NOOP");
+    let b_since = Instant::now();
+    let mut c = relay.connect();
+    c.ehlo(common::DEFAULT_MAX_SIZE);
+    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+    c.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
+    c.expect("DATA", 354, "End");
+    c.send("Subject: half\r\n\r\nhalf a mess");
+    let c_since = Instant::now();
+
+    for (name, client, since, min) in [
+        ("idle after banner", &mut a, a_since, 1.0),
+        ("partial command line", &mut b, b_since, 1.0),
+        ("mid-DATA", &mut c, c_since, 2.0),
+    ] {
+        let r = client.reply();
+        let waited = since.elapsed().as_secs_f64();
+        assert_eq!(r.wire(), timeout_reply, "{name}");
+        assert!(
+            waited >= min - 0.01 && waited < min + 3.0,
+            "{name}: 421 after {waited:.2}s, expected about {min}s"
+        );
+        client.expect_eof();
+    }
+    assert_eq!(relay.stop().messages, 0);
+}
+
+/// A client that pipelines NOOPs and never reads: once the server cannot write, it gives
+/// up after `command_timeout_secs` and drops the connection (our writes then fail with a
+/// reset or broken pipe, not with our own write timeout).
+fn client_that_never_reads_is_cut_off(io: &str) {
+    let mut relay = Relay::start(io, "[limits]\ncommand_timeout_secs = 1");
+    let mut c = relay.connect();
+    let chunk = "NOOP\r\n".repeat(10_000);
+    let start = Instant::now();
+    let err = loop {
+        if let Err(e) = c.stream.write_all(chunk.as_bytes()) {
+            break e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "server still reading after 10 s"
+        );
+    };
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+        ),
+        "write failed with {err} after {:?} (not cut off by the server)",
+        start.elapsed()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "cut off only after {:?}",
+        start.elapsed()
+    );
+    // The server itself is fine.
+    let mut c = relay.connect();
+    c.expect("QUIT", 221, "2.0.0");
+    relay.stop();
+}
+
+fn relay_access(io: &str) {
+    let mut relay = Relay::start(
+        io,
+        "[relay]\nmynetworks = [\"127.0.0.1/32\"]\ndomains = [\"relay-ok.test\", \".sub-ok.test\"]",
+    );
+    // 127.0.0.2 is outside mynetworks.
+    let mut c = Client::connect_from(relay.addr, "127.0.0.2".parse().unwrap());
+    c.reply()
+        .assert_is(&format!("220 {} ESMTP ringrelay", common::HOST));
+    c.ehlo(common::DEFAULT_MAX_SIZE);
+    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+    for (rcpt, accepted) in [
+        ("x@elsewhere.test", false),
+        ("x@relay-ok.test", true),
+        ("y@RELAY-OK.test", true),
+        ("x@a.sub-ok.test", true),
+        ("x@evilrelay-ok.test", false),
+        ("x@relay-ok.test.evil", false),
+        ("Postmaster", true),
+        ("postmaster", true),
+    ] {
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        let want = if accepted {
+            "250 2.1.5 Ok"
+        } else {
+            "550 5.7.1 Relay access denied"
+        };
+        assert_eq!(r.wire(), want, "RCPT TO:<{rcpt}> from outside mynetworks");
+    }
+    c.expect("DATA", 354, "End");
+    c.send(format!("{}.\r\n", message("relay", "hello")));
+    c.reply().queued_id();
+    c.expect("QUIT", 221, "2.0.0");
+    c.expect_eof();
+
+    // 127.0.0.1 inside mynetworks: anywhere goes.
+    let mut c = relay.connect();
+    c.ehlo(common::DEFAULT_MAX_SIZE);
+    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+    c.cmd("RCPT TO:<x@elsewhere.test>")
+        .assert_is("250 2.1.5 Ok");
+    c.expect("QUIT", 221, "2.0.0");
+    c.expect_eof();
+    let totals = relay.stop();
+    assert_eq!((totals.messages, totals.recipients), (1, 5), "{totals:?}");
+}
+
+/// Opens connections until one is greeted with 220 (slots are given back when the server
+/// has finished closing, a moment after our EOF); fails after 3 s.
+fn greeted_again(relay: &Relay) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut c = Client::connect(relay.addr);
+        let r = c.reply();
+        if r.code == 220 {
+            return c;
+        }
+        r.assert(421, "4.7.0");
+        assert!(Instant::now() < deadline, "no slot given back after close");
+        sleep(Duration::from_millis(20));
+    }
+}
+
+fn check_refused(relay: &Relay, why: &str) {
+    let mut c = Client::connect(relay.addr);
+    let r = c.reply();
+    assert_eq!(
+        r.wire(),
+        format!("421 4.7.0 {HOST} Error: too many connections"),
+        "{why}"
+    );
+    c.expect_eof();
+}
+
+fn connection_caps(io: &str) {
+    for (limit, cap) in [
+        ("max_connections_per_ip = 2", 2),
+        ("max_connections = 1", 1),
+    ] {
+        let mut relay = Relay::start(io, &format!("[limits]\n{limit}"));
+        let mut open: Vec<Client> = (0..cap).map(|_| relay.connect()).collect();
+        check_refused(&relay, &format!("{limit}: connection {}", cap + 1));
+        // Refusals take no slot: the open sessions still work.
+        for c in &mut open {
+            c.expect("NOOP", 250, "2.0.0");
+        }
+        // Give a slot back: politely (QUIT) in one case, by vanishing mid-DATA in the other.
+        let mut first = open.remove(0);
+        if cap == 2 {
+            first.expect("QUIT", 221, "2.0.0");
+            first.expect_eof();
+        } else {
+            first.ehlo(common::DEFAULT_MAX_SIZE);
+            first.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+            first.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
+            first.expect("DATA", 354, "End");
+            first.send("Subject: gone\r\n\r\nhalf");
+            drop(first);
+        }
+        open.push(greeted_again(&relay));
+        // Full again: the slot was given back once, not twice.
+        check_refused(&relay, &format!("{limit}: full again"));
+        for c in &mut open {
+            c.expect("NOOP", 250, "2.0.0");
+        }
+        drop(open);
+        relay.stop();
+    }
+}
+
+fn protocol_limits(io: &str) {
+    let mut relay = Relay::start(io, "[limits]\nmax_recipients = 3\nmax_message_size = 1000");
+    let mut c = relay.connect();
+    c.ehlo(1000);
+
+    // Command lines: 512 octets with CRLF is the limit (RFC 5321 §4.5.3.1.4).
+    c.expect(&format!("NOOP {}", "x".repeat(505)), 250, "2.0.0");
+    let too_long = "500 5.5.6 Error: line too long";
+    c.cmd(&format!("NOOP {}", "x".repeat(506)))
+        .assert_is(too_long);
+    c.cmd(&format!("NOOP {}", "x".repeat(593)))
+        .assert_is(too_long);
+    c.expect("NOOP", 250, "2.0.0");
+    // Longer than a read: still exactly one error reply, and the rest of it is skipped.
+    c.cmd(&format!("MAIL FROM:<{}@b.test>", "a".repeat(20_000)))
+        .assert_is(too_long);
+    c.expect("NOOP", 250, "2.0.0");
+
+    // SIZE= is checked at MAIL.
+    let size_exceeded = "552 5.3.4 Error: message size exceeds fixed limit";
+    c.cmd("MAIL FROM:<a@b.test> SIZE=2000")
+        .assert_is(size_exceeded);
+    c.cmd("MAIL FROM:<a@b.test> SIZE=1001")
+        .assert_is(size_exceeded);
+    c.expect("MAIL FROM:<a@b.test> SIZE=1000", 250, "2.1.0");
+
+    // Recipients: the fourth is refused, the transaction goes on with three.
+    for i in 0..3 {
+        c.expect(&format!("RCPT TO:<r{i}@example.org>"), 250, "2.1.5");
+    }
+    c.cmd("RCPT TO:<r3@example.org>")
+        .assert_is("452 4.5.3 Error: too many recipients");
+    c.expect("DATA", 354, "End");
+    // Exactly 1000 bytes of content, 1001 on the wire (one dot-stuffed line): accepted.
+    c.send(format!("{}.\r\n", sized_message(1000)));
+    c.reply().queued_id();
+
+    // Content over the limit is refused after the terminator; the session goes on.
+    for size in [1001, 5000] {
+        c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+        c.expect("RCPT TO:<r@example.org>", 250, "2.1.5");
+        c.expect("DATA", 354, "End");
+        c.send(format!("{}.\r\n", sized_message(size)));
+        assert_eq!(c.reply().wire(), size_exceeded, "{size} bytes of content");
+    }
+    c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+    c.expect("RCPT TO:<r@example.org>", 250, "2.1.5");
+    c.expect("DATA", 354, "End");
+    c.send(format!("{}.\r\n", message("small", "after the big ones")));
+    c.reply().queued_id();
+    c.expect("QUIT", 221, "2.0.0");
+    c.expect_eof();
+
+    // The error budget: ten errors of every kind, then 421 and close.
+    let mut c = relay.connect();
+    let bad = [
+        "FOO",
+        "EXPN x",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<a@b.test>",
+        "DATA",
+        "STARTTLS",
+        "MAIL FROM:<a@b.test> FROB=1",
+        "MAIL FROM:bad",
+        "VRFY",
+        "EHLO",
+    ];
+    c.send(bad.iter().map(|l| format!("{l}\r\n")).collect::<String>());
+    let replies = c.replies_to_eof();
+    assert_sequence(
+        &replies,
+        &[
+            (500, "5.5.2"),
+            (502, "5.5.1"),
+            (503, "5.5.1"),
+            (503, "5.5.1"),
+            (503, "5.5.1"),
+            (502, "5.5.1"),
+            (555, "5.5.4"),
+            (501, "5.5.4"),
+            (501, "5.5.4"),
+            (501, "5.5.4"),
+            (421, "4.7.0 relay.test Error: too many errors"),
+        ],
+    );
+
+    let totals = relay.stop();
+    assert_eq!((totals.messages, totals.recipients), (2, 4), "{totals:?}");
+}
+
+/// A message of exactly `size` content bytes (after unstuffing; final CRLF included), one
+/// of whose lines is dot-stuffed.
+fn sized_message(size: usize) -> String {
+    let mut msg = String::from("Subject: sized\r\n\r\n..stuffed\r\n");
+    let mut left = size - (msg.len() - 1); // the stuffing dot is not content
+    while left > 80 {
+        msg.push_str(&format!("{}\r\n", "y".repeat(76)));
+        left -= 78;
+    }
+    msg.push_str(&format!("{}\r\n", "y".repeat(left - 2)));
+    msg
+}
