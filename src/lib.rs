@@ -25,6 +25,7 @@ mod runtime;
 pub mod server;
 pub mod sink;
 pub mod smtp;
+pub mod spool;
 
 pub use config::Config;
 pub use server::{Handler, Server, ServerHandle};

@@ -1,0 +1,397 @@
+//! The spool's on-disk records: framing, checksums, encoding and decoding.
+//!
+//! Every record is `magic (4) | kind (1) | reserved (3) | payload length (4) | crc32c (4)`
+//! followed by the payload; the checksum covers kind, length and payload, so a torn or
+//! flipped record is recognised and never half used. Integers are little-endian.
+//!
+//! Kinds:
+//! - `Message`: a message as accepted (queue ID, arrival time, reverse path, recipients,
+//!   body type, content).
+//! - `Recipient`: one recipient's final outcome (delivered, bounced, removed).
+//! - `Finished`: the whole message is done (removed by the operator, or a failed sync
+//!   withdrew it).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::id::QueueId;
+use crate::smtp::{Mailbox, ReversePath};
+
+/// Identifies a record boundary.
+pub const MAGIC: u32 = 0x5252_4C31; // "RRL1"
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 16;
+/// Largest payload accepted when reading (anything larger is corruption).
+pub const MAX_PAYLOAD: usize = 1 << 31;
+
+const KIND_MESSAGE: u8 = 1;
+const KIND_RECIPIENT: u8 = 2;
+const KIND_FINISHED: u8 = 3;
+
+/// A recipient's final outcome, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The next hop accepted it.
+    Delivered = 1,
+    /// It failed for good; a bounce was spooled (or none was due, for `<>`).
+    Bounced = 2,
+    /// The operator removed it.
+    Removed = 3,
+}
+
+/// A message as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Queue ID.
+    pub id: QueueId,
+    /// Arrival time (whole seconds).
+    pub arrival: SystemTime,
+    /// Reverse path.
+    pub from: ReversePath,
+    /// Recipients, in envelope order (their index is their identity in `Recipient` records).
+    pub rcpts: Vec<Mailbox>,
+    /// BODY=8BITMIME was declared.
+    pub eight_bit: bool,
+    /// Content: headers and body, CRLF, not dot-stuffed.
+    pub data: Bytes,
+}
+
+/// One decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A message.
+    Message(StoredMessage),
+    /// Recipient `index` of message `id` is finished.
+    Recipient {
+        /// Queue ID.
+        id: QueueId,
+        /// Recipient index in the message record.
+        index: u32,
+        /// How it ended.
+        outcome: RcptOutcome,
+    },
+    /// Message `id` is finished as a whole.
+    Finished {
+        /// Queue ID.
+        id: QueueId,
+    },
+}
+
+/// Appends a message record for an accepted message to `out`.
+pub fn encode_message(
+    out: &mut BytesMut,
+    id: QueueId,
+    arrival: SystemTime,
+    from: &ReversePath,
+    rcpts: &[Mailbox],
+    eight_bit: bool,
+    data: &[u8],
+) {
+    let from = from.mailbox().map_or("", Mailbox::as_str);
+    let payload_len = 16
+        + 8
+        + 2
+        + from.len()
+        + 1
+        + 4
+        + rcpts.iter().map(|r| 2 + r.as_str().len()).sum::<usize>()
+        + 8
+        + data.len();
+    let start = begin(out, KIND_MESSAGE, payload_len);
+    out.put_u128_le(id.as_u128());
+    out.put_u64_le(
+        arrival
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    put_str(out, from);
+    out.put_u8(u8::from(eight_bit));
+    out.put_u32_le(rcpts.len() as u32);
+    for r in rcpts {
+        put_str(out, r.as_str());
+    }
+    out.put_u64_le(data.len() as u64);
+    out.extend_from_slice(data);
+    finish(out, start);
+}
+
+/// Appends a recipient outcome record.
+pub fn encode_recipient(out: &mut BytesMut, id: QueueId, index: u32, outcome: RcptOutcome) {
+    let start = begin(out, KIND_RECIPIENT, 16 + 4 + 1);
+    out.put_u128_le(id.as_u128());
+    out.put_u32_le(index);
+    out.put_u8(outcome as u8);
+    finish(out, start);
+}
+
+/// Appends a "message finished" record.
+pub fn encode_finished(out: &mut BytesMut, id: QueueId) {
+    let start = begin(out, KIND_FINISHED, 16);
+    out.put_u128_le(id.as_u128());
+    finish(out, start);
+}
+
+fn begin(out: &mut BytesMut, kind: u8, payload_len: usize) -> usize {
+    out.reserve(HEADER_LEN + payload_len);
+    let start = out.len();
+    out.put_u32_le(MAGIC);
+    out.put_u8(kind);
+    out.put_slice(&[0, 0, 0]);
+    out.put_u32_le(payload_len as u32);
+    out.put_u32_le(0); // checksum, filled in by `finish`
+    start
+}
+
+fn finish(out: &mut BytesMut, start: usize) {
+    let crc = checksum(&out[start + 4..start + 12], &out[start + HEADER_LEN..]);
+    out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn checksum(kind_and_len: &[u8], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(kind_and_len), payload)
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    // Paths are at most 256 octets (RFC 5321), far below u16::MAX.
+    out.put_u16_le(s.len() as u16);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// What reading a record at some offset found.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A whole, valid record of `len` bytes (header included).
+    Record(Record, usize),
+    /// The bytes end before the record does (a torn tail, or more to read).
+    Incomplete,
+    /// Not a valid record here.
+    Corrupt(&'static str),
+}
+
+/// Reads the record at the start of `buf`. `content` is a shared handle to the same bytes
+/// so message contents are sliced rather than copied.
+pub fn decode(buf: &Bytes) -> Decoded {
+    if buf.len() < HEADER_LEN {
+        return Decoded::Incomplete;
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    if u32_at(0) != MAGIC {
+        return Decoded::Corrupt("bad magic");
+    }
+    let len = u32_at(8) as usize;
+    if len > MAX_PAYLOAD {
+        return Decoded::Corrupt("implausible length");
+    }
+    if buf.len() < HEADER_LEN + len {
+        return Decoded::Incomplete;
+    }
+    let payload = buf.slice(HEADER_LEN..HEADER_LEN + len);
+    if checksum(&buf[4..12], &payload) != u32_at(12) {
+        return Decoded::Corrupt("checksum mismatch");
+    }
+    let record = match buf[4] {
+        KIND_MESSAGE => decode_message(payload).map(Record::Message),
+        KIND_RECIPIENT => decode_recipient(&payload),
+        KIND_FINISHED => Reader::new(&payload).u128().map(|v| Record::Finished {
+            id: QueueId::from_u128(v),
+        }),
+        _ => None,
+    };
+    match record {
+        Some(r) => Decoded::Record(r, HEADER_LEN + len),
+        None => Decoded::Corrupt("malformed payload"),
+    }
+}
+
+fn decode_recipient(payload: &[u8]) -> Option<Record> {
+    let mut r = Reader::new(payload);
+    let id = QueueId::from_u128(r.u128()?);
+    let index = r.u32()?;
+    let outcome = match r.u8()? {
+        1 => RcptOutcome::Delivered,
+        2 => RcptOutcome::Bounced,
+        3 => RcptOutcome::Removed,
+        _ => return None,
+    };
+    r.end()?;
+    Some(Record::Recipient { id, index, outcome })
+}
+
+fn decode_message(payload: Bytes) -> Option<StoredMessage> {
+    let mut r = Reader::new(&payload);
+    let id = QueueId::from_u128(r.u128()?);
+    let arrival = UNIX_EPOCH + Duration::from_secs(r.u64()?);
+    let from = r.str()?;
+    let from = if from.is_empty() {
+        ReversePath::Null
+    } else {
+        ReversePath::Mailbox(Mailbox::parse(from).ok()?)
+    };
+    let eight_bit = r.u8()? != 0;
+    let n = r.u32()? as usize;
+    let mut rcpts = Vec::with_capacity(n.min(10_000));
+    for _ in 0..n {
+        rcpts.push(Mailbox::parse(r.str()?).ok()?);
+    }
+    let data_len = usize::try_from(r.u64()?).ok()?;
+    let start = r.pos;
+    let end = start.checked_add(data_len)?;
+    if end != payload.len() {
+        return None;
+    }
+    Some(StoredMessage {
+        id,
+        arrival,
+        from,
+        rcpts,
+        eight_bit,
+        data: payload.slice(start..end),
+    })
+}
+
+/// Bounds-checked little-endian reader: every read returns `None` past the end.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn u128(&mut self) -> Option<u128> {
+        Some(u128::from_le_bytes(self.take(16)?.try_into().ok()?))
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let n = u16::from_le_bytes(self.take(2)?.try_into().ok()?) as usize;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+    fn end(&self) -> Option<()> {
+        (self.pos == self.buf.len()).then_some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::IdGenerator;
+
+    fn sample() -> (QueueId, BytesMut) {
+        let id = IdGenerator::starting_at(1, 42).next_id();
+        let mut out = BytesMut::new();
+        encode_message(
+            &mut out,
+            id,
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            &ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap()),
+            &[
+                Mailbox::parse("b@example.net").unwrap(),
+                Mailbox::parse("c@example.net").unwrap(),
+            ],
+            true,
+            b"Subject: x\r\n\r\nbody\r\n",
+        );
+        encode_recipient(&mut out, id, 1, RcptOutcome::Delivered);
+        encode_finished(&mut out, id);
+        (id, out)
+    }
+
+    fn decode_all(buf: Bytes) -> Vec<Record> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < buf.len() {
+            match decode(&buf.slice(at..)) {
+                Decoded::Record(r, n) => {
+                    out.push(r);
+                    at += n;
+                }
+                other => panic!("at {at}: {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let (id, out) = sample();
+        let records = decode_all(out.freeze());
+        assert_eq!(records.len(), 3);
+        let Record::Message(m) = &records[0] else {
+            panic!()
+        };
+        assert_eq!(m.id, id);
+        assert_eq!(m.from.to_string(), "a@example.org");
+        assert_eq!(m.rcpts.len(), 2);
+        assert!(m.eight_bit);
+        assert_eq!(&m.data[..], b"Subject: x\r\n\r\nbody\r\n");
+        assert_eq!(m.arrival, UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert_eq!(
+            records[1],
+            Record::Recipient {
+                id,
+                index: 1,
+                outcome: RcptOutcome::Delivered
+            }
+        );
+        assert_eq!(records[2], Record::Finished { id });
+    }
+
+    #[test]
+    fn null_sender_round_trips() {
+        let mut out = BytesMut::new();
+        let id = IdGenerator::starting_at(0, 1).next_id();
+        encode_message(
+            &mut out,
+            id,
+            UNIX_EPOCH,
+            &ReversePath::Null,
+            &[],
+            false,
+            b"",
+        );
+        let Decoded::Record(Record::Message(m), _) = decode(&out.freeze()) else {
+            panic!()
+        };
+        assert_eq!(m.from, ReversePath::Null);
+    }
+
+    #[test]
+    fn every_truncation_is_incomplete_and_every_flip_is_detected() {
+        let (_, out) = sample();
+        let first_len = match decode(&out.clone().freeze()) {
+            Decoded::Record(_, n) => n,
+            other => panic!("{other:?}"),
+        };
+        let whole = out.freeze();
+        for cut in 0..first_len {
+            assert!(
+                matches!(decode(&whole.slice(..cut)), Decoded::Incomplete),
+                "cut {cut}"
+            );
+        }
+        for i in 0..first_len {
+            let mut bad = BytesMut::from(&whole[..]);
+            bad[i] ^= 0x40;
+            match decode(&bad.freeze()) {
+                Decoded::Record(_, _) => panic!("flip at {i} went unnoticed"),
+                Decoded::Incomplete | Decoded::Corrupt(_) => {}
+            }
+        }
+    }
+}
