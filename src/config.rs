@@ -237,8 +237,9 @@ impl Config {
         if self.listen.is_empty() {
             return err("listen", "at least one address is needed".into());
         }
-        if self.shards > 256 {
-            return err("shards", format!("{} is more than 256", self.shards));
+        if self.shards > 128 {
+            // Queue IDs carry the shard number in 8 bits, half of them for bounces.
+            return err("shards", format!("{} is more than 128", self.shards));
         }
         let l = &self.limits;
         for (key, value) in [

@@ -15,12 +15,15 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`policy`]: relay access (who may relay where).
 //! - [`id`]: queue IDs, unique across shards and restarts.
+//! - [`spool`]: the durable spool (segments, group commit, recovery) and the queue.
+//! - [`relay`]: store and forward: the relay handler, routing, outbound pools, bounces.
 //! - [`sink`]: the `serve --sink` handler, which counts and discards.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod id;
 pub mod policy;
+pub mod relay;
 mod runtime;
 pub mod server;
 pub mod sink;

@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use ringrelay::config::{Config, IoMode};
-use ringrelay::sink::{NoSpoolHandler, SinkHandler, SinkTotals};
+use ringrelay::relay::control::{self, Outcome};
+use ringrelay::relay::{RelayConfig, RelayService};
+use ringrelay::sink::{SinkHandler, SinkTotals};
+use ringrelay::spool::inspect;
 use ringrelay::Server;
 
 #[global_allocator]
@@ -104,7 +107,30 @@ struct QueueArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One line, as the contract asks: clap's first line without its "error: ".
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid usage");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            return fail(2, &format!("{first} (see --help)"));
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -129,13 +155,7 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(2, &e.to_string()),
         },
-        Command::Queue { action } => {
-            let _ = action;
-            fail(
-                1,
-                "queue: the spool is not built yet, so there is no queue to act on",
-            )
-        }
+        Command::Queue { action } => queue(action),
     }
 }
 
@@ -173,26 +193,126 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = config.validate() {
         return fail(2, &e.to_string());
     }
-    let server = Server::new(config);
+    let server = Server::new(config.clone());
     let result = if args.sink {
         let totals = Arc::new(SinkTotals::default());
         let shard_totals = Arc::clone(&totals);
         let r = server.run(move |_| SinkHandler::new(Arc::clone(&shard_totals)));
-        tracing::info!(
-            "sink: accepted {} messages, {} recipients, {} bytes",
-            totals.messages.load(Ordering::Relaxed),
-            totals.recipients.load(Ordering::Relaxed),
-            totals.bytes.load(Ordering::Relaxed)
-        );
+        if r.is_ok() {
+            tracing::info!(
+                "sink: accepted {} messages, {} recipients, {} bytes",
+                totals.messages.load(Ordering::Relaxed),
+                totals.recipients.load(Ordering::Relaxed),
+                totals.bytes.load(Ordering::Relaxed)
+            );
+        }
         r
     } else {
-        tracing::warn!(
-            "no spool yet: DATA is answered 451 4.3.0 (use --sink to accept and discard)"
-        );
-        server.run(|_| NoSpoolHandler)
+        let relay = RelayConfig::from_config(&config);
+        let service = match RelayService::open(relay, config.effective_shards()) {
+            Ok(s) => s,
+            Err(e) => return fail(1, &e.to_string()),
+        };
+        server.run(move |shard| service.handler(shard))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+/// The spool directory a queue command works on: `--spool`, else the config's default.
+fn spool_dir(args: &QueueArgs) -> PathBuf {
+    args.spool
+        .clone()
+        .unwrap_or_else(|| Config::default().spool.dir)
+}
+
+fn queue(action: QueueAction) -> ExitCode {
+    match action {
+        QueueAction::List(args) => match inspect::read(&spool_dir(&args)) {
+            Ok((list, stats)) => {
+                if args.json {
+                    match serde_json::to_string_pretty(&list) {
+                        Ok(j) => println!("{j}"),
+                        Err(e) => return fail(1, &e.to_string()),
+                    }
+                } else {
+                    for q in &list {
+                        println!(
+                            "{}  {:>9}  arrived {}  from <{}>  to {}",
+                            q.id,
+                            q.size,
+                            q.arrival_unix,
+                            q.from,
+                            q.pending
+                                .iter()
+                                .map(|r| format!("<{r}>"))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        );
+                    }
+                    println!(
+                        "-- {} message(s), {} recipient(s) pending{}",
+                        stats.messages,
+                        stats.recipients,
+                        if stats.running {
+                            " (server running)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, &e.to_string()),
+        },
+        QueueAction::Stats(args) => match inspect::read(&spool_dir(&args)) {
+            Ok((_, stats)) => {
+                if args.json {
+                    match serde_json::to_string_pretty(&stats) {
+                        Ok(j) => println!("{j}"),
+                        Err(e) => return fail(1, &e.to_string()),
+                    }
+                } else {
+                    println!(
+                        "messages {}\nrecipients {}\nbytes {}\nsegments {}\noldest_age_secs {}\nrunning {}",
+                        stats.messages,
+                        stats.recipients,
+                        stats.bytes,
+                        stats.segments,
+                        stats.oldest_age_secs,
+                        stats.running
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, &e.to_string()),
+        },
+        QueueAction::Flush(args) => match control::flush(&spool_dir(&args)) {
+            Ok(Outcome::Flushed(n)) => {
+                println!("{n} deferred message(s) scheduled for delivery now");
+                ExitCode::SUCCESS
+            }
+            Ok(_) => {
+                println!("no server is running on this spool; every queued message is tried when it starts");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, &e.to_string()),
+        },
+        QueueAction::Remove { id, args } => {
+            let id: ringrelay::id::QueueId = match id.parse() {
+                Ok(id) => id,
+                Err(e) => return fail(2, &e),
+            };
+            match control::remove(&spool_dir(&args), id) {
+                Ok(Outcome::Removed) => {
+                    println!("{id} removed");
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => fail(1, &format!("{id}: no such message waiting in the queue")),
+                Err(e) => fail(1, &e.to_string()),
+            }
+        }
     }
 }

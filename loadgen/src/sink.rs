@@ -21,6 +21,13 @@ use tokio::sync::watch;
 const GRACE: Duration = Duration::from_millis(1000);
 
 fn bind(addr: SocketAddr, n: usize) -> std::io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let us join a port someone else already listens on and
+        // silently split the traffic with them; a plain bind first refuses that.
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let mut out = Vec::with_capacity(n);
     let mut actual = addr;
     for i in 0..n {

@@ -125,7 +125,11 @@ where
                 if let Some(cpu) = cpu {
                     pin_to_cpu(cpu);
                 }
-                let state = move || Shard::new(settings, make_handler(index));
+                // The factory may own resources for the server's whole life (the relay's
+                // spool lock): keep it until this shard has finished, not just until its
+                // handler is made.
+                let factory = Arc::clone(&make_handler);
+                let state = move || Shard::new(settings, factory(index));
                 let result = match io {
                     IoDriver::Uring => uring::run(state, listeners),
                     IoDriver::Epoll => epoll::run(state, listeners),
@@ -133,6 +137,7 @@ where
                 if let Err(e) = &result {
                     tracing::error!(shard = index, "shard failed: {e}");
                 }
+                drop(make_handler);
                 result
             })?;
         threads.push(thread);

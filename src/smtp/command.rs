@@ -63,13 +63,27 @@ pub enum CommandError {
 
 /// Parses one command line, without the line terminator.
 pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
+    // Trailing blanks are not arguments (clients do send `QUIT ` and `DATA\t`); Postfix
+    // ignores them too.
+    let end = line
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |i| i + 1);
+    let line = &line[..end];
     let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
     let verb = &line[..verb_end];
     let args = &line[verb_end..];
     // Only the verb is matched case-insensitively; arguments keep their case.
     let is = |name: &[u8]| verb.eq_ignore_ascii_case(name);
     if is(b"EHLO") || is(b"HELO") {
-        let host = greeting_arg(args)?;
+        let host = greeting_arg(
+            args,
+            if is(b"EHLO") {
+                "EHLO hostname"
+            } else {
+                "HELO hostname"
+            },
+        )?;
         return Ok(if is(b"EHLO") {
             Command::Ehlo(host)
         } else {
@@ -129,13 +143,12 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
 
 /// The EHLO/HELO argument: one token of printable ASCII. It ends up in a Received header,
 /// so nothing that could break a header line is let through.
-fn greeting_arg(args: &[u8]) -> Result<&str, CommandError> {
-    const HINT: &str = "EHLO hostname";
+fn greeting_arg<'a>(args: &'a [u8], hint: &'static str) -> Result<&'a str, CommandError> {
     let arg = trim_spaces(args);
     if arg.is_empty() || !arg.iter().all(|&b| b.is_ascii_graphic()) {
-        return Err(CommandError::Syntax(HINT));
+        return Err(CommandError::Syntax(hint));
     }
-    std::str::from_utf8(arg).map_err(|_| CommandError::Syntax(HINT))
+    std::str::from_utf8(arg).map_err(|_| CommandError::Syntax(hint))
 }
 
 fn trim_spaces(s: &[u8]) -> &[u8] {
@@ -370,6 +383,17 @@ mod tests {
             parse(b"RCPT TO:<u@d.example> NOTIFY=NEVER"),
             Err(CommandError::UnknownParameter)
         );
+    }
+
+    #[test]
+    fn trailing_blanks_are_ignored() {
+        assert_eq!(parse(b"QUIT "), Ok(Command::Quit));
+        assert_eq!(parse(b"DATA\t"), Ok(Command::Data));
+        assert!(matches!(
+            parse(b"MAIL FROM:<a@b.example>\t"),
+            Ok(Command::Mail { .. })
+        ));
+        assert_eq!(parse(b"HELO"), Err(CommandError::Syntax("HELO hostname")));
     }
 
     #[test]

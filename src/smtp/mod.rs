@@ -7,9 +7,11 @@
 //! - [`path`]: reverse and forward paths, validated per RFC 5321.
 //! - [`data`]: the DATA scanner (end of message, dot-stuffing, bare CR/LF).
 //! - [`session`]: the server state machine that ties them together.
+//! - [`client`]: the outbound (delivery) state machine.
 //! - [`reply`]: reply codes and text; [`received`]: our trace header;
 //!   [`envelope`]: what a finished transaction yields.
 
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod envelope;

@@ -42,6 +42,25 @@ pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
         IpAddr::V4(v4) => format!("[{v4}]"),
         IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
     };
+    // The HELO name is the client's word: keep only what cannot unbalance the header's
+    // comment or structure (Postfix is similarly careful).
+    let helo: std::borrow::Cow<'_, str> = if helo
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
+    {
+        helo.into()
+    } else {
+        helo.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-._:[]".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+            .into()
+    };
     let mut s = String::with_capacity(200);
     // Writing to a String cannot fail.
     let _ = write!(
@@ -115,6 +134,23 @@ mod tests {
         assert_eq!(date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
         assert_eq!(date(1_795_293_558), "Sat, 21 Nov 2026 20:39:18 +0000");
+    }
+
+    #[test]
+    fn a_hostile_helo_cannot_bend_the_header() {
+        let mut b = BytesMut::new();
+        let trace = Trace {
+            helo: "a(b);x<y>",
+            ip: "192.0.2.1".parse().unwrap(),
+            hostname: "r",
+            esmtp: true,
+            id: crate::id::IdGenerator::starting_at(0, 1).next_id(),
+            single_rcpt: None,
+        };
+        write_received(&mut b, &trace, UNIX_EPOCH);
+        assert!(String::from_utf8(b.to_vec())
+            .unwrap()
+            .starts_with("Received: from a_b__x_y_ ([192.0.2.1])"));
     }
 
     #[test]

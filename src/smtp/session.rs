@@ -430,6 +430,18 @@ impl Session {
         if !local && !self.may_relay && !self.config.relay.is_relay_domain(to.domain()) {
             return self.error(b"550 5.7.1 Relay access denied\r\n");
         }
+        // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
+        // an outside client could make a downstream server relay for it: refuse it, as
+        // Postfix does (allow_untrusted_routing = no).
+        if !local
+            && !self.may_relay
+            && to
+                .local_part()
+                .bytes()
+                .any(|b| matches!(b, b'%' | b'!' | b'@'))
+        {
+            return self.error(b"550 5.7.1 Sender-specified routing is not allowed\r\n");
+        }
         if let Err(reply) = hooks.check_rcpt(&to) {
             return self.error_reply(reply);
         }

@@ -134,13 +134,13 @@ impl ShardStore {
         inherited: Vec<(SegmentId, u64, usize)>,
         next_seq: u64,
     ) -> io::Result<Self> {
-        let mut segments = HashMap::new();
+        let mut store = ShardStore::empty(dir, shard, next_seq);
         for (id, len, live) in inherited {
             let file = OpenOptions::new()
                 .read(true)
                 .append(true)
                 .open(dir.join(id.file_name()))?;
-            segments.insert(
+            store.segments.insert(
                 id,
                 Segment {
                     file: Arc::new(file),
@@ -150,16 +150,29 @@ impl ShardStore {
                 },
             );
         }
-        Ok(ShardStore {
+        Ok(store)
+    }
+
+    /// A store with no segments yet (no I/O, so it cannot fail).
+    pub fn empty(dir: &Path, shard: u32, next_seq: u64) -> Self {
+        ShardStore {
             dir: dir.to_path_buf(),
             shard,
             next_seq,
             current: None,
-            segments,
+            segments: HashMap::new(),
             scratch: BytesMut::with_capacity(64 * 1024),
             unsynced: Vec::new(),
             dir_unsynced: false,
-        })
+        }
+    }
+
+    /// Syncs every open segment (blocking; for the offline `queue remove`).
+    pub fn sync_all_open(&self) -> io::Result<()> {
+        for seg in self.segments.values() {
+            seg.file.sync_data()?;
+        }
+        Ok(())
     }
 
     /// Appends an accepted message to the current segment (not yet durable: see
@@ -274,6 +287,16 @@ impl ShardStore {
                 if seg.live == 0 {
                     self.delete(id);
                 }
+            }
+        }
+    }
+
+    /// Deletes the current segment if nothing in it is live any more (called on an idle
+    /// tick, so a quiet spool ends up empty; the next message starts a new segment).
+    pub fn release_idle_current(&mut self) {
+        if let Some(id) = self.current {
+            if self.segments.get(&id).is_some_and(|s| s.live == 0) && !self.unsynced.contains(&id) {
+                self.delete(id);
             }
         }
     }

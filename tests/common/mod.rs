@@ -9,8 +9,9 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The host name every test configuration sets, so replies are predictable.
@@ -66,6 +67,12 @@ pub struct Opts {
     pub sink: bool,
     /// `--shards`.
     pub shards: usize,
+    /// `--spool DIR` (the relay; `sink` should then be false).
+    pub spool: Option<PathBuf>,
+    /// `--route DOMAIN=HOST:PORT`, each.
+    pub routes: Vec<String>,
+    /// Listen on this port instead of a free one (a restart on the same address).
+    pub port: Option<u16>,
 }
 
 impl Opts {
@@ -76,7 +83,41 @@ impl Opts {
             config: config(extra),
             sink: true,
             shards: 2,
+            spool: None,
+            routes: Vec::new(),
+            port: None,
         }
+    }
+
+    /// The relay (no `--sink`): two shards, spool `spool`, `--route` for each
+    /// `(domain, next hop)`, and `[delivery] retry_schedule_secs = retry` plus
+    /// `delivery_extra` (more `[delivery]` keys).
+    pub fn relay(
+        io: &str,
+        spool: &Path,
+        routes: &[(&str, SocketAddr)],
+        retry: &[u64],
+        delivery_extra: &str,
+    ) -> Self {
+        let retry: Vec<String> = retry.iter().map(u64::to_string).collect();
+        Opts {
+            io: io.to_string(),
+            config: config(&format!(
+                "[delivery]\nretry_schedule_secs = [{}]\n{delivery_extra}",
+                retry.join(", ")
+            )),
+            sink: false,
+            shards: 2,
+            spool: Some(spool.to_path_buf()),
+            routes: routes.iter().map(|(d, a)| format!("{d}={a}")).collect(),
+            port: None,
+        }
+    }
+
+    /// The same, on a fixed port.
+    pub fn on_port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
     }
 }
 
@@ -109,12 +150,17 @@ impl Relay {
     pub fn start_with(opts: Opts) -> Relay {
         // A port picked by `free_port` can be taken by someone else before the server
         // binds it; try again with another port in that (rare) case.
+        // On a fixed port (a restart), wait a little for the old owner's socket instead.
         let mut last = String::new();
-        for _ in 0..3 {
+        let tries = if opts.port.is_some() { 20 } else { 3 };
+        for _ in 0..tries {
             match Relay::try_start(&opts) {
                 Ok(relay) => return relay,
                 Err(log) if log.contains("cannot listen") => last = log,
                 Err(log) => panic!("ringrelay serve failed to start:\n{log}"),
+            }
+            if opts.port.is_some() {
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
         panic!("ringrelay serve could not bind a port:\n{last}");
@@ -125,7 +171,7 @@ impl Relay {
         let config_path = dir.path().join("ringrelay.toml");
         std::fs::write(&config_path, &opts.config).expect("write config");
         let log = dir.path().join("stderr.log");
-        let port = free_port();
+        let port = opts.port.unwrap_or_else(free_port);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringrelay"));
         cmd.arg("serve")
@@ -140,6 +186,12 @@ impl Relay {
             .stderr(File::create(&log).expect("create log"));
         if opts.sink {
             cmd.arg("--sink");
+        }
+        if let Some(spool) = &opts.spool {
+            cmd.arg("--spool").arg(spool);
+        }
+        for route in &opts.routes {
+            cmd.args(["--route", route]);
         }
         let child = cmd.spawn().expect("spawn ringrelay");
         let mut relay = Relay {
@@ -248,6 +300,27 @@ impl Relay {
                 self.stderr()
             ),
         }
+    }
+
+    /// SIGKILL, and reap it: a crash at an arbitrary moment.
+    pub fn kill9(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = Some(self.child.wait().expect("wait after SIGKILL"));
+        }
+    }
+
+    /// SIGTERM and expect exit status 0 within 15 s (the relay: no sink totals).
+    #[track_caller]
+    pub fn terminate(&mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(15));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit status after SIGTERM; log:\n{}",
+            self.stderr()
+        );
     }
 
     /// SIGTERM, expect exit status 0 within 10 s, and return the sink's totals.
@@ -622,4 +695,685 @@ pub const DEFAULT_MAX_SIZE: usize = 36_700_160;
 /// A complete small message (headers, body, final CRLF) without the terminator.
 pub fn message(subject: &str, body: &str) -> String {
     format!("From: a@example.org\r\nTo: b@example.org\r\nSubject: {subject}\r\n\r\n{body}\r\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// Store and forward: the relay's peers (`loadgen sink`/`send`, an in-process capturing
+// server), `ringrelay queue`, spool inspection, messages the sink can verify.
+// ---------------------------------------------------------------------------------------
+
+/// `target/<profile>`: where `ringrelay` and `loadgen` are built.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The `loadgen` binary next to `ringrelay`. `cargo test --workspace` builds it; after a
+/// plain `cargo test` it is built here once (`cargo build -p loadgen`, at most 10 min).
+pub fn loadgen_bin() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = profile_dir();
+        let bin = dir.join("loadgen");
+        if bin.is_file() {
+            return Ok(bin);
+        }
+        eprintln!(
+            "note: {} missing; building it with cargo build -p loadgen",
+            bin.display()
+        );
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "loadgen"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name() == Some("release".as_ref()) {
+            cmd.arg("--release");
+        }
+        if let Some(target) = dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let out = run_bounded(&mut cmd, Duration::from_secs(600));
+        if out.code == Some(0) && bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!(
+                "loadgen is not built at {} and `cargo build -p loadgen` failed ({:?}); \
+                 run `cargo test --workspace` or `cargo build -p loadgen` first:\n{}",
+                bin.display(),
+                out.code,
+                out.stderr
+            ))
+        }
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A finished command.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion; kills it and panics after `limit`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    try_run_bounded(cmd, limit).unwrap_or_else(|out| {
+        panic!(
+            "{cmd:?} still running after {limit:?}; stderr:\n{}",
+            out.stderr
+        )
+    })
+}
+
+/// Runs `cmd` to completion; after `limit` kills it and gives `Err` with what it wrote.
+pub fn try_run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output, Output> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).expect("stdout file"))
+        .stderr(File::create(&err).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let output = Output {
+        code: status.and_then(|s| s.code()),
+        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+    };
+    if status.is_some() {
+        Ok(output)
+    } else {
+        Err(output)
+    }
+}
+
+/// Sends signal `sig` (a `libc::SIG*`) to `pid`.
+pub fn signal_pid(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a plain pid and signal number.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", io::Error::last_os_error());
+}
+
+/// Polls `f` every 50 ms until it gives `Ok`; panics with its last `Err` after `limit`.
+#[track_caller]
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: not within {limit:?}; last state:\n{last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The number at a dotted path (`"messages.unique"`) of a JSON report.
+#[track_caller]
+pub fn jnum(v: &serde_json::Value, path: &str) -> u64 {
+    path.split('.')
+        .try_fold(v, |v, k| v.get(k))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or_else(|| panic!("no number at {path} in {v:#}"))
+}
+
+/// A small PRNG (splitmix64): seeded from `RINGRELAY_TEST_SEED` or the clock, and the seed
+/// printed, so a failing random schedule can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn seeded(what: &str) -> Rng {
+        let seed = std::env::var("RINGRELAY_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("{what}: seed {seed} (replay with RINGRELAY_TEST_SEED={seed})");
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo).max(1)
+    }
+}
+
+/// A running `loadgen sink`; SIGKILLed on drop if still running.
+pub struct Sink {
+    child: Child,
+    pub addr: SocketAddr,
+    json: PathBuf,
+    out: PathBuf,
+    err: PathBuf,
+    status: Option<ExitStatus>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sink {
+    /// `loadgen sink --listen 127.0.0.1:0 --json J ARGS`.
+    pub fn start(args: &[&str]) -> Sink {
+        Sink::try_start("127.0.0.1:0", args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// On a fixed port, waiting up to 5 s for it to be free (a sink replacing another).
+    pub fn start_on(port: u16, args: &[&str]) -> Sink {
+        let listen = format!("127.0.0.1:{port}");
+        wait_for(Duration::from_secs(5), "loadgen sink start", || {
+            Sink::try_start(&listen, args)
+        })
+    }
+
+    pub fn try_start(listen: &str, args: &[&str]) -> Result<Sink, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = dir.path().join("sink.json");
+        let out = dir.path().join("stdout");
+        let err = dir.path().join("stderr");
+        let child = Command::new(loadgen_bin())
+            .args(["sink", "--listen", listen, "--json"])
+            .arg(&json)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("stdout file"))
+            .stderr(File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("spawn loadgen sink");
+        let mut sink = Sink {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            json,
+            out,
+            err,
+            status: None,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let stdout = std::fs::read_to_string(&sink.out).unwrap_or_default();
+            if let Some(line) = stdout.lines().next().filter(|_| stdout.contains('\n')) {
+                let addr = line
+                    .strip_prefix("listening on ")
+                    .and_then(|a| a.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("loadgen sink's first line: {line:?}"));
+                sink.addr = addr;
+                return Ok(sink);
+            }
+            if let Some(status) = sink.child.try_wait().expect("try_wait") {
+                sink.status = Some(status);
+                return Err(format!(
+                    "loadgen sink --listen {listen} exited with {status}: {}",
+                    sink.output()
+                ));
+            }
+            if Instant::now() > deadline {
+                panic!("loadgen sink not listening after {START_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Its stdout and stderr so far.
+    pub fn output(&self) -> String {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.out).unwrap_or_default(),
+            std::fs::read_to_string(&self.err).unwrap_or_default()
+        )
+    }
+
+    /// Waits up to `limit` for it to exit by itself (`--expect`, `--timeout`).
+    pub fn try_wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+            if self.status.is_none() {
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.status
+    }
+
+    /// SIGTERM (if still running), wait up to 20 s, and return the exit code and the JSON.
+    #[track_caller]
+    pub fn stop(&mut self) -> (Option<i32>, serde_json::Value) {
+        if self.status.is_none() && self.child.try_wait().expect("try_wait").is_none() {
+            signal_pid(self.child.id(), libc::SIGTERM);
+        }
+        let status = self
+            .try_wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("loadgen sink did not stop: {}", self.output()));
+        (status.code(), self.report())
+    }
+
+    /// The JSON report written when it stopped.
+    #[track_caller]
+    pub fn report(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.json).unwrap_or_else(|e| {
+            panic!(
+                "no sink JSON {}: {e}; output:\n{}",
+                self.json.display(),
+                self.output()
+            )
+        });
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("sink JSON: {e}: {text}"))
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A `loadgen send` run (in the background until [`SendRun::wait`]).
+pub struct SendRun {
+    child: Child,
+    json: PathBuf,
+    out: PathBuf,
+    err: PathBuf,
+    status: Option<ExitStatus>,
+    _dir: tempfile::TempDir,
+}
+
+/// How a `loadgen send` run ended.
+#[derive(Debug)]
+pub struct SendResult {
+    pub code: Option<i32>,
+    /// The `--json` report (`Null` if it wrote none).
+    pub json: serde_json::Value,
+    /// stdout and stderr.
+    pub output: String,
+}
+
+impl SendRun {
+    /// `loadgen send --target TARGET --json J --no-progress ARGS`.
+    pub fn spawn(target: SocketAddr, args: &[&str]) -> SendRun {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = dir.path().join("send.json");
+        let out = dir.path().join("stdout");
+        let err = dir.path().join("stderr");
+        let child = Command::new(loadgen_bin())
+            .args([
+                "send",
+                "--no-progress",
+                "--target",
+                &target.to_string(),
+                "--json",
+            ])
+            .arg(&json)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("stdout file"))
+            .stderr(File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("spawn loadgen send");
+        SendRun {
+            child,
+            json,
+            out,
+            err,
+            status: None,
+            _dir: dir,
+        }
+    }
+
+    /// Runs to completion (at most `limit`).
+    pub fn run(target: SocketAddr, args: &[&str], limit: Duration) -> SendResult {
+        SendRun::spawn(target, args).wait(limit)
+    }
+
+    /// True once it has exited.
+    pub fn finished(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status.is_some()
+    }
+
+    /// Waits for it to exit (SIGKILL and panic after `limit`).
+    pub fn wait(&mut self, limit: Duration) -> SendResult {
+        let deadline = Instant::now() + limit;
+        while !self.finished() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "loadgen send still running after {limit:?}:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let json = std::fs::read_to_string(&self.json)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        SendResult {
+            code: self.status.and_then(|s| s.code()),
+            json,
+            output: self.output(),
+        }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.out).unwrap_or_default(),
+            std::fs::read_to_string(&self.err).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for SendRun {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `ringrelay ARGS`, at most 30 s.
+pub fn ringrelay_cmd(args: &[&std::ffi::OsStr]) -> Output {
+    run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_ringrelay"))
+            .args(args)
+            .env("RUST_LOG", "warn"),
+        Duration::from_secs(30),
+    )
+}
+
+/// `ringrelay queue ARGS --spool SPOOL`.
+pub fn queue(spool: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["queue".as_ref()];
+    all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    all.push("--spool".as_ref());
+    all.push(spool.as_os_str());
+    ringrelay_cmd(&all)
+}
+
+/// `queue ARGS --json`, which must succeed with JSON on stdout.
+#[track_caller]
+fn queue_json(spool: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = queue(spool, &a);
+    assert_eq!(out.code, Some(0), "ringrelay queue {a:?}: {out:?}");
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("ringrelay queue {a:?}: not JSON ({e}): {out:?}"))
+}
+
+/// `ringrelay queue stats --json`.
+#[track_caller]
+pub fn queue_stats(spool: &Path) -> serde_json::Value {
+    queue_json(spool, &["stats"])
+}
+
+/// `ringrelay queue list --json`: one object per message.
+#[track_caller]
+pub fn queue_list(spool: &Path) -> Vec<serde_json::Value> {
+    match queue_json(spool, &["list"]) {
+        serde_json::Value::Array(a) => a,
+        other => panic!("queue list --json is not an array: {other:#}"),
+    }
+}
+
+/// The `id`s of `queue list --json`.
+#[track_caller]
+pub fn queue_ids(spool: &Path) -> std::collections::BTreeSet<String> {
+    queue_list(spool)
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// Waits until `queue stats` shows no message; returns the stats.
+#[track_caller]
+pub fn wait_queue_empty(spool: &Path, limit: Duration) -> serde_json::Value {
+    try_wait_queue_empty(spool, limit)
+        .unwrap_or_else(|last| panic!("the queue did not drain within {limit:?}:\n{last}"))
+}
+
+/// Waits until `queue stats` shows no message; `Err` (the last stats and list) after
+/// `limit`.
+pub fn try_wait_queue_empty(spool: &Path, limit: Duration) -> Result<serde_json::Value, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let stats = queue_stats(spool);
+        if jnum(&stats, "messages") == 0 {
+            return Ok(stats);
+        }
+        if Instant::now() > deadline {
+            let list = queue_list(spool);
+            let shown: Vec<_> = list.iter().take(10).collect();
+            return Err(format!("{stats:#}\nfirst of {}: {shown:#?}", list.len()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `seg-*` files in a spool.
+pub fn segment_files(spool: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(spool)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("seg-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits until the spool holds no segment file.
+#[track_caller]
+pub fn wait_no_segments(spool: &Path, limit: Duration) {
+    wait_for(limit, "the spool's segment files to be deleted", || {
+        let segs = segment_files(spool);
+        if segs.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{segs:?}"))
+        }
+    })
+}
+
+/// A message `loadgen sink` verifies: `X-Loadgen-Id: RUN-SEQ` and the body's CRC-32C in
+/// `X-Loadgen-Checksum`, with `extra_headers` (CRLF-terminated lines) and some lines that
+/// start with a dot. Returns the loadgen ID and the unstuffed content (CRLF at the end).
+pub fn verifiable_message(
+    run: &str,
+    seq: u64,
+    extra_headers: &str,
+    body_bytes: usize,
+) -> (String, Vec<u8>) {
+    let id = format!("{run}-{seq}");
+    let mut body = format!("{id}\r\n.a line that starts with a dot\r\n.\r\n");
+    let mut n = 0;
+    while body.len() < body_bytes {
+        body.push_str(&format!(
+            "line {n} of the body of {id}, some filler text to make it longer\r\n"
+        ));
+        n += 1;
+    }
+    let sum = crc32c::crc32c(body.as_bytes());
+    let data = format!(
+        "From: <sender@client.test>\r\nTo: <rcpt@example.test>\r\n{extra_headers}\
+         X-Loadgen-Id: {id}\r\nX-Loadgen-Checksum: {sum:08x}\r\n\r\n{body}"
+    );
+    (id, data.into_bytes())
+}
+
+/// Writes a complete loadgen manifest of `ids` for `sink --check-manifest`.
+pub fn write_manifest(path: &Path, run: &str, ids: &[String]) {
+    let mut text = format!("# loadgen manifest v1 run={run}\n");
+    for id in ids {
+        text.push_str(id);
+        text.push('\n');
+    }
+    text.push_str(&format!("# end accepted={}\n", ids.len()));
+    std::fs::write(path, text).expect("write manifest");
+}
+
+/// Dot-stuffs `data` (CRLF lines) and appends the terminator.
+pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    let mut line_start = true;
+    for &b in data {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+impl Client {
+    /// MAIL, RCPT each (all must get 250), DATA (354), the content; the final reply.
+    #[track_caller]
+    pub fn transaction(&mut self, from: &str, rcpts: &[&str], data: &[u8]) -> Reply {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250, "2.1.0");
+        for r in rcpts {
+            self.expect(&format!("RCPT TO:<{r}>"), 250, "2.1.5");
+        }
+        self.expect("DATA", 354, "End");
+        self.send(dot_stuff(data));
+        self.reply()
+    }
+}
+
+/// Connects, EHLO, one transaction, QUIT; the reply after the data.
+#[track_caller]
+pub fn send_one(addr: SocketAddr, from: &str, rcpts: &[&str], data: &[u8]) -> Reply {
+    let mut c = Client::connect(addr);
+    let banner = c.reply();
+    assert_eq!(banner.code, 220, "banner: {:?}", banner.wire());
+    let ehlo = c.cmd("EHLO client.test");
+    assert_eq!(ehlo.code, 250, "EHLO: {:?}", ehlo.wire());
+    let r = c.transaction(from, rcpts, data);
+    c.expect("QUIT", 221, "2.0.0");
+    r
+}
+
+/// An in-process SMTP server (the library API) that records every envelope: a next hop
+/// whose received messages can be read whole.
+pub struct Capture {
+    handle: Option<ringrelay::ServerHandle>,
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<ringrelay::Envelope>>>,
+}
+
+struct CaptureHandler {
+    seen: Arc<Mutex<Vec<ringrelay::Envelope>>>,
+}
+
+impl ringrelay::Handler for CaptureHandler {
+    async fn on_message(&self, envelope: ringrelay::Envelope) -> Result<(), ringrelay::Reply> {
+        self.seen.lock().unwrap().push(envelope);
+        Ok(())
+    }
+}
+
+impl Capture {
+    /// One shard on `io`, host name `capture.test`, on a port of its own.
+    pub fn start(io: &str) -> Capture {
+        let mut config = ringrelay::Config {
+            hostname: "capture.test".into(),
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            shards: 1,
+            io: if io == "uring" {
+                ringrelay::config::IoMode::Uring
+            } else {
+                ringrelay::config::IoMode::Epoll
+            },
+            ..ringrelay::Config::default()
+        };
+        config.limits.shutdown_timeout_secs = 2;
+        let seen: Arc<Mutex<Vec<ringrelay::Envelope>>> = Arc::default();
+        let s = Arc::clone(&seen);
+        let handle = ringrelay::Server::new(config)
+            .start(move |_| CaptureHandler {
+                seen: Arc::clone(&s),
+            })
+            .expect("capture server starts");
+        let addr = handle.local_addrs()[0];
+        Capture {
+            handle: Some(handle),
+            addr,
+            seen,
+        }
+    }
+
+    /// What it received so far.
+    pub fn envelopes(&self) -> Vec<ringrelay::Envelope> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` messages arrived; returns them all.
+    #[track_caller]
+    pub fn wait_for(&self, n: usize, limit: Duration) -> Vec<ringrelay::Envelope> {
+        wait_for(limit, "messages at the capturing server", || {
+            let seen = self.envelopes();
+            if seen.len() >= n {
+                Ok(seen)
+            } else {
+                Err(format!("{} of {n} arrived", seen.len()))
+            }
+        })
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.close_now();
+            // Do not let a stuck join hang the test: give it 5 s.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(handle.join());
+            });
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+        }
+    }
 }
