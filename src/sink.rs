@@ -1,7 +1,5 @@
-//! The handlers `ringrelay serve` uses before a spool exists: [`SinkHandler`] accepts,
-//! counts and discards (the front end alone, like Postfix's smtp-sink, for benchmarks);
-//! [`NoSpoolHandler`] refuses DATA with `451 4.3.0` so nothing is acknowledged that could
-//! not be kept.
+//! The `serve --sink` handler: [`SinkHandler`] accepts, counts and discards every message
+//! (the front end alone, like Postfix's smtp-sink, for benchmarks).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,19 +62,5 @@ impl Handler for SinkHandler {
         self.recipients
             .set(self.recipients.get() + envelope.to.len() as u64);
         Ok(())
-    }
-}
-
-/// Refuses message content until the spool exists: `451 4.3.0` at DATA.
-#[derive(Debug, Default)]
-pub struct NoSpoolHandler;
-
-impl Handler for NoSpoolHandler {
-    fn on_data(&self) -> Result<(), Reply> {
-        Err(Reply::new(451, "4.3.0 Error: spool not available yet"))
-    }
-
-    async fn on_message(&self, _envelope: Envelope) -> Result<(), Reply> {
-        Err(Reply::new(451, "4.3.0 Error: spool not available yet"))
     }
 }

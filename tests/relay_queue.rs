@@ -12,6 +12,11 @@
 //!   and the removed message never arrives;
 //! - on the stopped spool (SIGTERM with one more deferred message in it), `list` still
 //!   shows it, `remove ID` removes it, and a restarted relay does not deliver it.
+//!
+//! And `queue stats` keeps working while the server deletes finished segments: one shard,
+//! a first segment filled past its 64 MiB rotation with deferred messages (so reading it
+//! takes a while), and a few times a message delivered from a second segment, which the
+//! server deletes about a second later while `queue stats` runs in a loop.
 
 mod common;
 
@@ -19,7 +24,10 @@ use std::time::Duration;
 
 use common::*;
 
-io_tests!(queue_commands_on_a_running_and_a_stopped_spool);
+io_tests!(
+    queue_commands_on_a_running_and_a_stopped_spool,
+    queue_stats_while_the_server_deletes_segments
+);
 
 const RUN: &str = "00000000000c0ffe";
 
@@ -209,4 +217,69 @@ fn queue_commands_on_a_running_and_a_stopped_spool(io: &str) {
         (1, 1),
         "x@up.test got the first message once: {report:#}"
     );
+}
+
+fn queue_stats_while_the_server_deletes_segments(io: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let spool = work.path().join("spool");
+    let dead = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut up = Sink::start(&[]);
+    let relay = Relay::start_with(Opts {
+        shards: 1,
+        ..Opts::relay(
+            io,
+            &spool,
+            &[("dead.test", dead), ("up.test", up.addr)],
+            &[300],
+            "",
+        )
+    });
+    let mut c = relay.connect();
+    c.expect("EHLO client.test", 250, HOST);
+    // 64 records of just over 1 MiB: the first segment passes 64 MiB and is not the
+    // current one any more; they stay (deferred for 300 s).
+    for seq in 0..64 {
+        let (_, data) = verifiable_message("00000000005e6de1", seq, "", 1 << 20);
+        c.transaction("sender@client.test", &["r@dead.test"], &data)
+            .queued_id();
+    }
+    let list = queue_list(&spool);
+    let first_segment = list[0]["segment"].clone();
+    assert!(
+        list.len() == 64 && list.iter().all(|m| m["segment"] == first_segment),
+        "64 deferred messages in one segment expected: {:?}",
+        list.iter().map(|m| &m["segment"]).collect::<Vec<_>>()
+    );
+    let mut runs = 0;
+    for round in 0..3u64 {
+        let (_, data) = verifiable_message("00000000005e6de1", 100 + round, "", 100);
+        c.transaction("sender@client.test", &["x@up.test"], &data)
+            .queued_id();
+        // Delivered at once; its segment goes about 1 s later. Meanwhile, and until
+        // then, `queue stats` must keep answering.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = queue(&spool, &["stats", "--json"]);
+            runs += 1;
+            assert_eq!(
+                out.code,
+                Some(0),
+                "`ringrelay queue stats --json` failed on a running server (run {runs}, round {round}) \
+                 while the server deleted a finished segment: {out:?}"
+            );
+            if segment_files(&spool).len() == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delivered message's segment was not deleted: {:?}",
+                segment_files(&spool)
+            );
+        }
+    }
+    eprintln!("queue stats ran {runs} times while 3 segments were deleted ({io})");
+    let stats = queue_stats(&spool);
+    assert_eq!(jnum(&stats, "messages"), 64, "{stats:#}");
+    let (_, report) = up.stop();
+    assert_eq!(jnum(&report, "messages.received"), 3, "{report:#}");
 }

@@ -21,7 +21,6 @@ io_tests!(
     pipelined_in_one_write,
     pipelined_body_after_354,
     out_of_sequence_commands,
-    no_spool_refuses_data,
     byte_at_a_time,
     many_clients_many_transactions,
     half_close_gets_every_reply,
@@ -154,32 +153,6 @@ fn out_of_sequence_commands(io: &str) {
     c.expect_eof();
     let totals = relay.stop();
     assert_eq!(totals.messages, 0);
-}
-
-fn no_spool_refuses_data(io: &str) {
-    let mut relay = Relay::start_with(Opts {
-        sink: false,
-        ..Opts::new(io, "")
-    });
-    let mut c = relay.connect();
-    c.ehlo(DEFAULT_MAX_SIZE);
-    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
-    c.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
-    c.cmd("DATA")
-        .assert_is("451 4.3.0 Error: spool not available yet");
-    // The refusal is the server's: the session goes on, and DATA is refused again.
-    c.expect("NOOP", 250, "2.0.0");
-    c.cmd("DATA")
-        .assert_is("451 4.3.0 Error: spool not available yet");
-    c.expect("RSET", 250, "2.0.0");
-    c.expect("QUIT", 221, "2.0.0");
-    c.expect_eof();
-    relay.signal("TERM");
-    let status = relay.wait_exit(Duration::from_secs(10));
-    let log = relay.stderr();
-    assert_eq!(status.code(), Some(0), "log:\n{log}");
-    assert!(log.contains("no spool yet"), "log:\n{log}");
-    assert!(!log.contains("sink: accepted"), "log:\n{log}");
 }
 
 fn byte_at_a_time(io: &str) {
