@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::{assert_ehlo, assert_sequence, message, wires, Opts, Relay, DEFAULT_MAX_SIZE, HOST};
+use common::{assert_ehlo, assert_sequence, message, wires, Relay, DEFAULT_MAX_SIZE, HOST};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{Message, SmtpTransport, Transport};
 

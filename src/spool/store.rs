@@ -278,15 +278,13 @@ impl ShardStore {
         SyncTargets { files, dir }
     }
 
-    /// After a failed sync nothing about the current segment's contents is certain: stop
-    /// appending to it (the messages in it get withdrawn by the caller).
+    /// After a failed sync nothing about the current segment's contents is certain: new
+    /// messages go to a fresh segment. The old one still takes outcome records, so the
+    /// caller can withdraw the messages whose sync failed (they were answered 451).
     pub fn abandon_current(&mut self) {
         if let Some(id) = self.current.take() {
-            if let Some(seg) = self.segments.get_mut(&id) {
-                seg.broken = true;
-                if seg.live == 0 {
-                    self.delete(id);
-                }
+            if self.segments.get(&id).is_some_and(|s| s.live == 0) {
+                self.delete(id);
             }
         }
     }

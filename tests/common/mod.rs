@@ -2,6 +2,13 @@
 //! with a given configuration (and kill it on drop), talk SMTP over raw sockets with
 //! bounded reads, signal the process and read its log.
 //!
+//! For store and forward (`tests/relay_*.rs`): the relay with a spool and routes
+//! ([`Opts::relay`], restartable on the same port), `loadgen sink`/`send` as real peers
+//! ([`Sink`], [`SendRun`]; the binary is found next to `ringrelay`, or built once),
+//! `ringrelay queue` and the spool's segment files, messages the sink can verify
+//! ([`verifiable_message`], [`write_manifest`]), and an in-process capturing server built
+//! on the library API ([`Capture`]).
+//!
 //! Every read has a timeout and every wait a deadline, so no test can hang.
 
 #![allow(dead_code)]
