@@ -119,6 +119,14 @@ pub struct Delivery {
     pub retry_schedule_secs: Vec<u64>,
     /// Seconds after which an undeliverable message is bounced.
     pub max_queue_age_secs: u64,
+    /// Port SMTP is delivered to on MX hosts and address literals.
+    pub smtp_port: u16,
+    /// DNS answers are cached at least this long (seconds)...
+    pub dns_min_ttl_secs: u64,
+    /// ...and at most this long.
+    pub dns_max_ttl_secs: u64,
+    /// A DNS query unanswered after this many seconds is a temporary failure.
+    pub dns_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -177,6 +185,10 @@ impl Default for Delivery {
             max_connections_per_destination: 16,
             retry_schedule_secs: vec![60, 300, 900, 3600, 14400],
             max_queue_age_secs: 432_000,
+            smtp_port: 25,
+            dns_min_ttl_secs: 1,
+            dns_max_ttl_secs: 86_400,
+            dns_timeout_secs: 10,
         }
     }
 }
@@ -290,6 +302,18 @@ impl Config {
             if let Err(why) = check_host_port(&self.delivery.smarthost) {
                 return err("delivery.smarthost", why);
             }
+        }
+        if self.delivery.smtp_port == 0 {
+            return err("delivery.smtp_port", "must be 1..=65535".into());
+        }
+        if self.delivery.dns_timeout_secs == 0 {
+            return err("delivery.dns_timeout_secs", "must be at least 1".into());
+        }
+        if self.delivery.dns_min_ttl_secs > self.delivery.dns_max_ttl_secs {
+            return err(
+                "delivery.dns_min_ttl_secs",
+                "is larger than delivery.dns_max_ttl_secs".into(),
+            );
         }
         if self.delivery.retry_schedule_secs.is_empty()
             || self.delivery.retry_schedule_secs.contains(&0)

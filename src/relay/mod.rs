@@ -18,6 +18,7 @@ pub mod route;
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -38,7 +39,7 @@ use crate::spool::queue::{retry_delay, Entry, Queue};
 use crate::spool::record::RcptOutcome;
 use crate::spool::store::{self, Recovered, SegmentId, ShardStore};
 use pool::{Pool, PoolConfig};
-use route::{NextHop, Routes};
+use route::Routes;
 
 /// Deliveries a shard runs at once.
 const MAX_IN_FLIGHT: usize = 256;
@@ -346,29 +347,38 @@ async fn attempt(shard: &RelayShard, mut entry: Entry) {
             }
         },
     };
-    let mut groups: Vec<(NextHop, Vec<u32>)> = Vec::new();
-    let mut still_pending: Vec<u32> = Vec::new();
-    let mut last_error: Option<String> = None;
+    // One transaction per recipient domain (RFC 5321 §5: the domain decides the route).
+    let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
     for &i in &entry.pending {
         let Some(rcpt) = entry.rcpts.get(i as usize) else {
             continue;
         };
-        match shard.config.routes.next_hop(rcpt.domain()) {
-            Some(hop) => match groups.iter_mut().find(|(h, _)| h == hop) {
-                Some((_, list)) => list.push(i),
-                None => groups.push((hop.clone(), vec![i])),
-            },
-            None => {
-                still_pending.push(i);
-                last_error = Some(format!(
-                    "4.4.3 no route to {} (no static route or smarthost; MX routing is not available yet)",
-                    rcpt.domain()
-                ));
-            }
+        let domain = rcpt.domain().to_ascii_lowercase();
+        match groups.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, list)) => list.push(i),
+            None => groups.push((domain, vec![i])),
         }
     }
+    let mut still_pending: Vec<u32> = Vec::new();
+    let mut last_error: Option<String> = None;
     let mut failed: Vec<Failure> = Vec::new();
-    for (hop, indexes) in groups {
+    for (domain, indexes) in groups {
+        let targets = match plan(shard, &domain).await {
+            Plan::Targets(t) => t,
+            Plan::Fail(reply) => {
+                failed.extend(indexes.iter().map(|&index| Failure {
+                    index,
+                    reply: reply.clone(),
+                    remote_mta: None,
+                }));
+                continue;
+            }
+            Plan::Defer(reply) => {
+                still_pending.extend(&indexes);
+                last_error = Some(reply.to_string());
+                continue;
+            }
+        };
         let rcpts: Vec<Mailbox> = indexes
             .iter()
             .filter_map(|&i| entry.rcpts.get(i as usize).cloned())
@@ -379,7 +389,7 @@ async fn attempt(shard: &RelayShard, mut entry: Entry) {
             data: data.clone(),
             eight_bit: entry.eight_bit,
         };
-        let outcomes = deliver_to_hop(shard, &hop, outgoing).await;
+        let (host, outcomes) = deliver_to_targets(shard, &targets, outgoing).await;
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&index) = indexes.get(k) else { break };
             match outcome {
@@ -388,12 +398,12 @@ async fn attempt(shard: &RelayShard, mut entry: Entry) {
                 }
                 ClientOutcome::Deferred(reply) => {
                     still_pending.push(index);
-                    last_error = Some(format!("{hop}: {reply}"));
+                    last_error = Some(format!("{host}: {}", one_line(&reply)));
                 }
                 ClientOutcome::Failed(reply) => failed.push(Failure {
                     index,
                     reply,
-                    remote_mta: Some(hop.host().to_string()),
+                    remote_mta: Some(host.clone()),
                 }),
             }
         }
@@ -472,36 +482,105 @@ fn record(shard: &RelayShard, entry: &Entry, index: u32, outcome: RcptOutcome) {
     }
 }
 
-/// Runs one transaction over a pooled connection; one outcome per recipient.
-async fn deliver_to_hop(
+/// One address to deliver to, and the host name it belongs to (for logs and bounces).
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Host name (an MX host, or the configured next hop).
+    pub host: String,
+    /// Address and port.
+    pub addr: SocketAddr,
+}
+
+/// Where a domain's mail goes on this attempt.
+enum Plan {
+    /// Addresses to try, in order.
+    Targets(Vec<Target>),
+    /// Fails for good (bounce) with this reply.
+    Fail(Reply),
+    /// Try again later, with this reason.
+    Defer(Reply),
+}
+
+/// Most addresses tried for one domain in one attempt (Postfix's smtp_mx_address_limit).
+const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
+
+/// The route for `domain`: a static route or the smarthost wins; then an address literal;
+/// otherwise, until MX routing lands, there is none (deferred, never lost).
+async fn plan(shard: &RelayShard, domain: &str) -> Plan {
+    if let Some(hop) = shard.config.routes.next_hop(domain) {
+        return match hop.addresses().await {
+            Ok(addrs) if !addrs.is_empty() => Plan::Targets(
+                addrs
+                    .into_iter()
+                    .map(|addr| Target {
+                        host: hop.host().to_string(),
+                        addr,
+                    })
+                    .collect(),
+            ),
+            Ok(_) => Plan::Defer(Reply::new(
+                451,
+                format!("4.4.3 next hop {hop} has no address"),
+            )),
+            Err(e) => Plan::Defer(Reply::new(
+                451,
+                format!("4.4.3 cannot resolve next hop {hop}: {e}"),
+            )),
+        };
+    }
+    Plan::Defer(Reply::new(
+        451,
+        format!("4.4.3 no route to {domain} (no static route or smarthost; MX routing is not available yet)"),
+    ))
+}
+
+/// Tries the targets in order until one takes the transaction: connection failures and
+/// refused greetings move on to the next address (at least two are tried when there are
+/// two). Returns the host that answered (or the last one tried) and one outcome per
+/// recipient.
+async fn deliver_to_targets(
     shard: &RelayShard,
-    hop: &NextHop,
+    targets: &[Target],
     outgoing: Outgoing,
-) -> Vec<ClientOutcome> {
+) -> (String, Vec<ClientOutcome>) {
     let n = outgoing.rcpts.len();
     let deferred = |why: &str| -> Vec<ClientOutcome> {
         (0..n)
             .map(|_| ClientOutcome::Deferred(Reply::new(451, format!("4.4.1 {why}"))))
             .collect()
     };
-    let mut conn = match shard.pool.checkout(hop).await {
-        Ok(c) => c,
-        Err(why) => return deferred(&why),
-    };
-    if conn.client.start(outgoing).is_err() {
-        shard.pool.checkin(hop, conn);
-        return deferred("connection was not ready");
-    }
-    let timeout = shard.pool.reply_timeout();
-    let outcomes = loop {
-        match conn.run_until_event(timeout).await {
-            ClientEvent::Delivered(d) => break d.outcomes,
-            ClientEvent::Closed { reason } => break deferred(&reason),
-            ClientEvent::Ready => continue,
+    let mut last = ("(none)".to_string(), "no address to deliver to".to_string());
+    for target in targets.iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
+        let mut conn = match shard.pool.checkout(target.addr).await {
+            Ok(c) => c,
+            Err(why) => {
+                last = (target.host.clone(), why);
+                continue;
+            }
+        };
+        if let Err(outgoing) = conn.client.start(outgoing) {
+            shard.pool.checkin(target.addr, conn);
+            let _ = outgoing;
+            return (target.host.clone(), deferred("connection was not ready"));
         }
-    };
-    shard.pool.checkin(hop, conn);
-    outcomes
+        let timeout = shard.pool.reply_timeout();
+        let outcomes = loop {
+            match conn.run_until_event(timeout).await {
+                ClientEvent::Delivered(d) => break d.outcomes,
+                ClientEvent::Closed { reason } => break deferred(&reason),
+                ClientEvent::Ready => continue,
+            }
+        };
+        shard.pool.checkin(target.addr, conn);
+        return (target.host.clone(), outcomes);
+    }
+    let (host, why) = last;
+    (host, deferred(&why))
+}
+
+/// A reply on one line (multi-line replies joined), for logs and `last_error`.
+fn one_line(reply: &Reply) -> String {
+    format!("{} {}", reply.code(), reply.lines().join(" "))
 }
 
 /// Spools a bounce for the failed recipients (none for a `<>` sender). True when there is

@@ -1,5 +1,6 @@
-//! Each shard's pool of open outbound connections, per next hop: at most
-//! `max_connections_per_destination` per hop; a connection carries message after message
+//! Each shard's pool of open outbound connections, per destination address: at most
+//! `max_connections_per_destination` per address, shared by every domain whose mail goes
+//! there; a connection carries message after message
 //! (the client sends RSET between them) and is closed after sitting idle.
 //!
 //! Outbound sockets are plain tokio sockets on both drivers for now (they work inside the
@@ -15,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::route::NextHop;
+use std::net::SocketAddr;
+
 use crate::smtp::client::{Client, ClientEvent};
 
 /// Timeouts and limits of a pool.
@@ -52,7 +54,7 @@ struct Destination {
 /// The shard's pool.
 pub struct Pool {
     config: PoolConfig,
-    destinations: RefCell<HashMap<NextHop, Destination>>,
+    destinations: RefCell<HashMap<SocketAddr, Destination>>,
 }
 
 impl Pool {
@@ -69,13 +71,15 @@ impl Pool {
         self.config.reply_timeout
     }
 
-    /// A ready connection to `hop`: an idle one, a new one if under the cap, or the next
-    /// one freed. `Err` says why none could be made (the caller defers).
-    pub async fn checkout(&self, hop: &NextHop) -> Result<Conn, String> {
+    /// A ready connection to `addr`: an idle one, a new one if under the cap, or the next
+    /// one freed. Connections are keyed by address, so domains whose mail goes to the
+    /// same host share them. `Err` says why none could be made (the caller tries the next
+    /// address, or defers).
+    pub async fn checkout(&self, addr: SocketAddr) -> Result<Conn, String> {
         loop {
             let freed = {
                 let mut dests = self.destinations.borrow_mut();
-                let d = dests.entry(hop.clone()).or_default();
+                let d = dests.entry(addr).or_default();
                 while let Some(conn) = d.idle.pop() {
                     if conn.last_used.elapsed() < self.config.idle_timeout && conn.is_alive() {
                         return Ok(conn);
@@ -94,25 +98,25 @@ impl Pool {
                 None => break,
             }
         }
-        let result = tokio::time::timeout(self.config.connect_timeout, self.connect(hop))
+        let result = tokio::time::timeout(self.config.connect_timeout, self.connect(addr))
             .await
-            .unwrap_or_else(|_| Err(format!("timeout connecting to {hop}")));
+            .unwrap_or_else(|_| Err(format!("timeout connecting to {addr}")));
         if result.is_err() {
-            self.release(hop);
+            self.release(addr);
         }
         result
     }
 
     /// Gives a connection back: kept if it can take another message, else closed.
-    pub fn checkin(&self, hop: &NextHop, mut conn: Conn) {
+    pub fn checkin(&self, addr: SocketAddr, mut conn: Conn) {
         if conn.client.is_ready() {
             conn.last_used = Instant::now();
             let mut dests = self.destinations.borrow_mut();
-            let d = dests.entry(hop.clone()).or_default();
+            let d = dests.entry(addr).or_default();
             d.idle.push(conn);
             d.freed.notify_one();
         } else {
-            self.release(hop);
+            self.release(addr);
         }
     }
 
@@ -139,42 +143,30 @@ impl Pool {
         }
     }
 
-    fn release(&self, hop: &NextHop) {
+    fn release(&self, addr: SocketAddr) {
         let mut dests = self.destinations.borrow_mut();
-        if let Some(d) = dests.get_mut(hop) {
+        if let Some(d) = dests.get_mut(&addr) {
             d.open = d.open.saturating_sub(1);
             d.freed.notify_one();
         }
     }
 
-    async fn connect(&self, hop: &NextHop) -> Result<Conn, String> {
-        let addrs = hop
-            .addresses()
+    async fn connect(&self, addr: SocketAddr) -> Result<Conn, String> {
+        let stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("cannot resolve {hop}: {e}"))?;
-        let mut last = format!("{hop} has no address");
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    let mut conn = Conn {
-                        stream,
-                        client: Client::new(&self.config.helo),
-                        buf: BytesMut::with_capacity(4096),
-                        last_used: Instant::now(),
-                    };
-                    return match conn.run_until_event(self.config.reply_timeout).await {
-                        ClientEvent::Ready => Ok(conn),
-                        ClientEvent::Closed { reason } => Err(format!("{hop}: {reason}")),
-                        ClientEvent::Delivered(_) => {
-                            Err(format!("{hop}: unexpected delivery event"))
-                        }
-                    };
-                }
-                Err(e) => last = format!("cannot connect to {hop} ({addr}): {e}"),
-            }
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream,
+            client: Client::new(&self.config.helo),
+            buf: BytesMut::with_capacity(4096),
+            last_used: Instant::now(),
+        };
+        match conn.run_until_event(self.config.reply_timeout).await {
+            ClientEvent::Ready => Ok(conn),
+            ClientEvent::Closed { reason } => Err(format!("{addr}: {reason}")),
+            ClientEvent::Delivered(_) => Err(format!("{addr}: unexpected delivery event")),
         }
-        Err(last)
     }
 }
 
