@@ -59,6 +59,10 @@ pub struct RelayConfig {
     pub max_queue_age: Duration,
     /// Outbound pools.
     pub pool: PoolConfig,
+    /// Port for MX hosts and address literals.
+    pub smtp_port: u16,
+    /// Our listen addresses: mail routed to them would loop.
+    pub listen: Vec<SocketAddr>,
 }
 
 impl RelayConfig {
@@ -77,6 +81,8 @@ impl RelayConfig {
                 connect_timeout: Duration::from_secs(30),
                 reply_timeout: Duration::from_secs(300),
             },
+            smtp_port: config.delivery.smtp_port,
+            listen: config.listen.clone(),
             hostname,
         }
     }
@@ -403,7 +409,12 @@ async fn attempt(shard: &RelayShard, mut entry: Entry) {
                 ClientOutcome::Failed(reply) => failed.push(Failure {
                     index,
                     reply,
-                    remote_mta: Some(host.clone()),
+                    // RFC 3464 `Remote-MTA: dns; …` wants a name; an address goes in brackets.
+                    remote_mta: Some(if host.parse::<std::net::IpAddr>().is_ok() {
+                        format!("[{host}]")
+                    } else {
+                        host.clone()
+                    }),
                 }),
             }
         }
@@ -528,10 +539,47 @@ async fn plan(shard: &RelayShard, domain: &str) -> Plan {
             )),
         };
     }
+    if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        return literal_plan(shard, literal);
+    }
     Plan::Defer(Reply::new(
         451,
         format!("4.4.3 no route to {domain} (no static route or smarthost; MX routing is not available yet)"),
     ))
+}
+
+/// An address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) names its host directly.
+fn literal_plan(shard: &RelayShard, literal: &str) -> Plan {
+    let ip_text = match literal.get(..5) {
+        Some(p) if p.eq_ignore_ascii_case("IPv6:") => &literal[5..],
+        _ => literal,
+    };
+    let Ok(ip) = ip_text.parse::<std::net::IpAddr>() else {
+        return Plan::Fail(Reply::new(
+            553,
+            format!("5.1.3 [{literal}] is not a usable address literal"),
+        ));
+    };
+    let addr = SocketAddr::new(ip, shard.config.smtp_port);
+    if is_ourselves(&shard.config.listen, addr) {
+        return Plan::Fail(Reply::new(
+            550,
+            format!("5.4.6 [{literal}]: mail for it loops back to myself"),
+        ));
+    }
+    Plan::Targets(vec![Target {
+        host: format!("[{ip}]"),
+        addr,
+    }])
+}
+
+/// True when `addr` is one of our own listening sockets (a wildcard listener counts for
+/// loopback addresses on its port).
+fn is_ourselves(listen: &[SocketAddr], addr: SocketAddr) -> bool {
+    listen.iter().any(|l| {
+        l.port() == addr.port()
+            && (l.ip() == addr.ip() || (l.ip().is_unspecified() && addr.ip().is_loopback()))
+    })
 }
 
 /// Tries the targets in order until one takes the transaction: connection failures and

@@ -422,7 +422,13 @@ fn recover_segment(
     report: &mut RecoveryReport,
 ) -> io::Result<()> {
     let path = dir.join(id.file_name());
-    let bytes = Bytes::from(fs::read(&path)?);
+    let bytes = match fs::read(&path) {
+        Ok(b) => Bytes::from(b),
+        // Read-only readers (`queue list`) race with a running server, which deletes a
+        // segment once everything in it is finished: then there is nothing left to list.
+        Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    };
     // id -> (message, location, finished flags)
     let mut live: Vec<(StoredMessage, Location, Vec<bool>)> = Vec::new();
     let mut index: HashMap<QueueId, usize> = HashMap::new();
