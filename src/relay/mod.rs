@@ -7,6 +7,7 @@
 //! reverse path, spooled like any message, never for `<>`), or deferred for a retry.
 //!
 //! - [`route`]: static routes and the smarthost.
+//! - [`resolve`]: MX routing over DNS, with a per-shard cache.
 //! - [`pool`]: per-shard outbound connection pools.
 //! - [`dsn`]: bounce messages.
 //! - [`control`]: `ringrelay queue flush|remove` requests to a running server.
@@ -14,11 +15,11 @@
 pub mod control;
 pub mod dsn;
 pub mod pool;
+pub mod resolve;
 pub mod route;
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,7 @@ use crate::spool::queue::{retry_delay, Entry, Queue};
 use crate::spool::record::RcptOutcome;
 use crate::spool::store::{self, Recovered, SegmentId, ShardStore};
 use pool::{Pool, PoolConfig};
+use resolve::Target;
 use route::Routes;
 
 /// Deliveries a shard runs at once.
@@ -59,10 +61,8 @@ pub struct RelayConfig {
     pub max_queue_age: Duration,
     /// Outbound pools.
     pub pool: PoolConfig,
-    /// Port for MX hosts and address literals.
-    pub smtp_port: u16,
-    /// Our listen addresses: mail routed to them would loop.
-    pub listen: Vec<SocketAddr>,
+    /// MX routing.
+    pub resolver: resolve::ResolverConfig,
 }
 
 impl RelayConfig {
@@ -81,8 +81,7 @@ impl RelayConfig {
                 connect_timeout: Duration::from_secs(30),
                 reply_timeout: Duration::from_secs(300),
             },
-            smtp_port: config.delivery.smtp_port,
-            listen: config.listen.clone(),
+            resolver: resolve::ResolverConfig::from_config(config),
             hostname,
         }
     }
@@ -165,6 +164,8 @@ pub(crate) struct RelayShard {
     commit: Rc<GroupCommit>,
     queue: RefCell<Queue>,
     pool: Pool,
+    /// MX routing; `None` if no resolver could be made (then such mail is deferred).
+    resolver: Option<resolve::MxResolver>,
     wake: Notify,
     in_flight: Cell<usize>,
     /// IDs for bounces: a generator apart from the sessions' (shard number + 128, so the
@@ -218,8 +219,19 @@ impl RelayHandler {
                 last_error: None,
             });
         }
+        let resolver = match resolve::MxResolver::new(config.resolver.clone()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(
+                    shard = index,
+                    "no DNS resolver: {e}; mail without a static route is deferred"
+                );
+                None
+            }
+        };
         let shard = Rc::new(RelayShard {
             index,
+            resolver,
             pool: Pool::new(config.pool.clone()),
             config,
             store,
@@ -493,15 +505,6 @@ fn record(shard: &RelayShard, entry: &Entry, index: u32, outcome: RcptOutcome) {
     }
 }
 
-/// One address to deliver to, and the host name it belongs to (for logs and bounces).
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Host name (an MX host, or the configured next hop).
-    pub host: String,
-    /// Address and port.
-    pub addr: SocketAddr,
-}
-
 /// Where a domain's mail goes on this attempt.
 enum Plan {
     /// Addresses to try, in order.
@@ -515,8 +518,8 @@ enum Plan {
 /// Most addresses tried for one domain in one attempt (Postfix's smtp_mx_address_limit).
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
 
-/// The route for `domain`: a static route or the smarthost wins; then an address literal;
-/// otherwise, until MX routing lands, there is none (deferred, never lost).
+/// The route for `domain`: a static route or the smarthost wins; otherwise its MX hosts
+/// (or implicit MX, or the address literal) from this shard's resolver.
 async fn plan(shard: &RelayShard, domain: &str) -> Plan {
     if let Some(hop) = shard.config.routes.next_hop(domain) {
         return match hop.addresses().await {
@@ -525,6 +528,7 @@ async fn plan(shard: &RelayShard, domain: &str) -> Plan {
                     .into_iter()
                     .map(|addr| Target {
                         host: hop.host().to_string(),
+                        preference: 0,
                         addr,
                     })
                     .collect(),
@@ -539,47 +543,19 @@ async fn plan(shard: &RelayShard, domain: &str) -> Plan {
             )),
         };
     }
-    if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
-        return literal_plan(shard, literal);
-    }
-    Plan::Defer(Reply::new(
-        451,
-        format!("4.4.3 no route to {domain} (no static route or smarthost; MX routing is not available yet)"),
-    ))
-}
-
-/// An address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) names its host directly.
-fn literal_plan(shard: &RelayShard, literal: &str) -> Plan {
-    let ip_text = match literal.get(..5) {
-        Some(p) if p.eq_ignore_ascii_case("IPv6:") => &literal[5..],
-        _ => literal,
-    };
-    let Ok(ip) = ip_text.parse::<std::net::IpAddr>() else {
-        return Plan::Fail(Reply::new(
-            553,
-            format!("5.1.3 [{literal}] is not a usable address literal"),
+    let Some(resolver) = &shard.resolver else {
+        return Plan::Defer(Reply::new(
+            451,
+            format!(
+                "4.4.3 no route to {domain}: no static route, no smarthost, and no DNS resolver"
+            ),
         ));
     };
-    let addr = SocketAddr::new(ip, shard.config.smtp_port);
-    if is_ourselves(&shard.config.listen, addr) {
-        return Plan::Fail(Reply::new(
-            550,
-            format!("5.4.6 [{literal}]: mail for it loops back to myself"),
-        ));
+    match resolver.resolve(domain).await {
+        resolve::Resolution::Deliver(targets) => Plan::Targets(targets),
+        resolve::Resolution::Bounce(reply) => Plan::Fail(reply),
+        resolve::Resolution::Defer(reply) => Plan::Defer(reply),
     }
-    Plan::Targets(vec![Target {
-        host: format!("[{ip}]"),
-        addr,
-    }])
-}
-
-/// True when `addr` is one of our own listening sockets (a wildcard listener counts for
-/// loopback addresses on its port).
-fn is_ourselves(listen: &[SocketAddr], addr: SocketAddr) -> bool {
-    listen.iter().any(|l| {
-        l.port() == addr.port()
-            && (l.ip() == addr.ip() || (l.ip().is_unspecified() && addr.ip().is_loopback()))
-    })
 }
 
 /// Tries the targets in order until one takes the transaction: connection failures and

@@ -1,0 +1,1255 @@
+//! Where mail for a domain goes: MX routing (RFC 5321 §5.1, RFC 7505) with one cache per
+//! shard.
+//!
+//! [`MxResolver::resolve`] turns a recipient domain into a [`Resolution`]: the addresses to
+//! try, in order ([`Resolution::Deliver`]), or a reply to bounce or defer with. The rules:
+//!
+//! - MX hosts in preference order, hosts of equal preference shuffled; each host's
+//!   addresses (A first, then AAAA) all come before the next host's.
+//! - No MX records: the domain's own A/AAAA at preference 0 (the implicit MX).
+//! - Null MX (`0 .`, RFC 7505): bounce `556 5.1.10`. A `.` among real hosts is ignored.
+//! - NXDOMAIN for the domain: bounce `550 5.1.2`. An MX host without addresses is skipped;
+//!   if no host has any, defer `451 4.4.3` (DNS can be mended). SERVFAIL, timeouts, refusals
+//!   and network errors: defer `451 4.4.3`.
+//! - Loops: when we are one of the MX hosts (by name, or by address and port), only hosts
+//!   more preferred than we are remain; if none does, bounce `550 5.4.6`.
+//!
+//! Each shard owns one `MxResolver`: its cache holds the final `Resolution` per domain for
+//! the smallest TTL of the records it came from (negative answers: the SOA minimum), clamped
+//! to the configured floor and ceiling; temporary failures are kept for at most five
+//! seconds. Concurrent calls for one domain share one lookup (single flight). Nothing here is
+//! `Send`, and nothing is shared between shards. hickory-resolver does the DNS, with its own
+//! cache turned off so that this one is the only one.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig as DnsConfig,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+use hickory_resolver::TokioResolver;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::smtp::Reply;
+
+/// At most this many MX hosts are looked at (a hostile zone could list hundreds).
+const MAX_MX_HOSTS: usize = 16;
+/// At most this many addresses are returned.
+const MAX_TARGETS: usize = 32;
+/// Temporary failures are cached no longer than this.
+const MAX_TEMP_TTL: Duration = Duration::from_secs(5);
+/// Expired cache entries are swept once the cache has grown past this many entries.
+const SWEEP_FLOOR: usize = 1024;
+
+/// How a shard resolves mail domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolverConfig {
+    /// DNS servers (ip:port); empty = the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    /// Port SMTP is delivered to on MX hosts (25; tests use another).
+    pub smtp_port: u16,
+    /// Cache TTL floor applied to every answer.
+    pub min_ttl: Duration,
+    /// Cache TTL ceiling applied to every answer.
+    pub max_ttl: Duration,
+    /// Per-query timeout (then it is a temporary failure).
+    pub timeout: Duration,
+    /// Our own host names: an MX host with one of them is a loop.
+    pub our_names: Vec<String>,
+    /// Our listen addresses: an MX address equal to one of them is a loop.
+    pub our_addrs: Vec<SocketAddr>,
+}
+
+impl Default for ResolverConfig {
+    /// The system resolver, port 25, TTLs clamped to 1 s ..= 1 day, 10 s per query, and no
+    /// names or addresses of our own.
+    fn default() -> Self {
+        ResolverConfig {
+            nameservers: Vec::new(),
+            smtp_port: 25,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(86_400),
+            timeout: Duration::from_secs(10),
+            our_names: Vec::new(),
+            our_addrs: Vec::new(),
+        }
+    }
+}
+
+impl ResolverConfig {
+    /// From the validated configuration: `[delivery]`'s name servers, SMTP port and DNS
+    /// limits; our host name; our listen addresses.
+    pub fn from_config(config: &Config) -> Self {
+        let d = &config.delivery;
+        let hostname = config.effective_hostname();
+        ResolverConfig {
+            nameservers: d.nameservers.clone(),
+            smtp_port: d.smtp_port,
+            min_ttl: Duration::from_secs(d.dns_min_ttl_secs),
+            max_ttl: Duration::from_secs(d.dns_max_ttl_secs),
+            timeout: Duration::from_secs(d.dns_timeout_secs.max(1)),
+            our_names: if hostname.is_empty() {
+                Vec::new()
+            } else {
+                vec![hostname]
+            },
+            our_addrs: config.listen.clone(),
+        }
+    }
+}
+
+/// One address to try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The MX host's name (for logs and `Remote-MTA:`), without the trailing dot.
+    pub host: String,
+    /// Its MX preference (0 for the implicit MX and address literals).
+    pub preference: u16,
+    /// Where to connect.
+    pub addr: SocketAddr,
+}
+
+/// Where mail for a domain goes now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Addresses in the order to try them (never empty).
+    Deliver(Vec<Target>),
+    /// Permanent failure: bounce with this reply, do not retry.
+    Bounce(Reply),
+    /// Temporary failure: defer with this reply, retry later.
+    Defer(Reply),
+}
+
+/// Counters of one resolver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResolverStats {
+    /// Calls to [`MxResolver::resolve`].
+    pub lookups: u64,
+    /// Calls answered from the cache, or by joining a lookup already in progress.
+    pub cache_hits: u64,
+    /// DNS queries sent (MX, A, AAAA; hickory's own retransmissions not counted).
+    pub queries: u64,
+}
+
+/// One shard's resolver and cache (single-threaded: `RefCell`s inside, never shared).
+pub struct MxResolver {
+    config: ResolverConfig,
+    /// Our names, lower case, no trailing dot.
+    our_names: Vec<String>,
+    dns: TokioResolver,
+    cache: RefCell<HashMap<String, Slot>>,
+    sweep_at: Cell<usize>,
+    rng: Cell<u64>,
+    lookups: Cell<u64>,
+    cache_hits: Cell<u64>,
+    queries: Cell<u64>,
+}
+
+impl fmt::Debug for MxResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MxResolver")
+            .field("config", &self.config)
+            .field("cached", &self.cache.borrow().len())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A cache slot: a result, or a lookup in progress that others may wait for.
+enum Slot {
+    Ready {
+        resolution: Resolution,
+        expires: Instant,
+    },
+    Pending(watch::Receiver<Option<Resolution>>),
+}
+
+impl MxResolver {
+    /// A resolver for one shard. It may be built outside a runtime, but must then be used
+    /// inside one single runtime (hickory runs its connections as tasks of that runtime).
+    ///
+    /// Fails if `nameservers` is empty and the system configuration cannot be read.
+    pub fn new(config: ResolverConfig) -> io::Result<MxResolver> {
+        let mut builder = if config.nameservers.is_empty() {
+            TokioResolver::builder_tokio().map_err(|e| {
+                io::Error::other(format!(
+                    "cannot read the system resolver configuration (/etc/resolv.conf): {e}; \
+                     set delivery.nameservers or --nameserver"
+                ))
+            })?
+        } else {
+            let servers = config
+                .nameservers
+                .iter()
+                .map(|ns| {
+                    // UDP first; TCP when an answer comes back truncated.
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = ns.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = ns.port();
+                    NameServerConfig::new(ns.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                DnsConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let opts = builder.options_mut();
+        // Our cache is the one that counts; hickory's would hide TTL expiry from it.
+        opts.cache_size = 0;
+        opts.timeout = config.timeout;
+        opts.attempts = 2;
+        // Mail routing is DNS only: /etc/hosts must not redirect an MX host.
+        opts.use_hosts_file = ResolveHosts::Never;
+        opts.preserve_intermediates = false;
+        let dns = builder
+            .build()
+            .map_err(|e| io::Error::other(format!("cannot set up the DNS resolver: {e}")))?;
+        let our_names = config
+            .our_names
+            .iter()
+            .map(|n| normalize(n))
+            .filter(|n| !n.is_empty())
+            .collect();
+        Ok(MxResolver {
+            config,
+            our_names,
+            dns,
+            cache: RefCell::new(HashMap::new()),
+            sweep_at: Cell::new(SWEEP_FLOOR),
+            rng: Cell::new(seed()),
+            lookups: Cell::new(0),
+            cache_hits: Cell::new(0),
+            queries: Cell::new(0),
+        })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &ResolverConfig {
+        &self.config
+    }
+
+    /// Where mail for `domain` goes now (cached; concurrent calls for the same domain
+    /// share one lookup — single flight within the shard).
+    ///
+    /// `domain` is the part after `@`: a domain name (any case, trailing dot or not), or an
+    /// address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`), which is answered without DNS.
+    pub async fn resolve(&self, domain: &str) -> Resolution {
+        bump(&self.lookups);
+        let key = normalize(domain);
+        if key.starts_with('[') {
+            return self.literal(&key);
+        }
+        loop {
+            let waiting = match self.cache.borrow().get(&key) {
+                Some(Slot::Ready {
+                    resolution,
+                    expires,
+                }) if *expires > Instant::now() => {
+                    bump(&self.cache_hits);
+                    return resolution.clone();
+                }
+                Some(Slot::Pending(rx)) => Some(rx.clone()),
+                _ => None,
+            };
+            let Some(mut rx) = waiting else { break };
+            let shared = match rx.wait_for(Option::is_some).await {
+                Ok(value) => value.clone(),
+                Err(_) => None,
+            };
+            if let Some(resolution) = shared {
+                bump(&self.cache_hits);
+                return resolution;
+            }
+            // The lookup we waited for was abandoned (its caller went away): start again.
+        }
+        self.lead(key).await
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ResolverStats {
+        ResolverStats {
+            lookups: self.lookups.get(),
+            cache_hits: self.cache_hits.get(),
+            queries: self.queries.get(),
+        }
+    }
+
+    /// Runs the lookup others wait for, and caches its result.
+    async fn lead(&self, key: String) -> Resolution {
+        let (tx, rx) = watch::channel(None);
+        self.cache
+            .borrow_mut()
+            .insert(key.clone(), Slot::Pending(rx));
+        let mut flight = Flight {
+            cache: &self.cache,
+            key: &key,
+            done: false,
+        };
+        let (resolution, ttl) = self.lookup(&key).await;
+        flight.done = true;
+        {
+            let mut cache = self.cache.borrow_mut();
+            if ttl.is_zero() {
+                cache.remove(&key);
+            } else {
+                cache.insert(
+                    key.clone(),
+                    Slot::Ready {
+                        resolution: resolution.clone(),
+                        expires: Instant::now() + ttl,
+                    },
+                );
+                self.maybe_sweep(&mut cache);
+            }
+        }
+        let _ = tx.send(Some(resolution.clone()));
+        resolution
+    }
+
+    /// Drops expired entries once the cache has doubled since the last sweep.
+    fn maybe_sweep(&self, cache: &mut HashMap<String, Slot>) {
+        if cache.len() < self.sweep_at.get() {
+            return;
+        }
+        let now = Instant::now();
+        cache.retain(|_, slot| match slot {
+            Slot::Ready { expires, .. } => *expires > now,
+            Slot::Pending(_) => true,
+        });
+        self.sweep_at.set((cache.len() * 2).max(SWEEP_FLOOR));
+    }
+
+    /// `[192.0.2.1]` or `[IPv6:…]`: that address, unless it is ours.
+    fn literal(&self, key: &str) -> Resolution {
+        let inner = key
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .unwrap_or("");
+        let ip = match inner.get(..5) {
+            Some(tag) if tag.eq_ignore_ascii_case("ipv6:") => {
+                inner[5..].parse::<Ipv6Addr>().ok().map(IpAddr::V6)
+            }
+            _ => inner.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+        };
+        let Some(ip) = ip else {
+            return Resolution::Bounce(Reply::new(
+                550,
+                format!("5.1.2 {key}: not a valid address literal"),
+            ));
+        };
+        let addr = SocketAddr::new(ip, self.config.smtp_port);
+        if self.is_our_addr(addr) {
+            return loops(key);
+        }
+        Resolution::Deliver(vec![Target {
+            host: key.to_string(),
+            preference: 0,
+            addr,
+        }])
+    }
+
+    /// The uncached lookup: the resolution and how long it may be cached.
+    async fn lookup(&self, domain: &str) -> (Resolution, Duration) {
+        let Some(name) = dns_name(domain) else {
+            let reply = Reply::new(550, format!("5.1.2 {domain}: not a valid domain name"));
+            return (Resolution::Bounce(reply), self.config.min_ttl);
+        };
+        let mut ttl = MinTtl::default();
+        let mut glue: Vec<Record> = Vec::new();
+        // (preference, host)
+        let mut hosts: Vec<(u16, Name)> = Vec::new();
+        let implicit;
+        match self.query(&name, RecordType::MX).await {
+            Answer::Failed(why) => return (defer_dns(domain, &why), self.temp_ttl()),
+            Answer::NxDomain(t) => {
+                ttl.negative(t);
+                let reply = Reply::new(550, format!("5.1.2 {domain}: no such domain"));
+                return (Resolution::Bounce(reply), self.cache_ttl(&ttl));
+            }
+            Answer::NoData(t) => {
+                ttl.negative(t);
+                implicit = true;
+            }
+            Answer::Found {
+                answers,
+                additionals,
+            } => {
+                for r in &answers {
+                    if let RData::MX(mx) = &r.data {
+                        ttl.note(r.ttl);
+                        hosts.push((mx.preference, mx.exchange.clone()));
+                    }
+                }
+                implicit = hosts.is_empty();
+                if !implicit && hosts.iter().all(|(_, h)| h.is_root()) {
+                    let reply = Reply::new(
+                        556,
+                        format!("5.1.10 {domain} does not accept mail (null MX)"),
+                    );
+                    return (Resolution::Bounce(reply), self.cache_ttl(&ttl));
+                }
+                hosts.retain(|(_, h)| !h.is_root());
+                glue = additionals;
+            }
+        }
+        if implicit {
+            hosts = vec![(0, name.clone())];
+        }
+        self.order(&mut hosts);
+        hosts.truncate(MAX_MX_HOSTS);
+
+        // RFC 5321 §5.1: if we are an MX host, only more preferred hosts may be used.
+        let mut self_pref: Option<u16> = None;
+        for (pref, host) in &hosts {
+            if self.is_our_name(host) {
+                self_pref = Some(self_pref.map_or(*pref, |p| p.min(*pref)));
+            }
+        }
+        if let Some(p) = self_pref {
+            hosts.retain(|(pref, _)| *pref < p);
+        }
+
+        let answers = join_all(hosts.iter().map(|(_, h)| self.addresses(h, &glue))).await;
+        let mut targets: Vec<Target> = Vec::new();
+        let mut temp: Option<String> = None;
+        let mut missing: Vec<String> = Vec::new();
+        let mut domain_gone = false;
+        for ((pref, host), answer) in hosts.iter().zip(answers) {
+            ttl.merge(&answer.ttl);
+            if let Some(why) = &answer.temp {
+                temp.get_or_insert_with(|| why.clone());
+            }
+            if answer.nxdomain && implicit {
+                domain_gone = true;
+            }
+            if answer.addrs.is_empty() {
+                missing.push(format!("{} ({})", display(host), answer.describe()));
+            }
+            for ip in answer.addrs {
+                let addr = SocketAddr::new(ip, self.config.smtp_port);
+                if self.is_our_addr(addr) {
+                    self_pref = Some(self_pref.map_or(*pref, |p| p.min(*pref)));
+                }
+                if targets.iter().all(|t| t.addr != addr) {
+                    targets.push(Target {
+                        host: display(host),
+                        preference: *pref,
+                        addr,
+                    });
+                }
+            }
+        }
+        if let Some(p) = self_pref {
+            targets.retain(|t| t.preference < p);
+        }
+        targets.truncate(MAX_TARGETS);
+
+        if !targets.is_empty() {
+            let mut ttl = self.cache_ttl(&ttl);
+            if temp.is_some() {
+                // Part of the answer is missing for now: ask again soon.
+                ttl = ttl.min(self.temp_ttl());
+            }
+            return (Resolution::Deliver(targets), ttl);
+        }
+        if let Some(why) = temp {
+            return (defer_dns(domain, &why), self.temp_ttl());
+        }
+        let ttl = self.cache_ttl(&ttl);
+        if self_pref.is_some() {
+            return (loops(domain), ttl);
+        }
+        if implicit {
+            let text = if domain_gone {
+                format!("5.1.2 {domain}: no such domain")
+            } else {
+                format!("5.1.2 {domain}: no MX and no address records")
+            };
+            return (Resolution::Bounce(Reply::new(550, text)), ttl);
+        }
+        let reply = Reply::new(
+            451,
+            format!(
+                "4.4.3 {domain}: no address for any MX host: {}",
+                missing.join(", ")
+            ),
+        );
+        // Like every deferral, kept only briefly: the next attempt asks again.
+        (Resolution::Defer(reply), ttl.min(self.temp_ttl()))
+    }
+
+    /// A and AAAA of one host (asked at once), with glue as the fallback when DNS fails.
+    async fn addresses(&self, host: &Name, glue: &[Record]) -> HostAnswer {
+        let (a, aaaa) = tokio::join!(
+            self.query(host, RecordType::A),
+            self.query(host, RecordType::AAAA)
+        );
+        let mut out = HostAnswer::default();
+        for answer in [a, aaaa] {
+            match answer {
+                Answer::Found { answers, .. } => {
+                    for r in answers {
+                        let ip = match r.data {
+                            RData::A(a) => IpAddr::V4(a.0),
+                            RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+                            _ => continue,
+                        };
+                        out.ttl.note(r.ttl);
+                        if !out.addrs.contains(&ip) {
+                            out.addrs.push(ip);
+                        }
+                    }
+                }
+                Answer::NoData(t) => out.ttl.negative(t),
+                Answer::NxDomain(t) => {
+                    out.ttl.negative(t);
+                    out.nxdomain = true;
+                }
+                Answer::Failed(why) => {
+                    out.temp.get_or_insert(why);
+                }
+            }
+        }
+        if out.addrs.is_empty() && out.temp.is_some() {
+            for r in glue.iter().filter(|r| r.name == *host) {
+                let ip = match r.data {
+                    RData::A(a) => IpAddr::V4(a.0),
+                    RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+                    _ => continue,
+                };
+                out.ttl.note(r.ttl);
+                if !out.addrs.contains(&ip) {
+                    out.addrs.push(ip);
+                }
+            }
+        }
+        // A before AAAA, whatever order the answers came in.
+        out.addrs.sort_by_key(|ip| ip.is_ipv6());
+        out
+    }
+
+    /// One DNS query, bounded by the configured timeout.
+    async fn query(&self, name: &Name, rtype: RecordType) -> Answer {
+        bump(&self.queries);
+        let what = format!("{rtype} {}", display(name));
+        let result =
+            tokio::time::timeout(self.config.timeout, self.dns.lookup(name.clone(), rtype)).await;
+        match result {
+            Err(_) => Answer::Failed(format!("{what}: timed out")),
+            Ok(Ok(lookup)) => Answer::Found {
+                answers: lookup.answers().to_vec(),
+                additionals: lookup.additionals().to_vec(),
+            },
+            Ok(Err(NetError::Dns(DnsError::NoRecordsFound(no)))) => match no.response_code {
+                ResponseCode::NXDomain => Answer::NxDomain(no.negative_ttl),
+                ResponseCode::NoError => Answer::NoData(no.negative_ttl),
+                code => Answer::Failed(format!("{what}: {}", rcode(code))),
+            },
+            Ok(Err(NetError::Dns(DnsError::ResponseCode(code)))) => {
+                Answer::Failed(format!("{what}: {}", rcode(code)))
+            }
+            Ok(Err(NetError::Timeout)) => Answer::Failed(format!("{what}: timed out")),
+            Ok(Err(e)) => Answer::Failed(format!("{what}: {e}")),
+        }
+    }
+
+    /// Sorts by preference and shuffles each run of equal preferences.
+    fn order(&self, hosts: &mut [(u16, Name)]) {
+        hosts.sort_by_key(|(pref, _)| *pref);
+        let mut start = 0;
+        while start < hosts.len() {
+            let pref = hosts[start].0;
+            let end = start + hosts[start..].iter().take_while(|h| h.0 == pref).count();
+            // Fisher–Yates over hosts[start..end].
+            for i in (start + 1..end).rev() {
+                let j = start + (self.next_random() % (i - start + 1) as u64) as usize;
+                hosts.swap(i, j);
+            }
+            start = end;
+        }
+    }
+
+    fn next_random(&self) -> u64 {
+        // xorshift64*
+        let mut x = self.rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn is_our_name(&self, host: &Name) -> bool {
+        let host = normalize(&host.to_ascii());
+        self.our_names.contains(&host)
+    }
+
+    /// Same IP and port as one of our listen addresses, or a loopback address where we
+    /// listen on the wildcard address at that port.
+    fn is_our_addr(&self, addr: SocketAddr) -> bool {
+        self.config.our_addrs.iter().any(|ours| {
+            ours.port() == addr.port()
+                && (ours.ip() == addr.ip()
+                    || (ours.ip().is_unspecified() && addr.ip().is_loopback()))
+        })
+    }
+
+    /// The cache lifetime of an answer made of records with these TTLs.
+    fn cache_ttl(&self, ttl: &MinTtl) -> Duration {
+        let min = self.config.min_ttl;
+        let max = self.config.max_ttl.max(min);
+        ttl.0.unwrap_or(min).clamp(min, max)
+    }
+
+    /// The cache lifetime of a temporary failure.
+    fn temp_ttl(&self) -> Duration {
+        self.config.min_ttl.min(MAX_TEMP_TTL)
+    }
+}
+
+/// Takes the pending slot away if the leading lookup is abandoned before it finishes, so
+/// that waiters (and later calls) start their own.
+struct Flight<'a> {
+    cache: &'a RefCell<HashMap<String, Slot>>,
+    key: &'a str,
+    done: bool,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(mut cache) = self.cache.try_borrow_mut() {
+            if matches!(cache.get(self.key), Some(Slot::Pending(_))) {
+                cache.remove(self.key);
+            }
+        }
+    }
+}
+
+/// One query's outcome.
+enum Answer {
+    /// Records were found (the answer and additional sections).
+    Found {
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+    },
+    /// The name exists but has no records of the type; the negative TTL if an SOA came.
+    NoData(Option<u32>),
+    /// The name does not exist; the negative TTL if an SOA came.
+    NxDomain(Option<u32>),
+    /// A temporary failure, described.
+    Failed(String),
+}
+
+/// What the address lookups of one host gave.
+#[derive(Default)]
+struct HostAnswer {
+    addrs: Vec<IpAddr>,
+    ttl: MinTtl,
+    nxdomain: bool,
+    temp: Option<String>,
+}
+
+impl HostAnswer {
+    fn describe(&self) -> &str {
+        match &self.temp {
+            Some(why) => why,
+            None if self.nxdomain => "no such host",
+            None => "no address records",
+        }
+    }
+}
+
+/// The smallest TTL seen.
+#[derive(Debug, Default, Clone, Copy)]
+struct MinTtl(Option<Duration>);
+
+impl MinTtl {
+    fn note(&mut self, secs: u32) {
+        let d = Duration::from_secs(u64::from(secs));
+        self.0 = Some(self.0.map_or(d, |t| t.min(d)));
+    }
+
+    fn negative(&mut self, secs: Option<u32>) {
+        if let Some(s) = secs {
+            self.note(s);
+        }
+    }
+
+    fn merge(&mut self, other: &MinTtl) {
+        if let Some(d) = other.0 {
+            self.0 = Some(self.0.map_or(d, |t| t.min(d)));
+        }
+    }
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get().wrapping_add(1));
+}
+
+/// Lower case, no trailing dot, no surrounding space.
+fn normalize(domain: &str) -> String {
+    domain.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// A host name for replies and targets: no trailing dot.
+fn display(name: &Name) -> String {
+    let s = name.to_ascii();
+    s.strip_suffix('.').map(str::to_string).unwrap_or(s)
+}
+
+/// The fully qualified name to ask for (so no search domains apply).
+fn dns_name(domain: &str) -> Option<Name> {
+    if domain.is_empty() {
+        return None;
+    }
+    let mut name = if domain.is_ascii() {
+        Name::from_ascii(domain).ok()?
+    } else {
+        Name::from_utf8(domain).ok()?
+    };
+    name.set_fqdn(true);
+    Some(name)
+}
+
+fn rcode(code: ResponseCode) -> String {
+    match code {
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        other => other.to_string(),
+    }
+}
+
+fn defer_dns(domain: &str, why: &str) -> Resolution {
+    Resolution::Defer(Reply::new(
+        451,
+        format!("4.4.3 {domain}: temporary DNS failure: {why}"),
+    ))
+}
+
+fn loops(domain: &str) -> Resolution {
+    Resolution::Bounce(Reply::new(
+        550,
+        format!("5.4.6 {domain}: mail for it loops back to myself"),
+    ))
+}
+
+/// A seed for the shuffle: the clock, mixed, never zero.
+fn seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9E37_79B9_7F4A_7C15);
+    // Resolvers made in the same instant (one per shard) still differ.
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let n = MADE.fetch_add(1, Ordering::Relaxed);
+    let mut x =
+        nanos ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    if x == 0 {
+        1
+    } else {
+        x
+    }
+}
+
+/// Runs futures concurrently on the current task (no spawning: tasks here are `!Send` and
+/// there may be no `LocalSet`) and returns their outputs in order.
+async fn join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(v) => *output = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+#[path = "../../tests/dnsfix/mod.rs"]
+mod dnsfix;
+
+#[cfg(test)]
+mod tests {
+    use super::dnsfix::DnsFixture;
+    use super::*;
+
+    const PORT: u16 = 2999;
+
+    fn config(fix: &DnsFixture) -> ResolverConfig {
+        ResolverConfig {
+            nameservers: vec![fix.addr],
+            smtp_port: PORT,
+            min_ttl: Duration::ZERO,
+            max_ttl: Duration::from_secs(3600),
+            timeout: Duration::from_secs(2),
+            our_names: Vec::new(),
+            our_addrs: Vec::new(),
+        }
+    }
+
+    fn resolver(fix: &DnsFixture) -> MxResolver {
+        MxResolver::new(config(fix)).expect("resolver")
+    }
+
+    fn v4(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, 0, 0, last)
+    }
+
+    fn sa(last: u8) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(v4(last)), PORT)
+    }
+
+    fn targets(r: Resolution) -> Vec<Target> {
+        match r {
+            Resolution::Deliver(t) => t,
+            other => panic!("expected Deliver, got {other:?}"),
+        }
+    }
+
+    fn addrs(r: Resolution) -> Vec<SocketAddr> {
+        targets(r).into_iter().map(|t| t.addr).collect()
+    }
+
+    fn bounce(r: Resolution) -> Reply {
+        match r {
+            Resolution::Bounce(reply) => reply,
+            other => panic!("expected Bounce, got {other:?}"),
+        }
+    }
+
+    fn defer(r: Resolution) -> Reply {
+        match r {
+            Resolution::Defer(reply) => reply,
+            other => panic!("expected Defer, got {other:?}"),
+        }
+    }
+
+    fn text(reply: &Reply) -> &str {
+        reply.lines()[0].as_str()
+    }
+
+    #[tokio::test]
+    async fn preference_order_and_equal_preferences_shuffled() {
+        let fix = DnsFixture::start();
+        fix.mx("shuffle.test", 20, "b.shuffle.test", 300);
+        fix.mx("shuffle.test", 10, "a1.shuffle.test", 300);
+        fix.mx("shuffle.test", 10, "a2.shuffle.test", 300);
+        fix.a("a1.shuffle.test", v4(11), 300);
+        fix.a("a2.shuffle.test", v4(12), 300);
+        fix.a("b.shuffle.test", v4(20), 300);
+        let mut cfg = config(&fix);
+        cfg.min_ttl = Duration::ZERO;
+        let r = MxResolver::new(cfg).unwrap();
+        let mut a1_first = 0;
+        let mut a2_first = 0;
+        for _ in 0..40 {
+            // Fresh resolutions: the shuffle happens per lookup.
+            r.cache.borrow_mut().clear();
+            let t = targets(r.resolve("shuffle.test").await);
+            assert_eq!(t.len(), 3, "{t:?}");
+            assert_eq!(t[0].preference, 10);
+            assert_eq!(t[1].preference, 10);
+            assert_eq!(t[2].addr, sa(20), "lowest preference last: {t:?}");
+            assert_eq!(t[2].host, "b.shuffle.test");
+            match t[0].addr {
+                a if a == sa(11) => a1_first += 1,
+                a if a == sa(12) => a2_first += 1,
+                other => panic!("unexpected first target {other}"),
+            }
+        }
+        assert!(
+            a1_first > 0 && a2_first > 0,
+            "both orders must occur: {a1_first}/{a2_first}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_hosts_addresses_come_together() {
+        let fix = DnsFixture::start();
+        fix.mx("dual.test", 10, "one.dual.test", 300);
+        fix.mx("dual.test", 20, "two.dual.test", 300);
+        fix.aaaa("one.dual.test", Ipv6Addr::LOCALHOST, 300);
+        fix.a("one.dual.test", v4(1), 300);
+        fix.a("one.dual.test", v4(2), 300);
+        fix.a("two.dual.test", v4(3), 300);
+        fix.aaaa("two.dual.test", "::2".parse().unwrap(), 300);
+        let t = targets(resolver(&fix).resolve("dual.test").await);
+        let got: Vec<(String, SocketAddr)> = t.into_iter().map(|t| (t.host, t.addr)).collect();
+        let v6 = |s: &str| SocketAddr::new(s.parse().unwrap(), PORT);
+        assert_eq!(
+            got,
+            vec![
+                ("one.dual.test".into(), sa(1)),
+                ("one.dual.test".into(), sa(2)),
+                ("one.dual.test".into(), v6("::1")),
+                ("two.dual.test".into(), sa(3)),
+                ("two.dual.test".into(), v6("::2")),
+            ]
+        );
+        assert_eq!(fix.queries("one.dual.test", "A"), 1);
+        assert_eq!(fix.queries("one.dual.test", "AAAA"), 1);
+    }
+
+    #[tokio::test]
+    async fn implicit_mx_uses_the_domains_own_addresses() {
+        let fix = DnsFixture::start();
+        fix.a("plain.test", v4(7), 300);
+        fix.aaaa("plain.test", Ipv6Addr::LOCALHOST, 300);
+        let t = targets(resolver(&fix).resolve("Plain.Test.").await);
+        assert_eq!(t.len(), 2);
+        assert!(t
+            .iter()
+            .all(|t| t.preference == 0 && t.host == "plain.test"));
+        assert_eq!(t[0].addr, sa(7));
+        assert_eq!(fix.queries("plain.test", "MX"), 1);
+
+        // Neither MX nor address: a permanent failure.
+        fix.mx("nomail.test", 10, "x.nomail.test", 300);
+        fix.remove("nomail.test", "MX");
+        let reply = bounce(resolver(&fix).resolve("nomail.test").await);
+        assert_eq!(reply.code(), 550);
+        assert!(text(&reply).starts_with("5.1.2 "), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn null_mx_bounces_556() {
+        let fix = DnsFixture::start();
+        fix.mx("null.test", 0, ".", 300);
+        fix.a("null.test", v4(9), 300);
+        let r = resolver(&fix);
+        let reply = bounce(r.resolve("null.test").await);
+        assert_eq!(reply.code(), 556);
+        assert_eq!(
+            text(&reply),
+            "5.1.10 null.test does not accept mail (null MX)"
+        );
+        // Cached like any answer.
+        let _ = r.resolve("null.test").await;
+        assert_eq!(fix.queries("null.test", "MX"), 1);
+        assert_eq!(fix.queries("null.test", "A"), 0);
+
+        // A "." among real hosts is ignored.
+        fix.mx("mixed.test", 0, ".", 300);
+        fix.mx("mixed.test", 10, "mx.mixed.test", 300);
+        fix.a("mx.mixed.test", v4(10), 300);
+        assert_eq!(addrs(r.resolve("mixed.test").await), vec![sa(10)]);
+    }
+
+    #[tokio::test]
+    async fn nxdomain_bounces_and_bad_hosts_are_skipped() {
+        let fix = DnsFixture::start();
+        let r = resolver(&fix);
+        let reply = bounce(r.resolve("nowhere.test").await);
+        assert_eq!(reply.code(), 550);
+        assert_eq!(text(&reply), "5.1.2 nowhere.test: no such domain");
+
+        // An MX host that does not exist is skipped…
+        fix.mx("half.test", 10, "gone.half.test", 300);
+        fix.mx("half.test", 20, "mx.half.test", 300);
+        fix.a("mx.half.test", v4(5), 300);
+        assert_eq!(addrs(r.resolve("half.test").await), vec![sa(5)]);
+        // …and when none has an address, the message waits (DNS may be mended).
+        fix.mx("broken.test", 10, "gone.broken.test", 300);
+        let reply = defer(r.resolve("broken.test").await);
+        assert_eq!(reply.code(), 451);
+        assert!(text(&reply).starts_with("4.4.3 broken.test: "), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn servfail_defers_then_recovers() {
+        let fix = DnsFixture::start();
+        fix.mx("flaky.test", 10, "mx.flaky.test", 300);
+        fix.a("mx.flaky.test", v4(3), 300);
+        fix.servfail("flaky.test", true);
+        let mut cfg = config(&fix);
+        cfg.min_ttl = Duration::from_secs(1);
+        let r = MxResolver::new(cfg).unwrap();
+        let reply = defer(r.resolve("flaky.test").await);
+        assert_eq!(reply.code(), 451);
+        assert!(text(&reply).starts_with("4.4.3 flaky.test: temporary DNS failure: "));
+        assert!(text(&reply).contains("SERVFAIL"), "{reply}");
+        fix.servfail("flaky.test", false);
+        // Still the cached failure right away…
+        assert!(matches!(
+            r.resolve("flaky.test").await,
+            Resolution::Defer(_)
+        ));
+        // …then delivered once its short negative cache time has passed.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(addrs(r.resolve("flaky.test").await), vec![sa(3)]);
+    }
+
+    #[tokio::test]
+    async fn timeout_defers_within_the_timeout() {
+        let fix = DnsFixture::start();
+        fix.mx("slow.test", 10, "mx.slow.test", 300);
+        fix.drop_queries("slow.test", true);
+        let mut cfg = config(&fix);
+        cfg.timeout = Duration::from_millis(500);
+        let r = MxResolver::new(cfg).unwrap();
+        let start = Instant::now();
+        let reply = defer(r.resolve("slow.test").await);
+        let took = start.elapsed();
+        assert!(text(&reply).contains("timed out"), "{reply}");
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+            "took {took:?}"
+        );
+        assert!(fix.queries("slow.test", "MX") >= 1);
+    }
+
+    #[tokio::test]
+    async fn host_servfail_falls_back_to_glue() {
+        let fix = DnsFixture::start();
+        fix.glue(true);
+        fix.mx("glued.test", 10, "mx.glued.test", 300);
+        fix.a("mx.glued.test", v4(44), 300);
+        fix.servfail("mx.glued.test", true);
+        let r = resolver(&fix);
+        assert_eq!(addrs(r.resolve("glued.test").await), vec![sa(44)]);
+        // Without glue the same failure defers.
+        fix.glue(false);
+        fix.mx("bare.test", 10, "mx.glued.test", 300);
+        let reply = defer(r.resolve("bare.test").await);
+        assert!(text(&reply).contains("SERVFAIL"), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn large_answers_come_over_tcp() {
+        let fix = DnsFixture::start();
+        fix.mx("big.test", 10, "mx.big.test", 300);
+        for i in 0..200u8 {
+            fix.a("mx.big.test", Ipv4Addr::new(127, 0, 1, i), 300);
+        }
+        let t = targets(resolver(&fix).resolve("big.test").await);
+        // Too large for UDP: the truncated answer was asked again over TCP, in full, and
+        // the list is capped.
+        assert_eq!(t.len(), MAX_TARGETS);
+        assert_eq!(
+            t[0].addr,
+            SocketAddr::new(Ipv4Addr::new(127, 0, 1, 0).into(), PORT)
+        );
+        assert!(fix.queries("mx.big.test", "A") >= 2, "UDP, then TCP");
+    }
+
+    #[tokio::test]
+    async fn loops_by_name_and_by_address() {
+        let fix = DnsFixture::start();
+        // By name: we are the only MX.
+        fix.mx("us.test", 10, "relay.us.test", 300);
+        fix.a("relay.us.test", v4(50), 300);
+        let mut cfg = config(&fix);
+        cfg.our_names = vec!["Relay.US.test.".into()];
+        cfg.our_addrs = vec![sa(60)];
+        let r = MxResolver::new(cfg).unwrap();
+        let reply = bounce(r.resolve("us.test").await);
+        assert_eq!(reply.code(), 550);
+        assert_eq!(
+            text(&reply),
+            "5.4.6 us.test: mail for it loops back to myself"
+        );
+        assert_eq!(
+            fix.queries("relay.us.test", "A"),
+            0,
+            "no need to look us up"
+        );
+
+        // By address: another name for one of our listen addresses.
+        fix.mx("alias.test", 10, "alias-mx.test", 300);
+        fix.a("alias-mx.test", v4(60), 300);
+        let reply = bounce(r.resolve("alias.test").await);
+        assert!(text(&reply).starts_with("5.4.6 "), "{reply}");
+
+        // Only hosts more preferred than we are remain.
+        fix.mx("backup.test", 5, "primary.backup.test", 300);
+        fix.mx("backup.test", 10, "relay.us.test", 300);
+        fix.mx("backup.test", 20, "tertiary.backup.test", 300);
+        fix.a("primary.backup.test", v4(5), 300);
+        fix.a("tertiary.backup.test", v4(20), 300);
+        assert_eq!(addrs(r.resolve("backup.test").await), vec![sa(5)]);
+        assert_eq!(fix.queries("tertiary.backup.test", "A"), 0);
+
+        fix.mx("backup2.test", 5, "primary.backup.test", 300);
+        fix.mx("backup2.test", 10, "alias-mx.test", 300);
+        fix.mx("backup2.test", 20, "tertiary.backup.test", 300);
+        assert_eq!(addrs(r.resolve("backup2.test").await), vec![sa(5)]);
+
+        // An address of ours on another port is not a loop.
+        fix.mx("otherport.test", 10, "alias-mx.test", 300);
+        let mut cfg = config(&fix);
+        cfg.our_addrs = vec![SocketAddr::new(IpAddr::V4(v4(60)), PORT + 1)];
+        let r = MxResolver::new(cfg).unwrap();
+        assert_eq!(addrs(r.resolve("otherport.test").await), vec![sa(60)]);
+
+        // Listening on the wildcard address: any loopback address is us.
+        let mut cfg = config(&fix);
+        cfg.our_addrs = vec![SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT)];
+        let r = MxResolver::new(cfg).unwrap();
+        let reply = bounce(r.resolve("otherport.test").await);
+        assert!(text(&reply).starts_with("5.4.6 "), "{reply}");
+    }
+
+    #[tokio::test]
+    async fn address_literals() {
+        let fix = DnsFixture::start();
+        let mut cfg = config(&fix);
+        cfg.our_addrs = vec![sa(1)];
+        let r = MxResolver::new(cfg).unwrap();
+        assert_eq!(addrs(r.resolve("[127.0.0.9]").await), vec![sa(9)]);
+        assert_eq!(
+            addrs(r.resolve("[IPv6:::1]").await),
+            vec![SocketAddr::new(Ipv6Addr::LOCALHOST.into(), PORT)]
+        );
+        assert!(text(&bounce(r.resolve("[127.0.0.1]").await)).starts_with("5.4.6 "));
+        assert_eq!(bounce(r.resolve("[nonsense]").await).code(), 550);
+        assert_eq!(fix.total_queries(), 0);
+    }
+
+    #[tokio::test]
+    async fn cache_holds_until_the_ttl_expires() {
+        let fix = DnsFixture::start();
+        fix.mx("cached.test", 10, "mx.cached.test", 1);
+        fix.a("mx.cached.test", v4(8), 300);
+        let r = resolver(&fix);
+        for _ in 0..50 {
+            assert_eq!(addrs(r.resolve("cached.test").await), vec![sa(8)]);
+        }
+        assert_eq!(fix.queries("cached.test", "MX"), 1);
+        assert_eq!(fix.queries("mx.cached.test", "A"), 1);
+        let s = r.stats();
+        assert_eq!((s.lookups, s.cache_hits, s.queries), (50, 49, 3));
+
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(addrs(r.resolve("cached.test").await), vec![sa(8)]);
+        assert_eq!(
+            fix.queries("cached.test", "MX"),
+            2,
+            "a new query after the TTL"
+        );
+        // The whole answer is looked up again: no second cache (hickory's) holds the A.
+        assert_eq!(fix.queries("mx.cached.test", "A"), 2);
+
+        // The floor holds answers longer than their TTL.
+        fix.mx("floor.test", 10, "mx.cached.test", 1);
+        let mut cfg = config(&fix);
+        cfg.min_ttl = Duration::from_secs(3);
+        let r = MxResolver::new(cfg).unwrap();
+        let _ = r.resolve("floor.test").await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let _ = r.resolve("floor.test").await;
+        assert_eq!(fix.queries("floor.test", "MX"), 1);
+    }
+
+    #[tokio::test]
+    async fn negative_answers_cached_for_the_soa_minimum() {
+        let fix = DnsFixture::start();
+        fix.negative_ttl(1);
+        let r = resolver(&fix);
+        assert!(matches!(
+            r.resolve("later.test").await,
+            Resolution::Bounce(_)
+        ));
+        assert!(matches!(
+            r.resolve("later.test").await,
+            Resolution::Bounce(_)
+        ));
+        assert_eq!(fix.queries("later.test", "MX"), 1);
+        fix.mx("later.test", 10, "mx.later.test", 300);
+        fix.a("mx.later.test", v4(4), 300);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(addrs(r.resolve("later.test").await), vec![sa(4)]);
+        assert_eq!(fix.queries("later.test", "MX"), 2);
+
+        // NODATA (implicit MX) is cached by the SOA minimum too, though the address
+        // records live longer.
+        fix.a("implicit.test", v4(6), 300);
+        assert_eq!(addrs(r.resolve("implicit.test").await), vec![sa(6)]);
+        assert_eq!(addrs(r.resolve("implicit.test").await), vec![sa(6)]);
+        assert_eq!(fix.queries("implicit.test", "MX"), 1);
+        fix.mx("implicit.test", 10, "mx.later.test", 300);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(addrs(r.resolve("implicit.test").await), vec![sa(4)]);
+        assert_eq!(fix.queries("implicit.test", "MX"), 2);
+
+        // A longer SOA minimum holds the negative answer longer.
+        fix.negative_ttl(30);
+        assert!(matches!(
+            r.resolve("notyet.test").await,
+            Resolution::Bounce(_)
+        ));
+        fix.mx("notyet.test", 10, "mx.later.test", 300);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(matches!(
+            r.resolve("notyet.test").await,
+            Resolution::Bounce(_)
+        ));
+        assert_eq!(fix.queries("notyet.test", "MX"), 1);
+    }
+
+    #[tokio::test]
+    async fn single_flight_shares_one_lookup() {
+        let fix = DnsFixture::start();
+        fix.mx("busy.test", 10, "mx.busy.test", 300);
+        fix.a("mx.busy.test", v4(2), 300);
+        let r = resolver(&fix);
+        let all = join_all((0..20).map(|_| r.resolve("busy.test"))).await;
+        for res in all {
+            assert_eq!(addrs(res), vec![sa(2)]);
+        }
+        assert_eq!(fix.queries("busy.test", "MX"), 1);
+        assert_eq!(fix.queries("mx.busy.test", "A"), 1);
+        // hickory also merges identical queries in flight, so count at our side too: one
+        // lookup (MX, A, AAAA), 19 callers served by it.
+        let s = r.stats();
+        assert_eq!((s.lookups, s.cache_hits, s.queries), (20, 19, 3));
+    }
+
+    #[tokio::test]
+    async fn abandoned_lookup_does_not_strand_waiters() {
+        let fix = DnsFixture::start();
+        fix.mx("gone.test", 10, "mx.gone.test", 300);
+        fix.a("mx.gone.test", v4(2), 300);
+        fix.drop_queries("gone.test", true);
+        let r = resolver(&fix);
+        // The first caller gives up while its lookup is in flight.
+        let first = tokio::time::timeout(Duration::from_millis(100), r.resolve("gone.test")).await;
+        assert!(first.is_err());
+        fix.drop_queries("gone.test", false);
+        assert_eq!(addrs(r.resolve("gone.test").await), vec![sa(2)]);
+    }
+}
