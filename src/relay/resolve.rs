@@ -151,6 +151,8 @@ pub struct MxResolver {
     our_names: Vec<String>,
     dns: TokioResolver,
     cache: RefCell<HashMap<String, Slot>>,
+    /// Address answers per MX host name, so domains sharing hosts share lookups.
+    hosts: RefCell<HashMap<Name, (HostAnswer, Instant)>>,
     sweep_at: Cell<usize>,
     rng: Cell<u64>,
     lookups: Cell<u64>,
@@ -230,6 +232,7 @@ impl MxResolver {
             our_names,
             dns,
             cache: RefCell::new(HashMap::new()),
+            hosts: RefCell::new(HashMap::new()),
             sweep_at: Cell::new(SWEEP_FLOOR),
             rng: Cell::new(seed()),
             lookups: Cell::new(0),
@@ -493,8 +496,34 @@ impl MxResolver {
         (Resolution::Defer(reply), ttl.min(self.temp_ttl()))
     }
 
-    /// A and AAAA of one host (asked at once), with glue as the fallback when DNS fails.
+    /// A and AAAA of one host: from the host cache while fresh, else asked at once, with
+    /// glue as the fallback when DNS fails. Answers without a temporary failure are cached
+    /// for their TTL (clamped like every answer).
     async fn addresses(&self, host: &Name, glue: &[Record]) -> HostAnswer {
+        let now = Instant::now();
+        if let Some((answer, expires)) = self.hosts.borrow().get(host) {
+            if *expires > now {
+                let mut answer = answer.clone();
+                // What is left of its lifetime bounds the domain's cache time.
+                answer.ttl = MinTtl(Some(*expires - now));
+                return answer;
+            }
+        }
+        let answer = self.addresses_uncached(host, glue).await;
+        if answer.temp.is_none() {
+            let mut hosts = self.hosts.borrow_mut();
+            if hosts.len() >= SWEEP_FLOOR {
+                hosts.retain(|_, (_, expires)| *expires > now);
+            }
+            hosts.insert(
+                host.clone(),
+                (answer.clone(), now + self.cache_ttl(&answer.ttl)),
+            );
+        }
+        answer
+    }
+
+    async fn addresses_uncached(&self, host: &Name, glue: &[Record]) -> HostAnswer {
         let (a, aaaa) = tokio::join!(
             self.query(host, RecordType::A),
             self.query(host, RecordType::AAAA)
@@ -659,7 +688,7 @@ enum Answer {
 }
 
 /// What the address lookups of one host gave.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct HostAnswer {
     addrs: Vec<IpAddr>,
     ttl: MinTtl,
@@ -1141,6 +1170,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn domains_sharing_an_mx_host_share_its_address_lookup() {
+        let fix = DnsFixture::start();
+        fix.a("mx.shared.test", v4(9), 300);
+        for d in ["one.test", "two.test", "three.test"] {
+            fix.mx(d, 10, "mx.shared.test", 300);
+        }
+        let r = resolver(&fix);
+        for d in ["one.test", "two.test", "three.test"] {
+            assert_eq!(addrs(r.resolve(d).await), vec![sa(9)]);
+        }
+        assert_eq!(
+            fix.queries("mx.shared.test", "A"),
+            1,
+            "one address lookup for the shared host"
+        );
+        // Once the host's answer expires it is asked again.
+        fix.a("mx.expiring.test", v4(10), 1);
+        fix.mx("four.test", 10, "mx.expiring.test", 300);
+        fix.mx("five.test", 10, "mx.expiring.test", 300);
+        let _ = r.resolve("four.test").await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let _ = r.resolve("five.test").await;
+        assert_eq!(fix.queries("mx.expiring.test", "A"), 2);
+    }
+
+    #[tokio::test]
     async fn cache_holds_until_the_ttl_expires() {
         let fix = DnsFixture::start();
         fix.mx("cached.test", 10, "mx.cached.test", 1);
@@ -1161,8 +1216,8 @@ mod tests {
             2,
             "a new query after the TTL"
         );
-        // The whole answer is looked up again: no second cache (hickory's) holds the A.
-        assert_eq!(fix.queries("mx.cached.test", "A"), 2);
+        // The host's A (TTL 300) is still fresh in our per-shard address cache.
+        assert_eq!(fix.queries("mx.cached.test", "A"), 1);
 
         // The floor holds answers longer than their TTL.
         fix.mx("floor.test", 10, "mx.cached.test", 1);

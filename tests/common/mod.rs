@@ -1384,3 +1384,73 @@ impl Drop for Capture {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// MX routing (`tests/mx_*.rs`): sinks on several loopback addresses sharing one port (the
+// relay delivers to MX hosts on `delivery.smtp_port`), the `[delivery]` keys pointing the
+// relay at a test DNS server, and fields of a bounce.
+// ---------------------------------------------------------------------------------------
+
+/// A port P free on every one of `ips` (loopback addresses such as `127.0.0.2`) right now:
+/// bound on the first with port 0, then checked on the others. `None` if one is taken.
+fn port_free_on(ips: &[&str]) -> Option<u16> {
+    let first = TcpListener::bind((*ips.first()?, 0)).ok()?;
+    let port = first.local_addr().ok()?.port();
+    let others: Vec<TcpListener> = ips[1..]
+        .iter()
+        .map(|ip| TcpListener::bind((*ip, port)))
+        .collect::<io::Result<_>>()
+        .ok()?;
+    drop(others);
+    drop(first);
+    Some(port)
+}
+
+/// Starts `loadgen sink` on each `(ip, args)` of `sinks`, all on one port P, such that P
+/// was also free on every address of `free_ips` (MX hosts where nothing listens). Tries
+/// other ports if one is taken meanwhile. Returns P and the sinks, in the order given.
+#[track_caller]
+pub fn sinks_sharing_port(sinks: &[(&str, &[&str])], free_ips: &[&str]) -> (u16, Vec<Sink>) {
+    let ips: Vec<&str> = sinks
+        .iter()
+        .map(|(ip, _)| *ip)
+        .chain(free_ips.iter().copied())
+        .collect();
+    let mut last = String::from("no port free on all of them");
+    for _ in 0..20 {
+        let Some(port) = port_free_on(&ips) else {
+            continue;
+        };
+        let mut started = Vec::new();
+        for (ip, args) in sinks {
+            match Sink::try_start(&format!("{ip}:{port}"), args) {
+                Ok(s) => started.push(s),
+                Err(e) => {
+                    last = e;
+                    break;
+                }
+            }
+        }
+        if started.len() == sinks.len() {
+            return (port, started);
+        }
+    }
+    panic!("cannot start sinks on one shared port on {ips:?}: {last}");
+}
+
+/// `[delivery]` keys for MX routing: `dns` as the only name server, delivery on
+/// `smtp_port`, plus `extra` (more `[delivery]` keys).
+pub fn mx_delivery(dns: SocketAddr, smtp_port: u16, extra: &str) -> String {
+    format!("nameservers = [\"{dns}\"]\nsmtp_port = {smtp_port}\n{extra}")
+}
+
+/// The values of every `Name: value` line (case-insensitive name, value trimmed) anywhere
+/// in `text`: e.g. `Status` or `Final-Recipient` of a bounce's delivery-status part.
+pub fn dsn_values(text: &str, name: &str) -> Vec<String> {
+    text.split("\r\n")
+        .filter_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+        .collect()
+}
