@@ -343,6 +343,8 @@ struct Failure {
     index: u32,
     reply: Reply,
     remote_mta: Option<String>,
+    /// Why, for the bounce's human-readable part.
+    reason: String,
 }
 
 async fn deliver(shard: Rc<RelayShard>, entry: Entry) {
@@ -384,10 +386,12 @@ async fn attempt(shard: &RelayShard, mut entry: Entry) {
         let targets = match plan(shard, &domain).await {
             Plan::Targets(t) => t,
             Plan::Fail(reply) => {
+                let reason = format!("its domain cannot receive mail ({})", one_line(&reply));
                 failed.extend(indexes.iter().map(|&index| Failure {
                     index,
                     reply: reply.clone(),
                     remote_mta: None,
+                    reason: reason.clone(),
                 }));
                 continue;
             }
@@ -427,6 +431,7 @@ async fn attempt(shard: &RelayShard, mut entry: Entry) {
                     } else {
                         host.clone()
                     }),
+                    reason: "the next hop refused it".into(),
                 }),
             }
         }
@@ -440,15 +445,17 @@ async fn attempt(shard: &RelayShard, mut entry: Entry) {
             .clone()
             .unwrap_or_else(|| "no delivery attempt succeeded".into());
         for index in still_pending.drain(..) {
+            let reply = Reply::new(
+                451,
+                format!(
+                    "4.4.7 gave up after {} s in the queue: {why}",
+                    age.as_secs()
+                ),
+            );
             failed.push(Failure {
                 index,
-                reply: Reply::new(
-                    451,
-                    format!(
-                        "4.4.7 gave up after {} s in the queue: {why}",
-                        age.as_secs()
-                    ),
-                ),
+                reason: format!("it could not be delivered in time ({})", one_line(&reply)),
+                reply,
                 remote_mta: None,
             });
         }
@@ -622,11 +629,7 @@ async fn bounce(shard: &RelayShard, entry: &Entry, data: &Bytes, failed: &[Failu
             Some(dsn::FailedRecipient {
                 recipient,
                 status: enhanced_status(&f.reply),
-                reason: if f.remote_mta.is_some() {
-                    "the next hop refused it".into()
-                } else {
-                    format!("it could not be delivered in time ({})", f.reply)
-                },
+                reason: f.reason.clone(),
                 // Diagnostic-Code is for a remote server's answer, not for our give-up.
                 remote_reply: f.remote_mta.is_some().then(|| f.reply.clone()),
                 remote_mta: f.remote_mta.clone(),
