@@ -24,8 +24,9 @@ use super::Phase;
 use crate::server::Handler;
 use crate::smtp::{Reply, Session};
 
-/// Read size while reading commands (small: idle connections are the common case).
-const COMMAND_READ: usize = 4 * 1024;
+/// Read size while reading commands: a command line is at most 512 octets, and idle
+/// connections are the common case (10,000 of them fit in ~57 MB RSS with 1 KiB; see PERF.md).
+const COMMAND_READ: usize = 1024;
 /// Read size during DATA.
 const DATA_READ: usize = 64 * 1024;
 

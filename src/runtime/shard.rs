@@ -52,7 +52,7 @@ impl<H: Handler> Shard<H> {
             index: settings.index,
             handler,
             session_config: settings.session_config,
-            pool: BufferPool::new(4 * 1024, 4096, 256 * 1024),
+            pool: BufferPool::new(1024, 4096, 256 * 1024),
             caps: settings.caps,
             phase: settings.phase,
             command_timeout: settings.command_timeout,
