@@ -83,6 +83,9 @@ pub struct Limits {
     pub max_errors: u32,
     /// Seconds transactions in flight get to finish after SIGTERM/SIGINT.
     pub shutdown_timeout_secs: u64,
+    /// Bytes all messages being received may hold in memory together (split evenly over
+    /// the shards, each getting at least `max_message_size`); past it: `452 4.3.1`.
+    pub max_data_memory: usize,
 }
 
 /// `[relay]`
@@ -155,6 +158,7 @@ impl Default for Limits {
             data_timeout_secs: 180,
             max_errors: 10,
             shutdown_timeout_secs: 30,
+            max_data_memory: 1 << 30,
         }
     }
 }
@@ -273,6 +277,15 @@ impl Config {
             if value == 0 {
                 return err(key, "must be at least 1".into());
             }
+        }
+        if l.max_data_memory < l.max_message_size {
+            return err(
+                "limits.max_data_memory",
+                format!(
+                    "{} is smaller than limits.max_message_size ({})",
+                    l.max_data_memory, l.max_message_size
+                ),
+            );
         }
         if l.max_message_size > (1 << 40) {
             return err("limits.max_message_size", "more than 1 TiB".into());

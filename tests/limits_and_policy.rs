@@ -16,7 +16,7 @@ use std::io::{ErrorKind, Write};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{assert_sequence, message, Client, Relay, HOST};
+use common::{assert_sequence, message, Client, Opts, Relay, HOST};
 
 io_tests!(
     timeouts,
@@ -24,6 +24,7 @@ io_tests!(
     relay_access,
     connection_caps,
     protocol_limits,
+    data_memory_budget,
 );
 
 fn timeouts(io: &str) {
@@ -301,6 +302,46 @@ fn protocol_limits(io: &str) {
 
     let totals = relay.stop();
     assert_eq!((totals.messages, totals.recipients), (2, 4), "{totals:?}");
+}
+
+/// Messages received at once on one shard share a memory budget: past it the newcomer is
+/// read to its end and refused with 452 4.3.1 (and nothing in it runs as a command); the
+/// session goes on, and once memory is given back, large messages are taken again.
+fn data_memory_budget(io: &str) {
+    let mut relay = Relay::start_with(Opts {
+        shards: 1,
+        ..Opts::new(
+            io,
+            "[limits]\nmax_message_size = 200000\nmax_data_memory = 200000",
+        )
+    });
+    let body = sized_message(150_000);
+    let (first, rest) = body.split_at(120_000);
+    let mut a = relay.connect();
+    a.ehlo(200_000);
+    a.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+    a.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
+    a.expect("DATA", 354, "End");
+    a.send(first);
+    // B arrives while A holds most of the budget.
+    let mut b = relay.connect();
+    b.ehlo(200_000);
+    b.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+    b.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
+    b.expect("DATA", 354, "End");
+    b.send(format!("{body}MAIL FROM:<smuggled@b.test>\r\n.\r\n"));
+    b.reply().assert(452, "4.3.1");
+    b.expect("NOOP", 250, "2.0.0");
+    // A finishes normally; then B's next large message fits.
+    a.send(format!("{rest}.\r\n"));
+    a.reply().queued_id();
+    b.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+    b.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
+    b.expect("DATA", 354, "End");
+    b.send(format!("{body}.\r\n"));
+    b.reply().queued_id();
+    let totals = relay.stop();
+    assert_eq!(totals.messages, 2, "{totals:?}");
 }
 
 /// A message of exactly `size` content bytes (after unstuffing; final CRLF included), one

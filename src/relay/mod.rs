@@ -45,6 +45,8 @@ use route::Routes;
 
 /// Deliveries a shard runs at once.
 const MAX_IN_FLIGHT: usize = 256;
+/// Ready messages whose content a shard keeps in memory.
+const MAX_READY_IN_MEMORY: usize = 1024;
 
 /// What the relay needs from the configuration.
 #[derive(Debug, Clone)]
@@ -295,6 +297,9 @@ impl Handler for RelayHandler {
             return Err(Reply::local_error("cannot sync the spool; try again later"));
         }
         let pending = (0..envelope.to.len() as u32).collect();
+        // A long ready queue (a slow next hop) must not pin every message in memory: past
+        // this many, content is read back from the spool when its turn comes.
+        let keep_in_memory = shard.queue.borrow().ready_len() < MAX_READY_IN_MEMORY;
         shard.queue.borrow_mut().push_ready(Entry {
             id: envelope.id,
             location,
@@ -304,7 +309,7 @@ impl Handler for RelayHandler {
             eight_bit,
             arrival,
             attempts: 0,
-            data: Some(envelope.data),
+            data: keep_in_memory.then_some(envelope.data),
             last_error: None,
         });
         shard.wake.notify_one();

@@ -77,6 +77,8 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut session = Session::new(Arc::clone(&shard.session_config), peer);
     let mut hooks = ShardHooks::new(&shard, peer);
     let mut buf = shard.pool.take();
+    // Bytes of the shard's DATA memory budget this connection's message holds.
+    let mut held = 0usize;
     // One timer for the connection's whole life, re-armed only when it fires early.
     let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
     session.greet();
@@ -93,6 +95,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             // Commands pipelined behind the message were waiting in the buffer.
             let used = session.receive(&buf, SystemTime::now(), &mut hooks);
             buf.advance(used);
+            account_data_memory(&shard, &mut session, &mut held);
             continue;
         }
         let now_phase = *phase.borrow_and_update();
@@ -150,6 +153,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                 buf = b;
                 let used = session.receive(&buf, SystemTime::now(), &mut hooks);
                 buf.advance(used);
+                account_data_memory(&shard, &mut session, &mut held);
                 if buf.is_empty() {
                     // Lets the next reserve reuse the whole allocation from its start.
                     buf.clear();
@@ -172,7 +176,32 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         }
     }
     io.close_both();
+    shard
+        .data_memory
+        .set(shard.data_memory.get().saturating_sub(held));
     shard.pool.give(buf);
+}
+
+/// Keeps the shard's count of memory held by messages being received, and refuses the
+/// message (read to its end, then `452 4.3.1`) when it would take the shard past its
+/// budget: many large messages at once can then never exhaust the machine's memory.
+fn account_data_memory<H: Handler>(shard: &Shard<H>, session: &mut Session, held: &mut usize) {
+    let mut now = session.data_memory();
+    let others = shard.data_memory.get().saturating_sub(*held);
+    // A message alone on its shard is always taken (it is bounded by max_message_size);
+    // the budget limits how many large ones are held at once.
+    if now > *held && others > 0 && others + now > shard.data_budget {
+        tracing::warn!(
+            peer = %session.peer(),
+            "message refused: {} bytes of DATA memory in use on this shard (budget {})",
+            others + now,
+            shard.data_budget
+        );
+        session.refuse_data_for_memory();
+        now = session.data_memory();
+    }
+    shard.data_memory.set(others + now);
+    *held = now;
 }
 
 /// Refuses a connection over a cap with `reply`, then closes it.

@@ -116,6 +116,8 @@ where
             phase: phase_rx.clone(),
             command_timeout: Duration::from_secs(config.limits.command_timeout_secs),
             data_timeout: Duration::from_secs(config.limits.data_timeout_secs),
+            data_budget: (config.limits.max_data_memory / shards)
+                .max(config.limits.max_message_size),
         };
         let make_handler = Arc::clone(&make_handler);
         let cpu = if pin { cpus.get(index).copied() } else { None };

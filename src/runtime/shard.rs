@@ -31,6 +31,9 @@ pub(crate) struct Shard<H> {
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) command_timeout: Duration,
     pub(crate) data_timeout: Duration,
+    /// Bytes the messages being received on this shard hold, and the most they may.
+    pub(crate) data_memory: Cell<usize>,
+    pub(crate) data_budget: usize,
     ids: RefCell<IdGenerator>,
     open: Cell<usize>,
     all_closed: Notify,
@@ -44,6 +47,7 @@ pub(crate) struct ShardSettings {
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) command_timeout: Duration,
     pub(crate) data_timeout: Duration,
+    pub(crate) data_budget: usize,
 }
 
 impl<H: Handler> Shard<H> {
@@ -57,6 +61,8 @@ impl<H: Handler> Shard<H> {
             phase: settings.phase,
             command_timeout: settings.command_timeout,
             data_timeout: settings.data_timeout,
+            data_memory: Cell::new(0),
+            data_budget: settings.data_budget,
             ids: RefCell::new(IdGenerator::new(settings.index)),
             open: Cell::new(0),
             all_closed: Notify::new(),

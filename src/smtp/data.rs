@@ -56,6 +56,8 @@ pub struct DataScanner {
     /// Bytes this scanner has appended to the caller's body (never more than `max_size`).
     stored: usize,
     bare_line_ending: bool,
+    /// Bytes are still appended to the body (see [`DataScanner::stop_storing`]).
+    storing: bool,
 }
 
 impl DataScanner {
@@ -67,6 +69,22 @@ impl DataScanner {
             size: 0,
             stored: 0,
             bare_line_ending: false,
+            storing: true,
+        }
+    }
+
+    /// Appends nothing more to the body for the rest of this message, but keeps scanning to
+    /// its terminator (the caller refuses the message when it ends, e.g. for lack of memory).
+    pub fn stop_storing(&mut self) {
+        self.storing = false;
+    }
+
+    /// Room left for body bytes: up to the limit while storing, none after `stop_storing`.
+    fn room(&self) -> usize {
+        if self.storing {
+            self.max_size - self.stored
+        } else {
+            0
         }
     }
 
@@ -84,7 +102,7 @@ impl DataScanner {
             return (0, Some(self.outcome()));
         }
         // At most `input.len()` bytes can be appended by this call, and never past the limit.
-        let want = input.len().min(self.max_size - self.stored);
+        let want = input.len().min(self.room());
         if body.capacity() - body.len() < want {
             body.reserve(want);
         }
@@ -171,7 +189,7 @@ impl DataScanner {
     /// Counts `bytes` as message bytes and appends what still fits under the limit.
     fn append(&mut self, body: &mut BytesMut, bytes: &[u8]) {
         self.size = self.size.saturating_add(bytes.len() as u64);
-        let take = bytes.len().min(self.max_size - self.stored);
+        let take = bytes.len().min(self.room());
         if take > 0 {
             body.extend_from_slice(&bytes[..take]);
             self.stored += take;

@@ -151,6 +151,8 @@ pub struct Session {
     rcpt_overshoot: u32,
     /// Discarding the rest of an over-long command line.
     skipping_line: bool,
+    /// The server ran short of memory for this message: it is read to its end and refused.
+    data_refused: bool,
 }
 
 impl Session {
@@ -173,6 +175,7 @@ impl Session {
             errors: 0,
             rcpt_overshoot: 0,
             skipping_line: false,
+            data_refused: false,
         }
     }
 
@@ -299,6 +302,26 @@ impl Session {
     /// may close such a session at once.
     pub fn is_idle(&self) -> bool {
         self.state == State::Command && self.tx.from.is_none()
+    }
+
+    /// Bytes of memory the message being received holds now (its buffer's capacity), for
+    /// the driver's memory budget.
+    pub fn data_memory(&self) -> usize {
+        if self.state == State::Data {
+            self.body.capacity()
+        } else {
+            0
+        }
+    }
+
+    /// The server cannot hold this message in memory: stop storing it, read it to its end,
+    /// and refuse it then with `452 4.3.1`. The session goes on.
+    pub fn refuse_data_for_memory(&mut self) {
+        if self.state == State::Data {
+            self.data_refused = true;
+            self.scanner.stop_storing();
+            self.body = BytesMut::new();
+        }
     }
 
     /// The client's address.
@@ -486,6 +509,14 @@ impl Session {
     }
 
     fn end_of_data(&mut self, outcome: DataOutcome) {
+        if std::mem::take(&mut self.data_refused) {
+            self.tx = Transaction::default();
+            self.body.clear();
+            self.state = State::Command;
+            // Our shortage, not the client's error: not counted against it.
+            return self
+                .reply(b"452 4.3.1 Error: insufficient system storage, try again later\r\n");
+        }
         if outcome.bare_line_ending {
             self.tx = Transaction::default();
             self.body.clear();
@@ -915,6 +946,30 @@ mod tests {
         small.extend_from_slice(b"small\r\n.\r\n");
         assert_eq!(
             h.codes(&small),
+            ["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]
+        );
+        assert_eq!(h.messages.len(), 1);
+    }
+
+    #[test]
+    fn a_message_refused_for_memory_is_read_to_its_end_and_answered_452() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\n");
+        let mut first = TX.to_vec();
+        first.extend_from_slice(b"part one\r\n");
+        assert_eq!(h.codes(&first), ["250 2.1.0", "250 2.1.5", "354"]);
+        assert!(h.session.data_memory() > 0);
+        h.session.refuse_data_for_memory();
+        assert_eq!(h.session.data_memory(), 0, "the buffer is let go at once");
+        // The rest, including a line that looks like a command, is still message content.
+        let codes = h.codes(b"MAIL FROM:<evil@example.org>\r\npart two\r\n.\r\nNOOP\r\n");
+        assert_eq!(codes, ["452 4.3.1", "250 2.0.0"]);
+        assert!(h.messages.is_empty());
+        // The next message is stored normally.
+        let mut again = TX.to_vec();
+        again.extend_from_slice(b"fine\r\n.\r\n");
+        assert_eq!(
+            h.codes(&again),
             ["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]
         );
         assert_eq!(h.messages.len(), 1);
