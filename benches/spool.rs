@@ -1,0 +1,60 @@
+//! Criterion benches of the spool's per-message work: encoding a message record (with its
+//! crc32c) and decoding it back, for 1 KiB and 64 KiB messages.
+
+use std::hint::black_box;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ringrelay::id::IdGenerator;
+use ringrelay::smtp::{Mailbox, ReversePath};
+use ringrelay::spool::record::{decode, encode_message, Decoded};
+
+fn records(c: &mut Criterion) {
+    let mut ids = IdGenerator::new(0);
+    let from = ReversePath::Mailbox(Mailbox::parse("sender@example.org").unwrap());
+    let rcpts = vec![Mailbox::parse("rcpt@destination.example").unwrap()];
+    let mut g = c.benchmark_group("spool_record");
+    g.measurement_time(Duration::from_secs(3)).sample_size(30);
+    for size in [1024usize, 64 * 1024] {
+        let data = vec![b'x'; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        let mut out = BytesMut::with_capacity(size + 256);
+        g.bench_with_input(BenchmarkId::new("encode", size), &data, |b, data| {
+            b.iter(|| {
+                out.clear();
+                encode_message(
+                    &mut out,
+                    ids.next_id(),
+                    SystemTime::now(),
+                    &from,
+                    &rcpts,
+                    false,
+                    data,
+                );
+                black_box(out.len())
+            })
+        });
+        out.clear();
+        encode_message(
+            &mut out,
+            ids.next_id(),
+            SystemTime::now(),
+            &from,
+            &rcpts,
+            false,
+            &data,
+        );
+        let encoded = out.clone().freeze();
+        g.bench_with_input(BenchmarkId::new("decode", size), &encoded, |b, encoded| {
+            b.iter(|| match decode(black_box(encoded)) {
+                Decoded::Record(_, n) => n,
+                _ => 0,
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, records);
+criterion_main!(benches);
