@@ -591,6 +591,14 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
     }
     match fatal {
         Some(f) => Err(Failure::Runtime(f)),
+        // Messages went out but not one got an answer: the target is not working, and a
+        // script must not read that as success.
+        None if stats.sent > 0 && stats.accepted + stats.tempfail + stats.permfail == 0 => {
+            Err(Failure::Runtime(format!(
+                "no message got a reply: all {} failed (connection or protocol errors)",
+                stats.sent
+            )))
+        }
         None => Ok(0),
     }
 }

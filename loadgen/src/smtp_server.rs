@@ -49,6 +49,8 @@ pub struct ServerShared {
     pub cfg: ServerConfig,
     pub ids: IdRegistry,
     fates: AtomicU64,
+    /// Numbers the `queued as` replies, across all threads, so no two repeat.
+    queued: AtomicU64,
     pub expect_reached: Notify,
     banner: Vec<u8>,
     ehlo: Vec<u8>,
@@ -76,6 +78,7 @@ impl ServerShared {
             cfg,
             ids: IdRegistry::default(),
             fates: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             expect_reached: Notify::new(),
             banner,
             ehlo,
@@ -424,7 +427,12 @@ impl Conn<'_> {
             Verdict::Foreign => st.foreign += 1,
         }
         self.reply(b"250 2.0.0 Ok: queued as ");
-        push_u64(&mut self.out, st.received);
+        let n = self
+            .sh
+            .queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        push_u64(&mut self.out, n);
         self.reply(b"\r\n");
     }
 }

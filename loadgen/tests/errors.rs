@@ -130,7 +130,10 @@ fn resets_mid_transaction_are_counted_and_the_run_goes_on() {
             args.push("--pipelining");
         }
         let o = send(&args);
-        assert_eq!(o.status.code(), Some(0), "{}", o.stderr);
+        // Counted and reported (the JSON is complete), but a run where not one message got
+        // an answer is a failure: exit 1 with one line.
+        assert_eq!(o.status.code(), Some(1), "{}", o.stderr);
+        assert!(o.stderr.contains("no message got a reply"), "{}", o.stderr);
         let d = read_json(&dj);
         assert_eq!(num(&d, "messages.sent"), 6);
         assert_eq!(num(&d, "messages.errors"), 6);
@@ -157,7 +160,7 @@ fn garbage_replies_are_protocol_errors() {
         "--json",
         dj.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(0), "{}", o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{}", o.stderr);
     let d = read_json(&dj);
     assert_eq!(num(&d, "errors.protocol"), 4);
     assert_eq!(num(&d, "messages.errors"), 4);
