@@ -49,6 +49,13 @@ pub trait Handler: 'static {
     /// A message arrived whole. `Ok` answers `250 2.0.0 Ok: queued as ID`; `Err` sends its
     /// reply. Answer `Ok` only once the message is safe.
     fn on_message(&self, envelope: Envelope) -> impl Future<Output = Result<(), Reply>>;
+
+    /// The shard is stopping and its last session has ended: finish background work (the
+    /// relay lets deliveries in flight complete). Bounded by the server: work still going
+    /// after a few seconds is dropped with the shard.
+    fn on_shutdown(&self) -> impl Future<Output = ()> {
+        std::future::ready(())
+    }
 }
 
 /// An SMTP server: listeners, shards and sessions, run with a [`Handler`].

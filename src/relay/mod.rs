@@ -170,6 +170,10 @@ pub(crate) struct RelayShard {
     resolver: Option<resolve::MxResolver>,
     wake: Notify,
     in_flight: Cell<usize>,
+    /// Shutting down: start no new deliveries.
+    stopping: Cell<bool>,
+    /// Signalled whenever a delivery ends (shutdown waits on it).
+    delivered: Notify,
     /// IDs for bounces: a generator apart from the sessions' (shard number + 128, so the
     /// two never make the same ID).
     bounce_ids: RefCell<IdGenerator>,
@@ -241,6 +245,8 @@ impl RelayHandler {
             queue: RefCell::new(queue),
             wake: Notify::new(),
             in_flight: Cell::new(0),
+            stopping: Cell::new(false),
+            delivered: Notify::new(),
             bounce_ids: RefCell::new(IdGenerator::new(index | 0x80)),
         });
         tokio::task::spawn_local(commit.run());
@@ -267,6 +273,16 @@ impl Drop for RelayHandler {
 }
 
 impl Handler for RelayHandler {
+    /// No new deliveries; those in flight finish and record their outcomes, so a restart
+    /// does not deliver them again.
+    async fn on_shutdown(&self) {
+        let shard = &self.shard;
+        shard.stopping.set(true);
+        while shard.in_flight.get() > 0 {
+            shard.delivered.notified().await;
+        }
+    }
+
     async fn on_message(&self, envelope: Envelope) -> Result<(), Reply> {
         let shard = &self.shard;
         let arrival = SystemTime::now();
@@ -324,7 +340,7 @@ async fn worker(shard: Rc<RelayShard>) {
     let mut tidy = tokio::time::interval(Duration::from_secs(1));
     loop {
         let next_due = shard.queue.borrow_mut().promote_due(Instant::now());
-        while shard.in_flight.get() < MAX_IN_FLIGHT {
+        while shard.in_flight.get() < MAX_IN_FLIGHT && !shard.stopping.get() {
             let Some(entry) = shard.queue.borrow_mut().pop_ready() else {
                 break;
             };
@@ -356,6 +372,7 @@ async fn deliver(shard: Rc<RelayShard>, entry: Entry) {
     attempt(&shard, entry).await;
     shard.in_flight.set(shard.in_flight.get().saturating_sub(1));
     shard.wake.notify_one();
+    shard.delivered.notify_one();
 }
 
 /// One delivery attempt of one message: every pending recipient is delivered, deferred or

@@ -21,6 +21,9 @@ use crate::id::{IdGenerator, QueueId};
 use crate::server::Handler;
 use crate::smtp::{Hooks, Mailbox, Reply, ReversePath, SessionConfig};
 
+/// How long a handler's shutdown work may take once the last session has ended.
+const HANDLER_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A shard's state, shared by its tasks through `Rc` (never across threads).
 pub(crate) struct Shard<H> {
     pub(crate) index: usize,
@@ -146,6 +149,17 @@ pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors:
     }
     while shard.open.get() > 0 {
         shard.all_closed.notified().await;
+    }
+    // Background work (deliveries in flight) gets a short, bounded chance to finish.
+    let grace = shard.command_timeout.min(HANDLER_SHUTDOWN_GRACE);
+    if tokio::time::timeout(grace, shard.handler.on_shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            shard = shard.index,
+            "handler work still running at shutdown; dropped"
+        );
     }
     tracing::debug!(shard = shard.index, "shard drained");
 }
