@@ -33,6 +33,20 @@ pub enum Failure {
     Runtime(String),
 }
 
+/// Handlers for SIGINT and SIGTERM, registered in `rt` (before anything is printed, so a
+/// caller that signals as soon as it reads our first line never hits the default action).
+pub fn termination_signals(
+    rt: &tokio::runtime::Runtime,
+) -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal), Failure> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let _g = rt.enter();
+    let i = signal(SignalKind::interrupt())
+        .map_err(|e| Failure::Runtime(format!("cannot handle SIGINT: {e}")))?;
+    let t = signal(SignalKind::terminate())
+        .map_err(|e| Failure::Runtime(format!("cannot handle SIGTERM: {e}")))?;
+    Ok((i, t))
+}
+
 /// Writes a report as pretty JSON.
 pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), Failure> {
     let mut s = serde_json::to_string_pretty(v)

@@ -450,15 +450,7 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::Runtime(format!("cannot start runtime: {e}")))?;
-    let (mut sigint, mut sigterm) = {
-        let _g = rt.enter();
-        use tokio::signal::unix::{signal, SignalKind};
-        let i = signal(SignalKind::interrupt())
-            .map_err(|e| Failure::Runtime(format!("cannot handle SIGINT: {e}")))?;
-        let t = signal(SignalKind::terminate())
-            .map_err(|e| Failure::Runtime(format!("cannot handle SIGTERM: {e}")))?;
-        (i, t)
-    };
+    let (mut sigint, mut sigterm) = crate::termination_signals(&rt)?;
 
     let done = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::new();

@@ -13,7 +13,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 /// How long connections may go on after the stop decision, so that the last messages' 250
@@ -143,14 +142,7 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
         .map_err(|e| Failure::Runtime(format!("cannot start runtime: {e}")))?;
     // Signal handlers go in before the "listening on" line, so a test that signals as soon as
     // it reads the line never hits the default action.
-    let (mut sigint, mut sigterm) = {
-        let _g = rt.enter();
-        let i = signal(SignalKind::interrupt())
-            .map_err(|e| Failure::Runtime(format!("cannot handle SIGINT: {e}")))?;
-        let t = signal(SignalKind::terminate())
-            .map_err(|e| Failure::Runtime(format!("cannot handle SIGTERM: {e}")))?;
-        (i, t)
-    };
+    let (mut sigint, mut sigterm) = crate::termination_signals(&rt)?;
 
     let (listeners, bound) = bind(addr, threads)
         .map_err(|e| Failure::Runtime(format!("cannot listen on {addr}: {e}")))?;
