@@ -218,9 +218,9 @@ impl ShardStore {
         index: u32,
         outcome: RcptOutcome,
     ) -> io::Result<()> {
-        let mut buf = BytesMut::with_capacity(64);
-        record::encode_recipient(&mut buf, id, index, outcome);
-        self.append(loc.segment, &buf).map(|_| ())
+        self.append_small(loc.segment, |buf| {
+            record::encode_recipient(buf, id, index, outcome)
+        })
     }
 
     /// Records that a message is finished as a whole, and lets its segment go when it was
@@ -232,9 +232,7 @@ impl ShardStore {
         record_it: bool,
     ) -> io::Result<()> {
         let result = if record_it {
-            let mut buf = BytesMut::with_capacity(64);
-            record::encode_finished(&mut buf, id);
-            self.append(loc.segment, &buf).map(|_| ())
+            self.append_small(loc.segment, |buf| record::encode_finished(buf, id))
         } else {
             Ok(())
         };
@@ -343,6 +341,21 @@ impl ShardStore {
         // The new name must be durable before any message in it is acknowledged.
         self.dir_unsynced = true;
         Ok(id)
+    }
+
+    /// Encodes a small record into the reusable scratch buffer and appends it (no
+    /// allocation per outcome record).
+    fn append_small(
+        &mut self,
+        segment: SegmentId,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> io::Result<()> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        encode(&mut scratch);
+        let result = self.append(segment, &scratch).map(|_| ());
+        self.scratch = scratch;
+        result
     }
 
     /// Appends `bytes` to a segment; on failure cuts the file back to where it was, so no
