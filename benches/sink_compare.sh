@@ -7,6 +7,7 @@
 # usage: benches/sink_compare.sh [REPS] [MSGS] [SESSIONS] [SIZE]
 #   env RINGRELAY (default target/release/ringrelay), PORT (default 2640),
 #       SHARDS (ringrelay shards, default 0 = one per core), VARIANTS (see below),
+#       RINGRELAY_BASE (the binary of the ringrelay-base-uring variant, for A/Bs of a change),
 #       PIN_LOAD / PIN_SERVER (CPU lists for taskset: pin smtp-source and the server).
 # Needs: postfix (smtp-source, smtp-sink), root (smtp-sink drops to user postfix).
 # Uses ../shared/bench/lib.sh for CPU accounting, so figures match the shared harness.
@@ -45,7 +46,10 @@ start_server() {
     case "$1" in
     smtp-sink) "${SRV_PREFIX[@]}" smtp-sink -c -u postfix -m 1024 "127.0.0.1:$PORT" 1024 >"$WORK/srv.out" 2>&1 & ;;
     ringrelay-uring) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
-    ringrelay-uring-plain) RINGRELAY_URING_SETUP=plain "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
+    ringrelay-uring-*) # ringrelay-uring-SETUP: RINGRELAY_URING_SETUP=SETUP (plain, single, defer)
+        RINGRELAY_URING_SETUP=${1#ringrelay-uring-} "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
+    ringrelay-base-uring) # A/B of a code change: the binary in $RINGRELAY_BASE (e.g. built from main)
+        "${SRV_PREFIX[@]}" "${RINGRELAY_BASE:?set RINGRELAY_BASE}" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     ringrelay-epoll) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io epoll --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
     esac

@@ -9,12 +9,12 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use bytes::{Buf, BytesMut};
 
@@ -83,7 +83,9 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
     session.greet();
     loop {
-        if session.has_output() && !send(&io, session.take_output(), shard.command_timeout).await {
+        if session.has_output()
+            && !send_timed(&io, session.take_output(), sleep.as_mut(), shard.command_timeout).await
+        {
             break;
         }
         if session.is_closed() {
@@ -210,6 +212,38 @@ pub(crate) async fn refuse<T: Transport>(io: T, reply: Reply, timeout: Duration)
     reply.write_to(&mut out);
     send(&io, out, timeout).await;
     io.close_both();
+}
+
+/// [`send`] on the connection's own lazy timer: no timer is registered per reply, the
+/// shared one is only brought forward when its deadline is later than this write's.
+async fn send_timed<T: Transport>(
+    io: &T,
+    out: BytesMut,
+    mut sleep: Pin<&mut Sleep>,
+    timeout: Duration,
+) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let due = Instant::now() + timeout;
+    if sleep.deadline() > due {
+        sleep.as_mut().reset(due);
+    }
+    let mut write = pin!(io.send_all(out));
+    loop {
+        tokio::select! {
+            biased;
+            (result, _) = &mut write => return result.is_ok(),
+            _ = sleep.as_mut() => {
+                if Instant::now() >= due {
+                    io.close_both();
+                    let _ = write.await;
+                    return false;
+                }
+                sleep.as_mut().reset(due);
+            }
+        }
+    }
 }
 
 /// Writes `out` within `timeout`. A client that stops reading is cut off: the socket is
