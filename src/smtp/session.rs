@@ -140,7 +140,11 @@ pub struct Session {
     peer: SocketAddr,
     may_relay: bool,
     state: State,
-    helo: Option<Box<str>>,
+    /// The EHLO/HELO name, once given; its capacity is kept when the client greets again.
+    helo: Option<String>,
+    /// The HELO name as handed to envelopes: one copy shared by the session's messages
+    /// until the client gives another name.
+    helo_shared: Option<Arc<str>>,
     esmtp: bool,
     tx: Transaction,
     scanner: DataScanner,
@@ -166,6 +170,7 @@ impl Session {
             may_relay,
             state: State::Command,
             helo: None,
+            helo_shared: None,
             esmtp: false,
             tx: Transaction::default(),
             scanner,
@@ -373,7 +378,9 @@ impl Session {
         match cmd {
             Command::Ehlo(host) | Command::Helo(host) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
-                self.helo = Some(host.into());
+                let helo = self.helo.get_or_insert_with(String::new);
+                helo.clear();
+                helo.push_str(host);
                 self.esmtp = esmtp;
                 self.tx = Transaction::default();
                 let config = Arc::clone(&self.config);
@@ -531,6 +538,7 @@ impl Session {
             self.state = State::Command;
             return self.error(b"552 5.3.4 Error: message size exceeds fixed limit\r\n");
         }
+        let helo = self.shared_helo();
         let tx = std::mem::take(&mut self.tx);
         let (Some(from), Some(id)) = (tx.from, tx.id) else {
             // Unreachable by construction (DATA requires both); fail safe, not silent.
@@ -543,12 +551,25 @@ impl Session {
             to: tx.to,
             data: self.body.split().freeze(),
             peer: self.peer,
-            helo: self.helo.as_deref().unwrap_or_default().to_string(),
+            helo,
             body_type: tx.body_type,
         });
         // Keep the ID for the 250 reply; the rest of the transaction is gone.
         self.tx.id = Some(id);
         self.state = State::AwaitingResult;
+    }
+
+    /// The HELO name for an envelope: the shared copy, made anew only when the name changed.
+    fn shared_helo(&mut self) -> Arc<str> {
+        let helo = self.helo.as_deref().unwrap_or_default();
+        match &self.helo_shared {
+            Some(shared) if **shared == *helo => Arc::clone(shared),
+            _ => {
+                let shared: Arc<str> = Arc::from(helo);
+                self.helo_shared = Some(Arc::clone(&shared));
+                shared
+            }
+        }
     }
 }
 
@@ -717,7 +738,7 @@ mod tests {
             m.to.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             ["b@example.org", "c@example.org"]
         );
-        assert_eq!(m.helo, "c.example");
+        assert_eq!(&*m.helo, "c.example");
         assert_eq!(m.body_type, BodyType::EightBitMime);
         let data = std::str::from_utf8(&m.data).unwrap();
         assert!(data.starts_with(
