@@ -405,7 +405,10 @@ impl Session {
                 return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
             }
             Err(CommandError::Syntax(hint)) => {
-                return self.error_reply(Reply::new(501, format!("5.5.4 Syntax: {hint}")))
+                // The hint is one of the parser's own short ASCII texts: written as it is.
+                self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
+                self.out.extend_from_slice(hint.as_bytes());
+                return self.error(b"\r\n");
             }
         };
         match cmd {
@@ -899,6 +902,16 @@ mod tests {
         assert!(
             h.session.in_data(),
             "the transaction survived both syntax errors"
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_reply_names_what_was_expected() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\n");
+        assert_eq!(
+            h.feed(b"DATA extra\r\nMAIL FROM:a@example.org\r\n"),
+            "501 5.5.4 Syntax: no arguments allowed\r\n501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
         );
     }
 
