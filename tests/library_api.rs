@@ -172,7 +172,7 @@ fn handler_decides_and_records(io: &str) {
     let e = find("alice@example.org");
     assert_eq!(to(e), ["bob@example.org", "carol@example.org"]);
     assert_eq!(e.id.to_string(), lettre_id);
-    assert_eq!(e.helo, "client.test");
+    assert_eq!(&*e.helo, "client.test");
     assert_eq!(e.peer.ip().to_string(), "127.0.0.1");
     let d = data(e);
     let received = format!(

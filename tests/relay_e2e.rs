@@ -158,7 +158,7 @@ fn lettre_through_the_relay(io: &str) {
     assert_eq!(e.from.to_string(), "sender@client.test");
     let to: Vec<String> = e.to.iter().map(|m| m.as_str().to_string()).collect();
     assert_eq!(to, ["dest@lettre.test"]);
-    assert_eq!(e.helo, HOST, "the relay's EHLO name is its host name");
+    assert_eq!(&*e.helo, HOST, "the relay's EHLO name is its host name");
     let data = String::from_utf8_lossy(&e.data);
     assert!(
         data.contains(&format!(

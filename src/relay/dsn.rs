@@ -549,7 +549,8 @@ fn status(status: &str) -> &str {
 
 fn date(t: SystemTime) -> String {
     let mut s = String::with_capacity(32);
-    write_rfc5322_date(&mut s, t);
+    // Writing to a String cannot fail.
+    let _ = write_rfc5322_date(&mut s, t);
     s
 }
 

@@ -2,6 +2,7 @@
 //! MSG, plus who sent it and the queue ID it was given.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -23,8 +24,8 @@ pub struct Envelope {
     pub data: Bytes,
     /// The client's address.
     pub peer: SocketAddr,
-    /// The name the client gave in EHLO or HELO.
-    pub helo: String,
+    /// The name the client gave in EHLO or HELO, shared by the messages of one session.
+    pub helo: Arc<str>,
     /// The `BODY=` the client declared.
     pub body_type: BodyType,
 }

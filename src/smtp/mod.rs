@@ -4,7 +4,8 @@
 //! driven and checked from a test, and fuzzed.
 //!
 //! - [`command`]: one command line to a [`command::Command`].
-//! - [`path`]: reverse and forward paths, validated per RFC 5321.
+//! - [`path`]: reverse and forward paths, validated per RFC 5321, and the storage that
+//!   keeps a session's handling of them free of allocations.
 //! - [`data`]: the DATA scanner (end of message, dot-stuffing, bare CR/LF).
 //! - [`session`]: the server state machine that ties them together.
 //! - [`client`]: the outbound (delivery) state machine.

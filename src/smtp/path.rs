@@ -4,9 +4,17 @@
 //! Accepted: dot-string or quoted-string local parts, domains of letters, digits and
 //! hyphens, and IPv4 / `IPv6:` address literals. A source route (`<@a,@b:user@c>`) is
 //! accepted and dropped, as §C of the RFC asks. Anything else is a syntax error.
+//!
+//! Also the storage that lets a session handle addresses without allocating per command:
+//! parsing yields a borrowed [`MailboxRef`]; a transaction's addresses are kept in a
+//! reusable `MailboxList` and become owned [`Mailbox`]es, all sharing one string, at the
+//! end of DATA; and `MailboxSlot` lends the hooks a `&Mailbox` made in reused storage.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+use std::sync::Arc;
 
 /// Longest local part (RFC 5321 §4.5.3.1.1).
 pub const MAX_LOCAL_PART: usize = 64;
@@ -16,43 +24,238 @@ pub const MAX_DOMAIN: usize = 255;
 pub const MAX_PATH: usize = 256;
 
 /// A mailbox, `local-part@domain`, as it appeared in the envelope (source route removed).
-#[derive(Clone, PartialEq, Eq, Hash)]
+///
+/// Its text is shared and immutable: the mailboxes of one envelope are spans of a single
+/// string (one allocation for all of a message's addresses), and a clone costs a reference
+/// count, not a copy. Equality, hashing and formatting see only the mailbox's own text.
+#[derive(Clone)]
 pub struct Mailbox {
-    text: Box<str>,
-    at: usize,
+    text: Arc<str>,
+    span: Span,
 }
 
 impl Mailbox {
     /// Parses a bare mailbox (no angle brackets), as used in tests and configuration.
     pub fn parse(s: &str) -> Result<Mailbox, PathError> {
-        parse_mailbox(s.as_bytes())
+        parse_mailbox(s.as_bytes()).map(MailboxRef::to_mailbox)
     }
 
     /// The local part, quotes included if it was quoted.
     pub fn local_part(&self) -> &str {
-        &self.text[..self.at]
+        &self.text[self.span.local_part()]
     }
 
     /// The domain or address literal (`[192.0.2.1]`, `[IPv6:…]`), as written.
     pub fn domain(&self) -> &str {
-        &self.text[self.at + 1..]
+        &self.text[self.span.domain()]
     }
 
     /// The whole mailbox, `local@domain`.
     pub fn as_str(&self) -> &str {
-        &self.text
+        &self.text[self.span.whole()]
+    }
+
+    /// The mailbox borrowed, as the command parser yields it.
+    pub(crate) fn as_mailbox_ref(&self) -> MailboxRef<'_> {
+        MailboxRef {
+            text: self.as_str(),
+            at: usize::from(self.span.at),
+        }
+    }
+
+    /// The mailbox at `span` of a string shared with others (see [`MailboxList`]).
+    fn shared(text: &Arc<str>, span: Span) -> Mailbox {
+        Mailbox {
+            text: Arc::clone(text),
+            span,
+        }
+    }
+}
+
+impl PartialEq for Mailbox {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Mailbox {}
+
+impl Hash for Mailbox {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
 impl fmt::Display for Mailbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Mailbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "<{}>", self.text)
+        write!(f, "<{}>", self.as_str())
+    }
+}
+
+/// A validated mailbox borrowed from the text it was parsed from: what a [`Mailbox`]
+/// holds, before (and without) the copy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct MailboxRef<'a> {
+    text: &'a str,
+    /// Where the last `@` is in `text`.
+    at: usize,
+}
+
+impl<'a> MailboxRef<'a> {
+    /// The local part, quotes included if it was quoted.
+    pub fn local_part(&self) -> &'a str {
+        &self.text[..self.at]
+    }
+
+    /// The domain or address literal, as written.
+    pub fn domain(&self) -> &'a str {
+        &self.text[self.at + 1..]
+    }
+
+    /// The whole mailbox, `local@domain`.
+    pub fn as_str(&self) -> &'a str {
+        self.text
+    }
+
+    /// An owned copy (one allocation).
+    pub fn to_mailbox(self) -> Mailbox {
+        Mailbox::shared(&Arc::from(self.text), Span::of(0, self))
+    }
+}
+
+impl fmt::Display for MailboxRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text)
+    }
+}
+
+/// Where a mailbox lies in a longer string.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: usize,
+    /// Where the last `@` is, from `start`.
+    at: u16,
+    len: u16,
+}
+
+impl Span {
+    /// `m`, written at `start`.
+    fn of(start: usize, m: MailboxRef<'_>) -> Span {
+        // A parsed mailbox is at most MAX_LOCAL_PART + 1 + MAX_DOMAIN (320) bytes long.
+        Span {
+            start,
+            at: m.at as u16,
+            len: m.text.len() as u16,
+        }
+    }
+
+    fn whole(self) -> Range<usize> {
+        self.start..self.start + usize::from(self.len)
+    }
+
+    fn local_part(self) -> Range<usize> {
+        self.start..self.start + usize::from(self.at)
+    }
+
+    fn domain(self) -> Range<usize> {
+        self.start + usize::from(self.at) + 1..self.start + usize::from(self.len)
+    }
+}
+
+/// The mailboxes of one mail transaction, written back to back into one string whose
+/// capacity is kept from one transaction to the next: adding one allocates nothing once
+/// the string has grown to its working size. [`MailboxList::share`] makes the owned
+/// [`Mailbox`]es of an envelope with one allocation for all of them.
+#[derive(Debug, Default)]
+pub(crate) struct MailboxList {
+    text: String,
+}
+
+/// A mailbox's place in a [`MailboxList`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ListEntry(Span);
+
+impl MailboxList {
+    /// Adds `m`.
+    pub(crate) fn push(&mut self, m: MailboxRef<'_>) -> ListEntry {
+        let span = Span::of(self.text.len(), m);
+        self.text.push_str(m.text);
+        ListEntry(span)
+    }
+
+    /// The text of an entry.
+    pub(crate) fn get(&self, entry: ListEntry) -> &str {
+        self.text.get(entry.0.whole()).unwrap_or_default()
+    }
+
+    /// Forgets every mailbox, keeping the capacity.
+    pub(crate) fn clear(&mut self) {
+        self.text.clear();
+    }
+
+    /// One copy of the list's text (one allocation), from which owned mailboxes are made
+    /// without another.
+    pub(crate) fn share(&self) -> SharedMailboxes {
+        SharedMailboxes(Arc::from(self.text.as_str()))
+    }
+}
+
+/// The text of a [`MailboxList`], shared by the [`Mailbox`]es made from it.
+pub(crate) struct SharedMailboxes(Arc<str>);
+
+impl SharedMailboxes {
+    /// The mailbox of `entry` (entries of the list this was shared from).
+    pub(crate) fn get(&self, entry: ListEntry) -> Mailbox {
+        Mailbox::shared(&self.0, entry.0)
+    }
+}
+
+/// The storage of a [`MailboxSlot`]: room for the longest mailbox (local part, `@`,
+/// domain), all ASCII.
+const BLANK: &str = match std::str::from_utf8(&[b' '; MAX_LOCAL_PART + 1 + MAX_DOMAIN]) {
+    Ok(blank) => blank,
+    Err(_) => panic!("spaces are UTF-8"),
+};
+
+/// A [`Mailbox`] made over and over in the same storage, for callers that must lend out a
+/// `&Mailbox` for every command but keep none of them: the hooks of MAIL and RCPT. While
+/// nobody keeps the last one, making the next allocates nothing; if someone does keep one
+/// (a clone, say), the slot moves on to fresh storage and the kept one stays as it was.
+#[derive(Debug, Default)]
+pub(crate) struct MailboxSlot {
+    /// [`BLANK`] at first, then overwritten by each mailbox in turn: always all ASCII.
+    text: Option<Arc<str>>,
+}
+
+impl MailboxSlot {
+    /// `m` as a [`Mailbox`] in the slot's storage.
+    pub(crate) fn fill(&mut self, m: MailboxRef<'_>) -> Mailbox {
+        let src = m.text;
+        // Parsed mailboxes are ASCII and fit; anything else gets its own allocation, so the
+        // storage stays all ASCII (which the write below relies on).
+        if !src.is_ascii() || src.len() > BLANK.len() {
+            return m.to_mailbox();
+        }
+        // First use, or someone kept the last mailbox made here: move on to fresh storage.
+        let text = match &mut self.text {
+            Some(text) if Arc::strong_count(text) == 1 => text,
+            slot => slot.insert(Arc::from(BLANK)),
+        };
+        let Some(storage) = Arc::get_mut(text) else {
+            return m.to_mailbox();
+        };
+        // SAFETY: `as_bytes_mut` requires the str to be valid UTF-8 again when the borrow
+        // ends. The storage holds only ASCII (it starts as BLANK, and only ASCII is ever
+        // written: checked above), and ASCII written over ASCII leaves it all ASCII.
+        let bytes = unsafe { storage.as_bytes_mut() };
+        bytes[..src.len()].copy_from_slice(src.as_bytes());
+        Mailbox::shared(text, Span::of(0, m))
     }
 }
 
@@ -98,7 +301,7 @@ pub enum PathError {
 pub(crate) fn parse_path(
     s: &[u8],
     allow_null: bool,
-) -> Result<(Option<Mailbox>, &[u8]), PathError> {
+) -> Result<(Option<MailboxRef<'_>>, &[u8]), PathError> {
     if s.first() != Some(&b'<') {
         return Err(PathError::Syntax);
     }
@@ -149,7 +352,7 @@ fn find_path_end(s: &[u8]) -> Option<usize> {
     None
 }
 
-fn parse_mailbox(s: &[u8]) -> Result<Mailbox, PathError> {
+fn parse_mailbox(s: &[u8]) -> Result<MailboxRef<'_>, PathError> {
     let at = s
         .iter()
         .rposition(|&b| b == b'@')
@@ -166,10 +369,7 @@ fn parse_mailbox(s: &[u8]) -> Result<Mailbox, PathError> {
     }
     // Every byte checked above is ASCII, so this cannot fail; stay panic-free regardless.
     let text = std::str::from_utf8(s).map_err(|_| PathError::Syntax)?;
-    Ok(Mailbox {
-        text: text.into(),
-        at,
-    })
+    Ok(MailboxRef { text, at })
 }
 
 /// RFC 5322 `atext`.
@@ -306,6 +506,75 @@ mod tests {
             Mailbox::parse(&format!("a@{d255}d")),
             Err(PathError::TooLong)
         );
+    }
+
+    fn parsed(s: &str) -> MailboxRef<'_> {
+        parse_mailbox(s.as_bytes()).unwrap()
+    }
+
+    /// Equal, hashed alike, and alike in every accessor.
+    fn assert_same(a: &Mailbox, b: &Mailbox) {
+        use std::hash::BuildHasher;
+        let hasher = std::collections::hash_map::RandomState::new();
+        assert_eq!(a, b);
+        assert_eq!(hasher.hash_one(a), hasher.hash_one(b));
+        assert_eq!(
+            (a.as_str(), a.local_part(), a.domain()),
+            (b.as_str(), b.local_part(), b.domain())
+        );
+        assert_eq!(
+            (a.to_string(), format!("{a:?}")),
+            (b.to_string(), format!("{b:?}"))
+        );
+    }
+
+    #[test]
+    fn mailboxes_sharing_one_string_are_each_their_own() {
+        let mut list = MailboxList::default();
+        let texts = [
+            "a@b.example",
+            "\"x@y\"@c.example",
+            "long.local+part@[192.0.2.1]",
+        ];
+        let entries: Vec<_> = texts.iter().map(|t| list.push(parsed(t))).collect();
+        assert_eq!(list.get(entries[1]), texts[1]);
+        let shared = list.share();
+        list.clear();
+        for (text, &entry) in texts.iter().zip(&entries) {
+            let m = shared.get(entry);
+            assert_same(&m, &Mailbox::parse(text).unwrap());
+            assert_eq!(m.as_mailbox_ref(), parsed(text));
+        }
+        assert_eq!(shared.get(entries[0]).local_part(), "a");
+        assert_eq!(shared.get(entries[1]).local_part(), "\"x@y\"");
+    }
+
+    #[test]
+    fn a_slot_reuses_its_storage_unless_a_mailbox_made_there_is_kept() {
+        let mut slot = MailboxSlot::default();
+        let first = slot.fill(parsed("first.long.name@one.example"));
+        assert_same(
+            &first,
+            &Mailbox::parse("first.long.name@one.example").unwrap(),
+        );
+        let storage = Arc::as_ptr(&first.text);
+        drop(first);
+        let second = slot.fill(parsed("b@two.example"));
+        assert_same(&second, &Mailbox::parse("b@two.example").unwrap());
+        assert_eq!(Arc::as_ptr(&second.text), storage, "the storage is reused");
+        // Kept (here: not dropped): the next one goes elsewhere, and this one stays as is.
+        let third = slot.fill(parsed("c@three.example"));
+        assert_ne!(Arc::as_ptr(&third.text), storage);
+        assert_same(&second, &Mailbox::parse("b@two.example").unwrap());
+        assert_same(&third, &Mailbox::parse("c@three.example").unwrap());
+        let label = "d".repeat(63);
+        let longest = format!(
+            "{}@{label}.{label}.{label}.{label}",
+            "l".repeat(MAX_LOCAL_PART)
+        );
+        assert_eq!(longest.len(), MAX_LOCAL_PART + 1 + MAX_DOMAIN);
+        drop(third);
+        assert_eq!(slot.fill(parsed(&longest)).as_str(), longest);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The `Received:` trace header we prepend to every message (RFC 5321 §4.4) and the RFC 5322
 //! date it carries.
 
+use std::fmt::{self, Write};
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 
 use crate::id::QueueId;
 
@@ -26,9 +27,9 @@ pub struct Trace<'a> {
 }
 
 /// Appends `Received: from HELO ([IP]) by HOST (ringrelay) with ESMTP id ID [for <RCPT>]; DATE`
-/// to `out`, folded over several lines.
+/// to `out`, folded over several lines. Written straight into `out`: nothing is allocated
+/// but `out`'s own growth.
 pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
-    use std::fmt::Write;
     let Trace {
         helo,
         ip,
@@ -37,48 +38,44 @@ pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
         id,
         single_rcpt,
     } = *trace;
-    let proto = if esmtp { "ESMTP" } else { "SMTP" };
-    let ip_literal = match ip {
-        IpAddr::V4(v4) => format!("[{v4}]"),
-        IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
-    };
+    // Room for the whole header, so that it is written without regrowing: the fixed text,
+    // the longest IP literal, the ID and the date come to less than 170 bytes.
+    out.reserve(helo.len() + hostname.len() + single_rcpt.map_or(0, str::len) + 170);
+    out.extend_from_slice(b"Received: from ");
     // The HELO name is the client's word: keep only what cannot unbalance the header's
-    // comment or structure (Postfix is similarly careful).
-    let helo: std::borrow::Cow<'_, str> = if helo
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
-    {
-        helo.into()
-    } else {
-        helo.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-._:[]".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect::<String>()
-            .into()
-    };
-    let mut s = String::with_capacity(200);
-    // Writing to a String cannot fail.
-    let _ = write!(
-        s,
-        "Received: from {helo} ({ip_literal})\r\n\tby {hostname} (ringrelay) with {proto} id {id}"
-    );
-    if let Some(rcpt) = single_rcpt {
-        let _ = write!(s, "\r\n\tfor <{rcpt}>");
+    // comment or structure (Postfix is similarly careful); any other character becomes `_`.
+    for c in helo.chars() {
+        match u8::try_from(c) {
+            Ok(b) if b.is_ascii_alphanumeric() || b"-._:[]".contains(&b) => out.put_u8(b),
+            _ => out.put_u8(b'_'),
+        }
     }
-    s.push_str(";\r\n\t");
-    write_rfc5322_date(&mut s, now);
-    s.push_str("\r\n");
-    out.extend_from_slice(s.as_bytes());
+    // Writing to a BytesMut cannot fail (it grows as needed).
+    let _ = match ip {
+        IpAddr::V4(v4) => write!(out, " ([{v4}])"),
+        IpAddr::V6(v6) => write!(out, " ([IPv6:{v6}])"),
+    };
+    out.extend_from_slice(b"\r\n\tby ");
+    out.extend_from_slice(hostname.as_bytes());
+    out.extend_from_slice(if esmtp {
+        b" (ringrelay) with ESMTP id "
+    } else {
+        b" (ringrelay) with SMTP id "
+    });
+    out.extend_from_slice(&id.encode());
+    if let Some(rcpt) = single_rcpt {
+        out.extend_from_slice(b"\r\n\tfor <");
+        out.extend_from_slice(rcpt.as_bytes());
+        out.put_u8(b'>');
+    }
+    out.extend_from_slice(b";\r\n\t");
+    let _ = write_rfc5322_date(out, now);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Formats `now` as an RFC 5322 date in UTC, e.g. `Sat, 21 Nov 2026 20:39:18 +0000`.
-pub fn write_rfc5322_date(out: &mut String, now: SystemTime) {
-    use std::fmt::Write;
+/// Fails only if `out` does.
+pub fn write_rfc5322_date<W: Write + ?Sized>(out: &mut W, now: SystemTime) -> fmt::Result {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -90,7 +87,7 @@ pub fn write_rfc5322_date(out: &mut String, now: SystemTime) {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days as i64);
-    let _ = write!(
+    write!(
         out,
         "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
         DAYS[(days % 7) as usize],
@@ -100,7 +97,7 @@ pub fn write_rfc5322_date(out: &mut String, now: SystemTime) {
         rem / 3600,
         rem / 60 % 60,
         rem % 60
-    );
+    )
 }
 
 /// Days since 1970-01-01 to (year, month 1–12, day 1–31), proleptic Gregorian calendar.
@@ -125,7 +122,7 @@ mod tests {
 
     fn date(secs: u64) -> String {
         let mut s = String::new();
-        write_rfc5322_date(&mut s, UNIX_EPOCH + Duration::from_secs(secs));
+        write_rfc5322_date(&mut s, UNIX_EPOCH + Duration::from_secs(secs)).unwrap();
         s
     }
 
@@ -151,6 +148,23 @@ mod tests {
         assert!(String::from_utf8(b.to_vec())
             .unwrap()
             .starts_with("Received: from a_b__x_y_ ([192.0.2.1])"));
+    }
+
+    #[test]
+    fn a_non_ascii_helo_character_becomes_one_underscore() {
+        let mut b = BytesMut::new();
+        let trace = Trace {
+            helo: "h\u{e9}.example",
+            ip: "192.0.2.1".parse().unwrap(),
+            hostname: "r",
+            esmtp: true,
+            id: crate::id::IdGenerator::starting_at(0, 1).next_id(),
+            single_rcpt: None,
+        };
+        write_received(&mut b, &trace, UNIX_EPOCH);
+        assert!(String::from_utf8(b.to_vec())
+            .unwrap()
+            .starts_with("Received: from h_.example ([192.0.2.1])"));
     }
 
     #[test]

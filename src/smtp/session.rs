@@ -11,6 +11,15 @@
 //! stops early only when a message awaits its result, or when the session closed. Replies
 //! are only ever appended, so none is lost or reordered; the driver sends them whenever
 //! the input runs dry.
+//!
+//! Allocation: once a session's buffers have grown to their working size, no command
+//! allocates (`tests/allocations.rs` counts). Addresses are parsed in place, kept in
+//! storage reused from one transaction to the next, and lent to the hooks from reused
+//! storage too; replies are written straight into the output buffer. Per message, the
+//! end of DATA makes the envelope's owned parts: one string holding all its addresses
+//! (its [`Mailbox`]es share it) and its list of recipients. The HELO name is shared by a
+//! session's messages, and the content is the body buffer itself, handed over; the next
+//! message needs a new body buffer only while the handler still holds this one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use super::command::{self, BodyType, Command, CommandError};
 use super::data::{DataOutcome, DataScanner};
 use super::envelope::Envelope;
-use super::path::{Mailbox, ReversePath};
+use super::path::{ListEntry, Mailbox, MailboxList, MailboxRef, MailboxSlot, ReversePath};
 use super::received::{write_received, Trace};
 use super::reply::Reply;
 use crate::id::QueueId;
@@ -122,15 +131,36 @@ enum State {
     Closed,
 }
 
-/// One mail transaction (RFC 5321 §3.3), from MAIL to the end of DATA.
+/// One mail transaction (RFC 5321 §3.3), from MAIL to the end of DATA. Its storage is
+/// kept from one transaction to the next ([`Transaction::clear`]): once grown to its
+/// working size, a transaction's commands allocate nothing.
 #[derive(Debug, Default)]
 struct Transaction {
-    from: Option<ReversePath>,
-    to: Vec<Mailbox>,
+    /// MAIL was accepted.
+    started: bool,
+    /// The reverse path; `None` for `<>` (or before MAIL).
+    from: Option<ListEntry>,
+    /// The accepted recipients, in order.
+    to: Vec<ListEntry>,
+    /// The text of `from` and `to`.
+    addresses: MailboxList,
     body_type: BodyType,
     /// RCPT commands seen, accepted or not: tells "need RCPT" from "no valid recipients".
     rcpt_attempts: u32,
     id: Option<QueueId>,
+}
+
+impl Transaction {
+    /// Back to no transaction, keeping the storage.
+    fn clear(&mut self) {
+        self.started = false;
+        self.from = None;
+        self.to.clear();
+        self.addresses.clear();
+        self.body_type = BodyType::default();
+        self.rcpt_attempts = 0;
+        self.id = None;
+    }
 }
 
 /// The server side of one SMTP connection.
@@ -140,9 +170,15 @@ pub struct Session {
     peer: SocketAddr,
     may_relay: bool,
     state: State,
-    helo: Option<Box<str>>,
+    /// The EHLO/HELO name, once given; its capacity is kept when the client greets again.
+    helo: Option<String>,
+    /// The HELO name as handed to envelopes: one copy shared by the session's messages
+    /// until the client gives another name.
+    helo_shared: Option<Arc<str>>,
     esmtp: bool,
     tx: Transaction,
+    /// Where the MAIL and RCPT hooks' `&Mailbox` is made, without an allocation each.
+    hook_mailbox: MailboxSlot,
     scanner: DataScanner,
     body: BytesMut,
     out: BytesMut,
@@ -166,8 +202,10 @@ impl Session {
             may_relay,
             state: State::Command,
             helo: None,
+            helo_shared: None,
             esmtp: false,
             tx: Transaction::default(),
+            hook_mailbox: MailboxSlot::default(),
             scanner,
             body: BytesMut::new(),
             out: BytesMut::with_capacity(256),
@@ -267,7 +305,7 @@ impl Session {
             }
             Err(reply) => reply.write_to(&mut self.out),
         }
-        self.tx = Transaction::default();
+        self.tx.clear();
         self.state = State::Command;
     }
 
@@ -301,7 +339,7 @@ impl Session {
     /// True between transactions: no MAIL given, no message in flight. A graceful shutdown
     /// may close such a session at once.
     pub fn is_idle(&self) -> bool {
-        self.state == State::Command && self.tx.from.is_none()
+        self.state == State::Command && !self.tx.started
     }
 
     /// Bytes of memory the message being received holds now (its buffer's capacity), for
@@ -367,15 +405,20 @@ impl Session {
                 return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
             }
             Err(CommandError::Syntax(hint)) => {
-                return self.error_reply(Reply::new(501, format!("5.5.4 Syntax: {hint}")))
+                // The hint is one of the parser's own short ASCII texts: written as it is.
+                self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
+                self.out.extend_from_slice(hint.as_bytes());
+                return self.error(b"\r\n");
             }
         };
         match cmd {
             Command::Ehlo(host) | Command::Helo(host) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
-                self.helo = Some(host.into());
+                let helo = self.helo.get_or_insert_with(String::new);
+                helo.clear();
+                helo.push_str(host);
                 self.esmtp = esmtp;
-                self.tx = Transaction::default();
+                self.tx.clear();
                 let config = Arc::clone(&self.config);
                 self.reply(if esmtp {
                     &config.ehlo_reply
@@ -387,7 +430,7 @@ impl Session {
             Command::Rcpt(to) => self.rcpt(to, hooks),
             Command::Data => self.data(now, hooks),
             Command::Rset => {
-                self.tx = Transaction::default();
+                self.tx.clear();
                 self.reply(b"250 2.0.0 Ok\r\n");
             }
             Command::Noop => self.reply(b"250 2.0.0 Ok\r\n"),
@@ -407,7 +450,7 @@ impl Session {
 
     fn mail(
         &mut self,
-        from: ReversePath,
+        from: Option<MailboxRef<'_>>,
         size: Option<u64>,
         body: BodyType,
         hooks: &mut impl Hooks,
@@ -415,25 +458,31 @@ impl Session {
         if self.helo.is_none() {
             return self.error(b"503 5.5.1 Error: send HELO/EHLO first\r\n");
         }
-        if self.tx.from.is_some() {
+        if self.tx.started {
             return self.error(b"503 5.5.1 Error: nested MAIL command\r\n");
         }
         if size.is_some_and(|s| s > self.config.max_message_size as u64) {
             return self.error(b"552 5.3.4 Error: message size exceeds fixed limit\r\n");
         }
-        if let Err(reply) = hooks.check_mail(&from) {
+        let path = match from {
+            None => ReversePath::Null,
+            Some(m) => ReversePath::Mailbox(self.hook_mailbox.fill(m)),
+        };
+        let checked = hooks.check_mail(&path);
+        // Let go of the hook's mailbox, so that its storage can be used again.
+        drop(path);
+        if let Err(reply) = checked {
             return self.error_reply(reply);
         }
-        self.tx = Transaction {
-            from: Some(from),
-            body_type: body,
-            ..Transaction::default()
-        };
+        self.tx.clear();
+        self.tx.from = from.map(|m| self.tx.addresses.push(m));
+        self.tx.started = true;
+        self.tx.body_type = body;
         self.reply(b"250 2.1.0 Ok\r\n");
     }
 
-    fn rcpt(&mut self, to: Option<Mailbox>, hooks: &mut impl Hooks) {
-        if self.tx.from.is_none() {
+    fn rcpt(&mut self, to: Option<MailboxRef<'_>>, hooks: &mut impl Hooks) {
+        if !self.tx.started {
             return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
         }
         self.tx.rcpt_attempts = self.tx.rcpt_attempts.saturating_add(1);
@@ -445,12 +494,11 @@ impl Session {
             }
             return;
         }
+        let config = Arc::clone(&self.config);
         // `<Postmaster>` with no domain is ours, and always accepted (RFC 5321 §4.1.1.3).
-        let (to, local) = match to {
-            Some(m) => (m, false),
-            None => (self.config.postmaster.clone(), true),
-        };
-        if !local && !self.may_relay && !self.config.relay.is_relay_domain(to.domain()) {
+        let local = to.is_none();
+        let to = to.unwrap_or_else(|| config.postmaster.as_mailbox_ref());
+        if !local && !self.may_relay && !config.relay.is_relay_domain(to.domain()) {
             return self.error(b"550 5.7.1 Relay access denied\r\n");
         }
         // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
@@ -465,10 +513,16 @@ impl Session {
         {
             return self.error(b"550 5.7.1 Sender-specified routing is not allowed\r\n");
         }
-        if let Err(reply) = hooks.check_rcpt(&to) {
+        let checked = if local {
+            hooks.check_rcpt(&config.postmaster)
+        } else {
+            hooks.check_rcpt(&self.hook_mailbox.fill(to))
+        };
+        if let Err(reply) = checked {
             return self.error_reply(reply);
         }
-        self.tx.to.push(to);
+        let entry = self.tx.addresses.push(to);
+        self.tx.to.push(entry);
         self.reply(b"250 2.1.5 Ok\r\n");
     }
 
@@ -476,7 +530,7 @@ impl Session {
         let Some(helo) = self.helo.as_deref() else {
             return self.error(b"503 5.5.1 Error: send HELO/EHLO first\r\n");
         };
-        if self.tx.from.is_none() {
+        if !self.tx.started {
             return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
         }
         if self.tx.to.is_empty() {
@@ -493,7 +547,10 @@ impl Session {
         self.tx.id = Some(id);
         self.body.clear();
         self.body.reserve(1024);
-        let single = (self.tx.to.len() == 1).then(|| self.tx.to[0].as_str());
+        let single = match self.tx.to[..] {
+            [only] => Some(self.tx.addresses.get(only)),
+            _ => None,
+        };
         let trace = Trace {
             helo,
             ip: self.peer.ip().to_canonical(),
@@ -510,7 +567,7 @@ impl Session {
 
     fn end_of_data(&mut self, outcome: DataOutcome) {
         if std::mem::take(&mut self.data_refused) {
-            self.tx = Transaction::default();
+            self.tx.clear();
             self.body.clear();
             self.state = State::Command;
             // Our shortage, not the client's error: not counted against it.
@@ -518,7 +575,7 @@ impl Session {
                 .reply(b"452 4.3.1 Error: insufficient system storage, try again later\r\n");
         }
         if outcome.bare_line_ending {
-            self.tx = Transaction::default();
+            self.tx.clear();
             self.body.clear();
             self.state = State::Command;
             return self.error(
@@ -526,29 +583,50 @@ impl Session {
             );
         }
         if outcome.too_large {
-            self.tx = Transaction::default();
+            self.tx.clear();
             self.body.clear();
             self.state = State::Command;
             return self.error(b"552 5.3.4 Error: message size exceeds fixed limit\r\n");
         }
-        let tx = std::mem::take(&mut self.tx);
-        let (Some(from), Some(id)) = (tx.from, tx.id) else {
+        let (true, Some(id)) = (self.tx.started, self.tx.id) else {
             // Unreachable by construction (DATA requires both); fail safe, not silent.
+            self.tx.clear();
             self.state = State::Command;
             return self.reply(b"451 4.3.0 Error: internal state error\r\n");
         };
+        // The envelope's owned parts: one copy of all its addresses, one list of recipients
+        // (the HELO name is shared, and the content is the body buffer itself).
+        let addresses = self.tx.addresses.share();
+        let from = self.tx.from.map_or(ReversePath::Null, |e| {
+            ReversePath::Mailbox(addresses.get(e))
+        });
+        let to = self.tx.to.iter().map(|&e| addresses.get(e)).collect();
         self.message = Some(Envelope {
             id,
             from,
-            to: tx.to,
+            to,
             data: self.body.split().freeze(),
             peer: self.peer,
-            helo: self.helo.as_deref().unwrap_or_default().to_string(),
-            body_type: tx.body_type,
+            helo: self.shared_helo(),
+            body_type: self.tx.body_type,
         });
+        self.tx.clear();
         // Keep the ID for the 250 reply; the rest of the transaction is gone.
         self.tx.id = Some(id);
         self.state = State::AwaitingResult;
+    }
+
+    /// The HELO name for an envelope: the shared copy, made anew only when the name changed.
+    fn shared_helo(&mut self) -> Arc<str> {
+        let helo = self.helo.as_deref().unwrap_or_default();
+        match &self.helo_shared {
+            Some(shared) if **shared == *helo => Arc::clone(shared),
+            _ => {
+                let shared: Arc<str> = Arc::from(helo);
+                self.helo_shared = Some(Arc::clone(&shared));
+                shared
+            }
+        }
     }
 }
 
@@ -564,6 +642,8 @@ mod tests {
         ids: IdGenerator,
         refuse_sender: Option<&'static str>,
         refuse_data: bool,
+        /// Every mailbox the address hooks were shown, kept.
+        shown: Vec<Mailbox>,
     }
 
     impl Hooks for TestHooks {
@@ -571,12 +651,17 @@ mod tests {
             self.ids.next_id()
         }
         fn check_mail(&mut self, from: &ReversePath) -> Result<(), Reply> {
+            self.shown.extend(from.mailbox().cloned());
             match (self.refuse_sender, from.mailbox()) {
                 (Some(bad), Some(m)) if m.as_str() == bad => {
                     Err(Reply::new(550, "5.7.1 sender refused"))
                 }
                 _ => Ok(()),
             }
+        }
+        fn check_rcpt(&mut self, to: &Mailbox) -> Result<(), Reply> {
+            self.shown.push(to.clone());
+            Ok(())
         }
         fn check_data(&mut self) -> Result<(), Reply> {
             if self.refuse_data {
@@ -592,6 +677,7 @@ mod tests {
             ids: IdGenerator::starting_at(0, 1),
             refuse_sender: None,
             refuse_data: false,
+            shown: Vec::new(),
         }
     }
 
@@ -717,7 +803,7 @@ mod tests {
             m.to.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             ["b@example.org", "c@example.org"]
         );
-        assert_eq!(m.helo, "c.example");
+        assert_eq!(&*m.helo, "c.example");
         assert_eq!(m.body_type, BodyType::EightBitMime);
         let data = std::str::from_utf8(&m.data).unwrap();
         assert!(data.starts_with(
@@ -726,6 +812,27 @@ mod tests {
         assert!(!data.contains("for <"), "two recipients: no for clause");
         assert!(data.ends_with("\r\nSubject: x\r\n\r\n.hi\r\n"), "{data:?}");
         assert!(h.session.is_closed());
+    }
+
+    #[test]
+    fn mailboxes_kept_by_the_hooks_stay_as_they_were_shown() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\n");
+        for _ in 0..2 {
+            h.feed(b"MAIL FROM:<first.sender@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<c.longer.name@example.org>\r\nDATA\r\nx\r\n.\r\n");
+        }
+        let shown: Vec<&str> = h.hooks.shown.iter().map(Mailbox::as_str).collect();
+        let once = [
+            "first.sender@example.org",
+            "b@example.org",
+            "postmaster@relay.test",
+            "c.longer.name@example.org",
+        ];
+        assert_eq!(shown, [once, once].concat());
+        for m in &h.messages {
+            assert_eq!(m.from.to_string(), once[0]);
+            assert_eq!(m.to, h.hooks.shown[1..4]);
+        }
     }
 
     #[test]
@@ -795,6 +902,16 @@ mod tests {
         assert!(
             h.session.in_data(),
             "the transaction survived both syntax errors"
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_reply_names_what_was_expected() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\n");
+        assert_eq!(
+            h.feed(b"DATA extra\r\nMAIL FROM:a@example.org\r\n"),
+            "501 5.5.4 Syntax: no arguments allowed\r\n501 5.5.4 Syntax: MAIL FROM:<address>\r\n"
         );
     }
 
