@@ -11,7 +11,8 @@
 //! On top of that natural batching, a sync may be held open for a short *window* so that
 //! messages about to arrive join it, in the spirit of PostgreSQL's `commit_delay` and
 //! `commit_siblings`. [`Window`] decides its length from two running averages (EWMAs)
-//! that every sync updates: messages per sync, and how long a sync takes.
+//! that every sync updates: messages per sync, and how long the `fdatasync`s themselves
+//! took.
 //!
 //! - Light load: while recent syncs averaged fewer than [`BUSY_BATCH`] messages, the window
 //!   is zero and a sync starts as soon as a message waits. One lone message never waits.
@@ -46,6 +47,8 @@ pub struct CommitStats {
     pub messages: u64,
     /// Syncs that failed.
     pub failures: u64,
+    /// Time spent in `fdatasync` (and the directory's `fsync`), in all.
+    pub synced: Duration,
     /// Syncs that were held open for a window first.
     pub windows: u64,
     /// Time spent in those windows, in all.
@@ -142,8 +145,8 @@ impl GroupCommit {
     pub async fn durable(&self) -> Result<(), String> {
         if self.one_by_one {
             let targets = self.store.borrow_mut().take_sync_targets();
-            let result = sync_off_thread(targets).await;
-            self.count(1, result.is_err());
+            let (result, took) = sync_off_thread(targets).await;
+            self.count(1, result.is_err(), took);
             return result;
         }
         let (tx, rx) = oneshot::channel();
@@ -173,14 +176,13 @@ impl GroupCommit {
             }
             let waiters = std::mem::take(&mut *self.waiting.borrow_mut());
             let targets = self.store.borrow_mut().take_sync_targets();
-            let started = Instant::now();
-            let result = sync_off_thread(targets).await;
-            window.observe(waiters.len(), started.elapsed());
+            let (result, took) = sync_off_thread(targets).await;
+            window.observe(waiters.len(), took);
             if result.is_err() {
                 // Nothing about the current segment is certain after a failed sync.
                 self.store.borrow_mut().abandon_current();
             }
-            self.count(waiters.len() as u64, result.is_err());
+            self.count(waiters.len() as u64, result.is_err(), took);
             for w in waiters {
                 let _ = w.send(result.clone());
             }
@@ -192,9 +194,10 @@ impl GroupCommit {
         self.stats.get()
     }
 
-    fn count(&self, messages: u64, failed: bool) {
+    fn count(&self, messages: u64, failed: bool, took: Duration) {
         let mut s = self.stats.get();
         s.syncs += 1;
+        s.synced += took;
         s.messages += messages;
         s.failures += u64::from(failed);
         self.stats.set(s);
@@ -208,14 +211,21 @@ impl GroupCommit {
     }
 }
 
-async fn sync_off_thread(targets: super::store::SyncTargets) -> Result<(), String> {
+/// Syncs `targets` on the blocking pool; also returns how long the syncs themselves took
+/// (timed on that thread, so a busy shard thread does not inflate it).
+async fn sync_off_thread(targets: super::store::SyncTargets) -> (Result<(), String>, Duration) {
     if targets.is_empty() {
-        return Ok(());
+        return (Ok(()), Duration::ZERO);
     }
-    match tokio::task::spawn_blocking(move || targets.sync()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(describe(&e)),
-        Err(e) => Err(format!("sync task failed: {e}")),
+    let synced = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let result = targets.sync();
+        (result, started.elapsed())
+    });
+    match synced.await {
+        Ok((Ok(()), took)) => (Ok(()), took),
+        Ok((Err(e), took)) => (Err(describe(&e)), took),
+        Err(e) => (Err(format!("sync task failed: {e}")), Duration::ZERO),
     }
 }
 
