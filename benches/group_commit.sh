@@ -2,7 +2,8 @@
 # Group commit on and off: smtp-source -> ringrelay (spool on the real disk) -> smtp-sink,
 # once with group commit (the default) and once with RINGRELAY_GROUP_COMMIT=off (one
 # fdatasync per message), interleaved rep by rep. Reports accepted msgs/s, messages per
-# fsync and the mean commit window per fsync, from the relay's own shutdown log line.
+# fsync, the mean fsync time and the mean commit window per fsync, from the relay's own
+# shutdown log line.
 #
 # usage: benches/group_commit.sh [REPS] [MSGS] [SESSIONS]
 #   env RINGRELAY (default target/release/ringrelay), QBASE (default /var/tmp: real disk),
@@ -45,18 +46,21 @@ one_run() { # MODE(on|off)
     kill "$sink"; wait "$sink" 2>/dev/null || true
     rm -rf "$q"
     awk -v mode="$1" -v m="$MSGS" -v t0="$t0" -v t1="$t1" '
-        /made durable in/ { for (i = 1; i <= NF; i++) { if ($i == "message(s)") msgs += $(i-1); if ($i == "sync(s)") syncs += $(i-1)
-            if ($i == "window") waited += substr($(i+1), 2) } }
-        END { printf "%s %.0f %.1f %.0f\n", mode, m / (t1 - t0), (syncs > 0 ? msgs / syncs : 0), (syncs > 0 ? waited * 1000 / syncs : 0) }' "$WORK/relay.log" |
+        /made durable in/ { n = 0; for (i = 1; i <= NF; i++) { if ($i == "message(s)") msgs += $(i-1)
+            if ($i == "sync(s)" && $(i-1) ~ /^[0-9]+$/) { n = $(i-1); syncs += n }
+            if ($i == "each),") synced += n * $(i-2); if ($i == "window") waited += substr($(i+1), 2) } }
+        END { printf "%s %.0f %.1f %.0f %.0f\n", mode, m / (t1 - t0), (syncs > 0 ? msgs / syncs : 0),
+            (syncs > 0 ? synced / syncs : 0), (syncs > 0 ? waited * 1000 / syncs : 0) }' "$WORK/relay.log" |
         tee -a "$WORK/results" >&2
 }
 printf "# group_commit (%s on/off) on %s (%s cores), %s, %s reps x %s msgs, %s sessions, spool under %s\n" \
     "$SWITCH" "$(hostname)" "$(nproc)" "$(date -u +%Y-%m-%dT%H:%MZ)" "$REPS" "$MSGS" "$SESS" "$QBASE"
 for r in $(seq 1 "$REPS"); do one_run on; one_run off; done
-printf "%-14s %10s %16s %16s\n" "$SWITCH" "accept/s" "messages/fsync" "window µs/fsync"
+printf "%-14s %10s %16s %14s %16s\n" "$SWITCH" "accept/s" "messages/fsync" "fsync µs" "window µs/fsync"
 for mode in on off; do
-    printf "%-14s %10.0f %16.1f %16.0f\n" "$mode" \
+    printf "%-14s %10.0f %16.1f %14.0f %16.0f\n" "$mode" \
         "$(awk -v m="$mode" '$1 == m {print $2}' "$WORK/results" | median)" \
         "$(awk -v m="$mode" '$1 == m {print $3}' "$WORK/results" | median)" \
-        "$(awk -v m="$mode" '$1 == m {print $4}' "$WORK/results" | median)"
+        "$(awk -v m="$mode" '$1 == m {print $4}' "$WORK/results" | median)" \
+        "$(awk -v m="$mode" '$1 == m {print $5}' "$WORK/results" | median)"
 done
