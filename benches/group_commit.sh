@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Group commit on and off: smtp-source -> ringrelay (spool on the real disk) -> smtp-sink,
 # once with group commit (the default) and once with RINGRELAY_GROUP_COMMIT=off (one
-# fdatasync per message), interleaved rep by rep. Reports accepted msgs/s, and messages per
-# fsync from the relay's own shutdown log line.
+# fdatasync per message), interleaved rep by rep. Reports accepted msgs/s, messages per
+# fsync, the mean fsync time and the mean commit window per fsync, from the relay's own
+# shutdown log line.
 #
 # usage: benches/group_commit.sh [REPS] [MSGS] [SESSIONS]
-#   env RINGRELAY (default target/release/ringrelay), QBASE (default /var/tmp: real disk).
+#   env RINGRELAY (default target/release/ringrelay), QBASE (default /var/tmp: real disk),
+#   SWITCH (default RINGRELAY_GROUP_COMMIT): the variable set to "off" in the "off" runs;
+#   SWITCH=RINGRELAY_COMMIT_WINDOW compares the adaptive commit window on and off.
 # Needs: postfix (smtp-source, smtp-sink), root (smtp-sink drops to user postfix).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +20,7 @@ MSGS=${2:-20000}
 SESS=${3:-50}
 RINGRELAY=${RINGRELAY:-$ROOT/target/release/ringrelay}
 QBASE=${QBASE:-/var/tmp}
+SWITCH=${SWITCH:-RINGRELAY_GROUP_COMMIT}
 SINK_PORT=2680
 RELAY_PORT=2681
 WORK=$(mktemp -d /tmp/group_commit.XXXXXX)
@@ -31,7 +35,7 @@ one_run() { # MODE(on|off)
     smtp-sink -c -u postfix "127.0.0.1:$SINK_PORT" 1024 >/dev/null 2>&1 & sink=$!
     PIDS=("$sink")
     wait_port 127.0.0.1 "$SINK_PORT"
-    if [ "$1" = off ]; then export RINGRELAY_GROUP_COMMIT=off; else unset RINGRELAY_GROUP_COMMIT; fi
+    if [ "$1" = off ]; then export "$SWITCH=off"; else unset "$SWITCH"; fi
     "$RINGRELAY" serve --listen "127.0.0.1:$RELAY_PORT" --smarthost "127.0.0.1:$SINK_PORT" --spool "$q" 2>"$WORK/relay.log" & relay=$!
     PIDS+=("$relay")
     wait_port 127.0.0.1 "$RELAY_PORT"
@@ -42,16 +46,21 @@ one_run() { # MODE(on|off)
     kill "$sink"; wait "$sink" 2>/dev/null || true
     rm -rf "$q"
     awk -v mode="$1" -v m="$MSGS" -v t0="$t0" -v t1="$t1" '
-        /made durable in/ { for (i = 1; i <= NF; i++) { if ($i == "message(s)") msgs += $(i-1); if ($i == "sync(s)") syncs += $(i-1) } }
-        END { printf "%s %.0f %.1f\n", mode, m / (t1 - t0), (syncs > 0 ? msgs / syncs : 0) }' "$WORK/relay.log" |
+        /made durable in/ { n = 0; for (i = 1; i <= NF; i++) { if ($i == "message(s)") msgs += $(i-1)
+            if ($i == "sync(s)" && $(i-1) ~ /^[0-9]+$/) { n = $(i-1); syncs += n }
+            if ($i == "each),") synced += n * $(i-2); if ($i == "window") waited += substr($(i+1), 2) } }
+        END { printf "%s %.0f %.1f %.0f %.0f\n", mode, m / (t1 - t0), (syncs > 0 ? msgs / syncs : 0),
+            (syncs > 0 ? synced / syncs : 0), (syncs > 0 ? waited * 1000 / syncs : 0) }' "$WORK/relay.log" |
         tee -a "$WORK/results" >&2
 }
-printf "# group_commit on %s (%s cores), %s, %s reps x %s msgs, %s sessions, spool under %s\n" \
-    "$(hostname)" "$(nproc)" "$(date -u +%Y-%m-%dT%H:%MZ)" "$REPS" "$MSGS" "$SESS" "$QBASE"
+printf "# group_commit (%s on/off) on %s (%s cores), %s, %s reps x %s msgs, %s sessions, spool under %s\n" \
+    "$SWITCH" "$(hostname)" "$(nproc)" "$(date -u +%Y-%m-%dT%H:%MZ)" "$REPS" "$MSGS" "$SESS" "$QBASE"
 for r in $(seq 1 "$REPS"); do one_run on; one_run off; done
-printf "%-14s %10s %16s\n" "group commit" "accept/s" "messages/fsync"
+printf "%-14s %10s %16s %14s %16s\n" "$SWITCH" "accept/s" "messages/fsync" "fsync µs" "window µs/fsync"
 for mode in on off; do
-    printf "%-14s %10.0f %16.1f\n" "$mode" \
+    printf "%-14s %10.0f %16.1f %14.0f %16.0f\n" "$mode" \
         "$(awk -v m="$mode" '$1 == m {print $2}' "$WORK/results" | median)" \
-        "$(awk -v m="$mode" '$1 == m {print $3}' "$WORK/results" | median)"
+        "$(awk -v m="$mode" '$1 == m {print $3}' "$WORK/results" | median)" \
+        "$(awk -v m="$mode" '$1 == m {print $4}' "$WORK/results" | median)" \
+        "$(awk -v m="$mode" '$1 == m {print $5}' "$WORK/results" | median)"
 done

@@ -262,11 +262,15 @@ impl Drop for RelayHandler {
         if s.syncs > 0 {
             tracing::info!(
                 shard = self.shard.index,
-                "spool: {} message(s) made durable in {} sync(s) ({:.1} per sync), {} failed sync(s)",
+                "spool: {} message(s) made durable in {} sync(s) ({:.1} per sync, {:.0} µs each), \
+                 {} failed sync(s), {} held open for a commit window ({:.1} ms in all)",
                 s.messages,
                 s.syncs,
                 s.messages as f64 / s.syncs as f64,
-                s.failures
+                s.synced.as_secs_f64() * 1e6 / s.syncs as f64,
+                s.failures,
+                s.windows,
+                s.waited.as_secs_f64() * 1e3
             );
         }
     }

@@ -5,10 +5,34 @@
 //! tokio's blocking pool), and only then releases the waiters, whose `250` follows. While a
 //! sync runs, new messages gather for the next one, so the batch grows with the load: one
 //! message per sync when idle (lowest latency), many under load (highest throughput).
+//!
+//! # The commit window
+//!
+//! On top of that natural batching, a sync may be held open for a short *window* so that
+//! messages about to arrive join it, in the spirit of PostgreSQL's `commit_delay` and
+//! `commit_siblings`. [`Window`] decides its length from two running averages (EWMAs)
+//! that every sync updates: messages per sync, and how long the `fdatasync`s themselves
+//! took.
+//!
+//! - Light load: while recent syncs averaged fewer than [`BUSY_BATCH`] messages, the window
+//!   is zero and a sync starts as soon as a message waits. One lone message never waits.
+//! - Heavier load: the window is a share of the average sync time that grows with the
+//!   average batch `b`: `sync × MAX_SHARE × (1 − 1/b)`. So it never exceeds half a sync
+//!   (a message held back costs at most half of what the sync it joins costs), and it is
+//!   never longer than [`MAX_WINDOW`] on a slow disk.
+//! - When the load drops, batches shrink and the averages fall back below
+//!   [`BUSY_BATCH`] within a few syncs, and the window closes again.
+//!
+//! The window is slept on the blocking pool, not with tokio's timer: the timer counts in
+//! whole milliseconds, several times a typical window here.
+//!
+//! A/B switches: `RINGRELAY_GROUP_COMMIT=off` syncs every message on its own (no batching,
+//! no window); `RINGRELAY_COMMIT_WINDOW=off` keeps the natural batching but never waits.
 
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -23,6 +47,72 @@ pub struct CommitStats {
     pub messages: u64,
     /// Syncs that failed.
     pub failures: u64,
+    /// Time spent in `fdatasync` (and the directory's `fsync`), in all.
+    pub synced: Duration,
+    /// Syncs that were held open for a window first.
+    pub windows: u64,
+    /// Time spent in those windows, in all.
+    pub waited: Duration,
+}
+
+/// Below this average of messages per sync the load is light: no window.
+pub const BUSY_BATCH: f64 = 1.5;
+/// The window's largest share of the average sync time.
+pub const MAX_SHARE: f64 = 0.5;
+/// The window is never longer than this.
+pub const MAX_WINDOW: Duration = Duration::from_millis(2);
+/// Weight of the newest sync in the running averages.
+const WEIGHT: f64 = 0.25;
+
+/// The commit window's policy (see the module doc): pure, so its decisions can be tested
+/// without a clock or a disk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    /// Running average of messages per sync.
+    batch: f64,
+    /// Running average of a sync's duration, in seconds.
+    sync: f64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window::new()
+    }
+}
+
+impl Window {
+    /// No history yet: light load.
+    pub fn new() -> Self {
+        Window {
+            batch: 1.0,
+            sync: 0.0,
+        }
+    }
+
+    /// How long to hold the next sync open before taking what waits.
+    pub fn next(&self) -> Duration {
+        if self.batch < BUSY_BATCH {
+            return Duration::ZERO;
+        }
+        let share = MAX_SHARE * (1.0 - 1.0 / self.batch);
+        Duration::from_secs_f64(self.sync * share).min(MAX_WINDOW)
+    }
+
+    /// Takes one sync into account: it covered `messages` and took `took`.
+    pub fn observe(&mut self, messages: usize, took: Duration) {
+        let ewma = |old: f64, new: f64| old + WEIGHT * (new - old);
+        self.batch = ewma(self.batch, messages as f64);
+        self.sync = if self.sync == 0.0 {
+            took.as_secs_f64()
+        } else {
+            ewma(self.sync, took.as_secs_f64())
+        };
+    }
+
+    /// Running average of messages per sync.
+    pub fn batch(&self) -> f64 {
+        self.batch
+    }
 }
 
 /// The shard's committer handle.
@@ -32,18 +122,21 @@ pub struct GroupCommit {
     wake: Notify,
     /// Sync every message on its own (the A/B switch `RINGRELAY_GROUP_COMMIT=off`).
     one_by_one: bool,
+    /// Hold syncs open for the adaptive window (off with `RINGRELAY_COMMIT_WINDOW=off`).
+    windowed: bool,
     stats: Cell<CommitStats>,
 }
 
 impl GroupCommit {
     /// A committer for `store`; run [`GroupCommit::run`] in a task of the same shard.
     pub fn new(store: Rc<RefCell<ShardStore>>) -> Rc<Self> {
-        let one_by_one = std::env::var("RINGRELAY_GROUP_COMMIT").is_ok_and(|v| v == "off");
+        let off = |var| std::env::var(var).is_ok_and(|v| v == "off");
         Rc::new(GroupCommit {
             store,
             waiting: RefCell::new(Vec::new()),
             wake: Notify::new(),
-            one_by_one,
+            one_by_one: off("RINGRELAY_GROUP_COMMIT"),
+            windowed: !off("RINGRELAY_COMMIT_WINDOW"),
             stats: Cell::new(CommitStats::default()),
         })
     }
@@ -52,8 +145,8 @@ impl GroupCommit {
     pub async fn durable(&self) -> Result<(), String> {
         if self.one_by_one {
             let targets = self.store.borrow_mut().take_sync_targets();
-            let result = sync_off_thread(targets).await;
-            self.count(1, result.is_err());
+            let (result, took) = sync_off_thread(targets).await;
+            self.count(1, result.is_err(), took);
             return result;
         }
         let (tx, rx) = oneshot::channel();
@@ -65,19 +158,31 @@ impl GroupCommit {
 
     /// The committer loop.
     pub async fn run(self: Rc<Self>) {
+        let mut window = Window::new();
         loop {
             if self.waiting.borrow().is_empty() {
                 self.wake.notified().await;
                 continue;
             }
+            let hold = if self.windowed {
+                window.next()
+            } else {
+                Duration::ZERO
+            };
+            if !hold.is_zero() {
+                let started = Instant::now();
+                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
+                self.count_window(started.elapsed());
+            }
             let waiters = std::mem::take(&mut *self.waiting.borrow_mut());
             let targets = self.store.borrow_mut().take_sync_targets();
-            let result = sync_off_thread(targets).await;
+            let (result, took) = sync_off_thread(targets).await;
+            window.observe(waiters.len(), took);
             if result.is_err() {
                 // Nothing about the current segment is certain after a failed sync.
                 self.store.borrow_mut().abandon_current();
             }
-            self.count(waiters.len() as u64, result.is_err());
+            self.count(waiters.len() as u64, result.is_err(), took);
             for w in waiters {
                 let _ = w.send(result.clone());
             }
@@ -89,26 +194,112 @@ impl GroupCommit {
         self.stats.get()
     }
 
-    fn count(&self, messages: u64, failed: bool) {
+    fn count(&self, messages: u64, failed: bool, took: Duration) {
         let mut s = self.stats.get();
         s.syncs += 1;
+        s.synced += took;
         s.messages += messages;
         s.failures += u64::from(failed);
         self.stats.set(s);
     }
+
+    fn count_window(&self, waited: Duration) {
+        let mut s = self.stats.get();
+        s.windows += 1;
+        s.waited += waited;
+        self.stats.set(s);
+    }
 }
 
-async fn sync_off_thread(targets: super::store::SyncTargets) -> Result<(), String> {
+/// Syncs `targets` on the blocking pool; also returns how long the syncs themselves took
+/// (timed on that thread, so a busy shard thread does not inflate it).
+async fn sync_off_thread(targets: super::store::SyncTargets) -> (Result<(), String>, Duration) {
     if targets.is_empty() {
-        return Ok(());
+        return (Ok(()), Duration::ZERO);
     }
-    match tokio::task::spawn_blocking(move || targets.sync()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(describe(&e)),
-        Err(e) => Err(format!("sync task failed: {e}")),
+    let synced = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let result = targets.sync();
+        (result, started.elapsed())
+    });
+    match synced.await {
+        Ok((Ok(()), took)) => (Ok(()), took),
+        Ok((Err(e), took)) => (Err(describe(&e)), took),
+        Err(e) => (Err(format!("sync task failed: {e}")), Duration::ZERO),
     }
 }
 
 fn describe(e: &io::Error) -> String {
     format!("spool sync failed: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn after(syncs: usize, messages: usize, took: Duration) -> Window {
+        let mut w = Window::new();
+        for _ in 0..syncs {
+            w.observe(messages, took);
+        }
+        w
+    }
+
+    #[test]
+    fn light_load_never_waits() {
+        assert_eq!(Window::new().next(), Duration::ZERO);
+        assert_eq!(after(100, 1, MS).next(), Duration::ZERO);
+        // An occasional pair is not load.
+        let mut w = after(10, 1, MS);
+        w.observe(2, MS);
+        assert_eq!(w.next(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_window_grows_with_the_batch_up_to_half_a_sync() {
+        let sync = Duration::from_micros(800);
+        let mut last = Duration::ZERO;
+        for batch in [2, 3, 5, 10, 50] {
+            let w = after(50, batch, sync).next();
+            assert!(w > last, "batch {batch}: {w:?} after {last:?}");
+            assert!(w <= sync / 2, "batch {batch}: {w:?}");
+            last = w;
+        }
+        // Batches of 2 hold a sync for a quarter of its time.
+        let w = after(50, 2, sync).next();
+        assert!(w.abs_diff(sync / 4) < Duration::from_micros(1), "{w:?}");
+    }
+
+    #[test]
+    fn the_window_follows_the_sync_time_up_to_the_cap() {
+        let fast = after(50, 10, Duration::from_micros(200)).next();
+        let slow = after(50, 10, Duration::from_micros(2000)).next();
+        assert!(fast < slow, "{fast:?} {slow:?}");
+        assert_eq!(after(50, 10, 100 * MS).next(), MAX_WINDOW);
+    }
+
+    #[test]
+    fn the_window_closes_when_the_load_goes() {
+        let mut w = after(50, 20, MS);
+        assert!(w.next() > Duration::ZERO);
+        let mut syncs = 0;
+        while w.next() > Duration::ZERO {
+            w.observe(1, MS);
+            syncs += 1;
+        }
+        assert!(syncs <= 15, "{syncs} syncs of one message to close it");
+    }
+
+    #[test]
+    fn the_first_sync_sets_the_sync_average() {
+        let mut w = Window::new();
+        w.observe(3, Duration::from_micros(400));
+        w.observe(3, Duration::from_micros(400));
+        w.observe(3, Duration::from_micros(400));
+        assert!(w.batch() > BUSY_BATCH);
+        let expected = 400e-6 * MAX_SHARE * (1.0 - 1.0 / w.batch());
+        assert!((w.next().as_secs_f64() - expected).abs() < 1e-9);
+    }
 }

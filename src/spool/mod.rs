@@ -3,7 +3,7 @@
 //! - [`record`]: the on-disk record format, with crc32c checksums.
 //! - [`store`]: one shard's append-only segment files, recovery, deletion.
 //! - [`commit`]: group commit — one `fdatasync` for every message that finished DATA since
-//!   the last one; only then is `250` sent.
+//!   the last one (held open a little longer under load); only then is `250` sent.
 //! - [`lock`]: one owner per spool directory.
 //! - [`inspect`]: `queue list|stats`, read-only.
 //! - [`queue`]: what is due for delivery when (in memory; rebuilt from the segments).

@@ -5,6 +5,9 @@
 //! records are appended to the message's own segment, so every segment is self-contained:
 //! once all of its messages are finished it is deleted, whatever other segments hold.
 //!
+//! A message record is appended with one `writev`: its header and envelope fields from a
+//! small reusable buffer, its content straight from the session's buffer (not copied).
+//!
 //! Writes go to the page cache here; durability comes from the group commit
 //! ([`super::commit`]), which syncs every segment that got a new message since the last
 //! sync (and the directory, after a new segment was created) before any of those messages
@@ -12,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -190,9 +193,11 @@ impl ShardStore {
         let segment = self.writable_segment()?;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        record::encode_message(&mut scratch, id, arrival, from, rcpts, eight_bit, data);
-        let result = self.append(segment, &scratch);
-        // Keep a modest scratch buffer, not the largest message ever seen.
+        // Only the record's header and fields go through the scratch buffer; the content
+        // is written from the caller's buffer in the same `writev`, not copied behind them.
+        record::encode_message_head(&mut scratch, id, arrival, from, rcpts, eight_bit, data);
+        let result = self.append(segment, &mut [IoSlice::new(&scratch), IoSlice::new(data)]);
+        // Keep a modest scratch buffer, not the largest envelope ever seen.
         if scratch.capacity() <= 1 << 20 {
             self.scratch = scratch;
         }
@@ -353,22 +358,26 @@ impl ShardStore {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         encode(&mut scratch);
-        let result = self.append(segment, &scratch).map(|_| ());
+        let result = self
+            .append(segment, &mut [IoSlice::new(&scratch)])
+            .map(|_| ());
         self.scratch = scratch;
         result
     }
 
-    /// Appends `bytes` to a segment; on failure cuts the file back to where it was, so no
-    /// partial record remains (if even that fails, the segment takes no more appends).
-    fn append(&mut self, id: SegmentId, bytes: &[u8]) -> io::Result<u64> {
+    /// Appends `parts`, one after the other, to a segment (one `writev` when the kernel
+    /// takes it all); on failure cuts the file back to where it was, so no partial record
+    /// remains (if even that fails, the segment takes no more appends).
+    fn append(&mut self, id: SegmentId, parts: &mut [IoSlice<'_>]) -> io::Result<u64> {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let seg = self.segment_mut(id)?;
         if seg.broken {
             return Err(io::Error::other("segment is broken"));
         }
         let offset = seg.len;
-        match (&*seg.file).write_all(bytes) {
+        match write_all_vectored(&mut &*seg.file, parts) {
             Ok(()) => {
-                seg.len += bytes.len() as u64;
+                seg.len += len;
                 Ok(offset)
             }
             Err(e) => {
@@ -391,6 +400,29 @@ impl ShardStore {
             self.current = None;
         }
     }
+}
+
+/// Writes all of `bufs`, in order, with as few `write_vectored` calls as the writer takes
+/// (std's `Write::write_all_vectored` is not stable yet). Retries on `Interrupted`; a write
+/// that takes nothing while bytes remain is a `WriteZero` error. `bufs` is used up.
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    // Drops leading empty buffers, so an empty remainder never asks for a 0-byte write.
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "failed to write the whole record",
+                ));
+            }
+            // Also drops buffers left empty behind the last byte written.
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What recovery found in a spool directory.
@@ -628,6 +660,98 @@ mod tests {
         let next = report.next_seq.get(&0).copied().unwrap_or(0);
         let store = ShardStore::new(dir, 0, report.segments.clone(), next).unwrap();
         (store, report)
+    }
+
+    #[test]
+    fn a_message_is_written_exactly_as_encode_message_encodes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = IdGenerator::starting_at(0, 5);
+        let mut store = fresh(dir.path());
+        let from = ReversePath::Mailbox(mb("s@example.org"));
+        let rcpts = [mb("a@example.net"), mb("b@example.net")];
+        let mut expected = BytesMut::new();
+        let mut segment = None;
+        for (i, body) in ["", "one\r\n", &"x".repeat(200_000)].iter().enumerate() {
+            let id = ids.next_id();
+            let arrival = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + i as u64);
+            let from = if i == 1 { &ReversePath::Null } else { &from };
+            let at = expected.len() as u64;
+            let loc = store
+                .append_message(id, arrival, from, &rcpts[..i], i == 2, body.as_bytes())
+                .unwrap();
+            record::encode_message(
+                &mut expected,
+                id,
+                arrival,
+                from,
+                &rcpts[..i],
+                i == 2,
+                body.as_bytes(),
+            );
+            assert_eq!((loc.offset, loc.len), (at, expected.len() as u64 - at));
+            segment = Some(loc.segment);
+        }
+        let written = fs::read(dir.path().join(segment.unwrap().file_name())).unwrap();
+        assert!(
+            written == expected[..],
+            "the segment differs from encode_message"
+        );
+    }
+
+    /// A writer that takes at most `chunk` bytes per call and fails every other call with
+    /// `Interrupted`.
+    struct Stingy {
+        out: Vec<u8>,
+        chunk: usize,
+        calls: usize,
+    }
+
+    impl Write for Stingy {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 2 == 1 {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let mut room = self.chunk;
+            for b in bufs {
+                let n = b.len().min(room);
+                self.out.extend_from_slice(&b[..n]);
+                room -= n;
+            }
+            Ok(self.chunk - room)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_all_vectored_survives_partial_and_interrupted_writes() {
+        let parts: [&[u8]; 4] = [b"", b"header", b"", b"content!"];
+        for chunk in 1..=16 {
+            let mut w = Stingy {
+                out: Vec::new(),
+                chunk,
+                calls: 0,
+            };
+            let mut bufs = parts.map(IoSlice::new);
+            write_all_vectored(&mut w, &mut bufs).unwrap();
+            assert_eq!(w.out, b"headercontent!", "chunk {chunk}");
+        }
+        // Nothing to write makes no call at all.
+        let mut w = Stingy {
+            out: Vec::new(),
+            chunk: 0,
+            calls: 0,
+        };
+        write_all_vectored(&mut w, &mut [IoSlice::new(b""), IoSlice::new(b"")]).unwrap();
+        assert_eq!(w.calls, 0);
+        // A writer that takes nothing is an error, not a busy loop.
+        let err = write_all_vectored(&mut w, &mut [IoSlice::new(b"x")]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 
     #[test]
