@@ -8,7 +8,8 @@
 # usage: benches/group_commit.sh [REPS] [MSGS] [SESSIONS]
 #   env RINGRELAY (default target/release/ringrelay), QBASE (default /var/tmp: real disk),
 #   SWITCH (default RINGRELAY_GROUP_COMMIT): the variable set to "off" in the "off" runs;
-#   SWITCH=RINGRELAY_COMMIT_WINDOW compares the adaptive commit window on and off.
+#   SWITCH=RINGRELAY_COMMIT_WINDOW compares the adaptive commit window (off by default)
+#   on and off: its "on" runs set it to "on".
 # Needs: postfix (smtp-source, smtp-sink), root (smtp-sink drops to user postfix).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,7 +36,9 @@ one_run() { # MODE(on|off)
     smtp-sink -c -u postfix "127.0.0.1:$SINK_PORT" 1024 >/dev/null 2>&1 & sink=$!
     PIDS=("$sink")
     wait_port 127.0.0.1 "$SINK_PORT"
-    if [ "$1" = off ]; then export "$SWITCH=off"; else unset "$SWITCH"; fi
+    if [ "$1" = off ]; then export "$SWITCH=off"
+    elif [ "$SWITCH" = RINGRELAY_COMMIT_WINDOW ]; then export "$SWITCH=on"
+    else unset "$SWITCH"; fi
     "$RINGRELAY" serve --listen "127.0.0.1:$RELAY_PORT" --smarthost "127.0.0.1:$SINK_PORT" --spool "$q" 2>"$WORK/relay.log" & relay=$!
     PIDS+=("$relay")
     wait_port 127.0.0.1 "$RELAY_PORT"
