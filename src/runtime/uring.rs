@@ -10,8 +10,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use bytes::BytesMut;
-use tokio_uring::buf::fixed::{FixedBuf, FixedBufPool};
-use tokio_uring::buf::{BoundedBuf, IoBufMut};
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::conn::{Acceptor, Transport};
@@ -27,11 +26,7 @@ pub(crate) fn run<H: Handler>(
     listeners: Vec<std::net::TcpListener>,
 ) -> io::Result<()> {
     let runtime = new_runtime()?;
-    let fixed = setup_flags().contains(&"fixed");
     runtime.block_on(async move {
-        if fixed {
-            register_fixed_buffers();
-        }
         let shard = shard_state();
         let acceptors = listeners.into_iter().map(TcpListener::from_std).collect();
         shard::run::<H, TcpListener>(shard, acceptors).await;
@@ -44,13 +39,10 @@ pub(crate) fn run<H: Handler>(
 /// design never needs. `RINGRELAY_URING_SETUP=plain` turns it off (for A/B measurements);
 /// a kernel that refuses the flag gets a plain ring.
 fn new_runtime() -> io::Result<tokio_uring::Runtime> {
-    let setup = setup_flags();
-    if !setup.contains(&"plain") {
+    let plain = std::env::var("RINGRELAY_URING_SETUP").is_ok_and(|v| v == "plain");
+    if !plain {
         let mut flags = tokio_uring::uring_builder();
         flags.setup_coop_taskrun();
-        if setup.contains(&"single") {
-            flags.setup_single_issuer();
-        }
         if let Ok(rt) = tokio_uring::Runtime::new(
             tokio_uring::builder()
                 .entries(RING_ENTRIES)
@@ -60,16 +52,6 @@ fn new_runtime() -> io::Result<tokio_uring::Runtime> {
         }
     }
     tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES))
-}
-
-/// The A/B switches of `RINGRELAY_URING_SETUP`, a comma-separated list: `plain` (no
-/// COOP_TASKRUN), `single` (add SINGLE_ISSUER), `fixed` (registered buffers).
-fn setup_flags() -> Vec<&'static str> {
-    let value = std::env::var("RINGRELAY_URING_SETUP").unwrap_or_default();
-    ["plain", "single", "fixed"]
-        .into_iter()
-        .filter(|f| value.split(',').any(|v| v.trim() == *f))
-        .collect()
 }
 
 impl Acceptor for TcpListener {
@@ -102,62 +84,17 @@ impl std::os::fd::AsFd for BorrowedListener {
 }
 
 impl Transport for TcpStream {
-    async fn read_more(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    async fn read_more(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         let (start, end) = (buf.len(), buf.capacity());
-        if let Some(fixed) = fixed_buffer() {
-            // Registered-buffer A/B: read into the ring's buffer, then copy out.
-            let want = (end - start).min(fixed.bytes_total());
-            let (result, fixed) = self.read_fixed(fixed.slice(..want)).await;
-            if let Ok(n) = result {
-                buf.extend_from_slice(&fixed[..n]);
-            }
-            return (result, buf);
-        }
         let (result, slice) = self.read(buf.slice(start..end)).await;
         (result, slice.into_inner())
     }
 
     async fn send_all(&self, buf: BytesMut) -> (io::Result<()>, BytesMut) {
-        if let Some(mut fixed) = fixed_buffer().filter(|f| f.bytes_total() >= buf.len()) {
-            let len = buf.len();
-            // SAFETY: `len` fits the buffer (checked just above), the buffer is checked out
-            // to us alone, and bytes 0..len are written before they are declared initialised.
-            unsafe {
-                std::ptr::copy_nonoverlapping(buf.as_ptr(), fixed.stable_mut_ptr(), len);
-                fixed.set_init(len);
-            }
-            let (result, _) = self.write_fixed_all(fixed.slice(..len)).await;
-            return (result, buf);
-        }
         self.write_all(buf).await
     }
 
     fn close_both(&self) {
         let _ = self.shutdown(Shutdown::Both);
     }
-}
-
-/// Size of one registered buffer (`RINGRELAY_URING_SETUP=fixed`).
-const FIXED_BUF_SIZE: usize = 16 * 1024;
-/// Registered buffers per shard (`RINGRELAY_URING_SETUP=fixed`).
-const FIXED_BUFS: usize = 256;
-
-thread_local! {
-    /// The shard's registered buffers, when the A/B switch asks for them.
-    static FIXED_POOL: std::cell::RefCell<Option<FixedBufPool<Vec<u8>>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Registers the shard's buffers with its ring (inside the runtime).
-fn register_fixed_buffers() {
-    let pool = FixedBufPool::new((0..FIXED_BUFS).map(|_| Vec::with_capacity(FIXED_BUF_SIZE)));
-    match pool.register() {
-        Ok(()) => FIXED_POOL.with(|p| *p.borrow_mut() = Some(pool)),
-        Err(e) => tracing::warn!("registered buffers refused ({e}); using plain reads"),
-    }
-}
-
-/// A free registered buffer, if the A/B switch is on and one is free.
-fn fixed_buffer() -> Option<FixedBuf> {
-    FIXED_POOL.with(|p| p.borrow().as_ref()?.try_next(FIXED_BUF_SIZE))
 }
