@@ -191,11 +191,9 @@ impl Conn {
                 self.chunks.push_back(chunk);
             }
             if !self.chunks.is_empty() {
-                let write = tokio::time::timeout(
-                    timeout,
-                    write_chunks(&mut self.stream, &mut self.chunks),
-                )
-                .await;
+                let write =
+                    tokio::time::timeout(timeout, write_chunks(&mut self.stream, &mut self.chunks))
+                        .await;
                 // After a failed write the rest is never sent: the client is aborted.
                 self.chunks.clear();
                 match write {

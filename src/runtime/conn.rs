@@ -84,7 +84,13 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     session.greet();
     loop {
         if session.has_output()
-            && !send_timed(&io, session.take_output(), sleep.as_mut(), shard.command_timeout).await
+            && !send_timed(
+                &io,
+                session.take_output(),
+                sleep.as_mut(),
+                shard.command_timeout,
+            )
+            .await
         {
             break;
         }
