@@ -122,6 +122,8 @@ pub struct SendStats {
     pub connect: Latency,
     pub banner: Latency,
     pub txn: Latency,
+    /// Accepted messages: from the end of the content to the reply (the 250).
+    pub end_of_data: Latency,
     pub lag: Latency,
 }
 
@@ -143,6 +145,7 @@ impl Default for SendStats {
             connect: Latency::default(),
             banner: Latency::default(),
             txn: Latency::default(),
+            end_of_data: Latency::default(),
             lag: Latency::default(),
         }
     }
@@ -173,6 +176,7 @@ impl SendStats {
         self.connect.merge(&o.connect);
         self.banner.merge(&o.banner);
         self.txn.merge(&o.txn);
+        self.end_of_data.merge(&o.end_of_data);
         self.lag.merge(&o.lag);
     }
 }
@@ -227,6 +231,8 @@ pub struct SendLatency {
     pub connect: LatencySummary,
     pub banner: LatencySummary,
     pub transaction: LatencySummary,
+    /// From the end of the content (terminator written) to the reply, accepted messages.
+    pub end_of_data: LatencySummary,
 }
 
 #[derive(Serialize, Debug)]
@@ -346,6 +352,7 @@ impl SendReport {
                 connect: s.connect.summary(),
                 banner: s.banner.summary(),
                 transaction: s.txn.summary(),
+                end_of_data: s.end_of_data.summary(),
             },
             schedule,
             manifest,
@@ -393,6 +400,7 @@ impl SendReport {
             ("connect", &self.latency_us.connect),
             ("banner", &self.latency_us.banner),
             ("transaction", &self.latency_us.transaction),
+            ("end of data", &self.latency_us.end_of_data),
         ] {
             let _ = writeln!(o, "  {name:<12}{}", fmt_lat(l));
         }

@@ -221,6 +221,7 @@ async fn connection(
             }
             plan.sent.fetch_add(1, Relaxed);
             let mut tally = RcptTally::default();
+            client.end_of_data_to_reply = None;
             let r = timeout(
                 cfg.timeout,
                 client.transaction(&mb, seq, built, &msg, pipeline, &mut tally),
@@ -236,6 +237,9 @@ async fn connection(
                     Ok(TxnResult::Accepted(code)) => {
                         // Latency counts from the intended start so a stall shows in full.
                         s.txn.record(intended.unwrap_or(start).elapsed());
+                        if let Some(d) = client.end_of_data_to_reply {
+                            s.end_of_data.record(d);
+                        }
                         s.accepted += 1;
                         s.code(code);
                         s.bytes_accepted += built.size as u64;

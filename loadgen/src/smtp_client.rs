@@ -64,6 +64,9 @@ pub struct SmtpClient {
     pub pipelining: bool,
     /// The server advertised SIZE, so MAIL carries SIZE=.
     pub size_ext: bool,
+    /// Of the last transaction that got a reply to its content: the time from the end of
+    /// the content (terminator written) to that reply.
+    pub end_of_data_to_reply: Option<std::time::Duration>,
 }
 
 fn is_2xx(c: u16) -> bool {
@@ -80,6 +83,7 @@ impl SmtpClient {
             wbuf: Vec::with_capacity(512),
             pipelining: false,
             size_ext: false,
+            end_of_data_to_reply: None,
         }
     }
 
@@ -207,7 +211,9 @@ impl SmtpClient {
 
     async fn data_content(&mut self, msg: &[u8]) -> Result<TxnResult, ClientError> {
         self.stream.write_all(msg).await?;
+        let written = std::time::Instant::now();
         let code = self.reply().await?;
+        self.end_of_data_to_reply = Some(written.elapsed());
         Ok(if is_2xx(code) {
             TxnResult::Accepted(code)
         } else {
