@@ -1,3 +1,10 @@
+"""Opens N connections to a local SMTP server, waits for every greeting, and prints the
+server's RSS (VmRSS, VmHWM from /proc/PID/status) while they are all open and idle.
+Clients are spread over 127.0.1.x and 127.0.2.x source addresses, so per-IP caps are not
+the limit. Used by benches/idle_connections.sh.
+
+usage: python3 benches/idle_connections.py N PORT SERVER_PID
+"""
 import socket, sys, time, resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
 n = int(sys.argv[1]); port = int(sys.argv[2]); pid = sys.argv[3]

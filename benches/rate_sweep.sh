@@ -2,11 +2,12 @@
 # Offered load against delivered throughput and p99 latency, for ringrelay and Postfix:
 # loadgen send --rate R (open loop, latency from each message's intended start) into the
 # relay, which relays to Postfix's smtp-sink. Each rate gets a fresh relay with an empty
-# queue on the real disk. Writes benches/results/rate_sweep.csv and, when gnuplot is
-# installed, benches/results/rate_sweep.svg.
+# queue on the real disk. Each point is the median of REPS runs (default 3), the reps of a
+# rate run back to back. Writes benches/results/rate_sweep.csv (medians; every run in
+# rate_sweep_runs.csv) and, when gnuplot is installed, benches/results/rate_sweep.svg.
 #
 # usage: benches/rate_sweep.sh [SECONDS_PER_RATE] [RATES...]
-#   default: 5 s at 250 500 1000 2000 4000 8000 12000 16000 msgs/s
+#   default: 5 s at 250 500 1000 2000 4000 8000 12000 16000 msgs/s; env REPS (default 3)
 # Needs: root, postfix (postfix, smtp-sink), cargo build --release -p ringrelay -p loadgen.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +16,7 @@ SHARED=${SHARED:-$ROOT/../shared/bench}
 need postfix smtp-sink
 [ "$(id -u)" = 0 ] || { echo "run as root (Postfix runs a private instance)" >&2; exit 1; }
 SECS=${1:-5}
+REPS=${REPS:-3}
 shift 2>/dev/null || true
 RATES=${*:-250 500 1000 2000 4000 8000 12000 16000}
 BIN=$ROOT/target/release
@@ -114,22 +116,28 @@ stop_relay() { # SYSTEM
 smtp-sink -c -u postfix "127.0.0.1:$SINK_PORT" 1024 >/dev/null 2>&1 &
 SINK=$!
 wait_port 127.0.0.1 "$SINK_PORT"
-echo "system,offered_per_s,accepted_per_s,p50_ms,p99_ms" >"$OUT/rate_sweep.csv"
-printf "# rate_sweep on %s (%s cores), %s, %s s per rate\n" "$(hostname)" "$(nproc)" "$(date -u +%Y-%m-%dT%H:%MZ)" "$SECS"
+HEADER="system,offered_per_s,accepted_per_s,p50_ms,p99_ms,end_of_data_p99_ms"
+echo "$HEADER" >"$OUT/rate_sweep.csv"
+echo "$HEADER" >"$OUT/rate_sweep_runs.csv"
+printf "# rate_sweep on %s (%s cores), %s, %s s per rate, medians of %s\n" "$(hostname)" "$(nproc)" "$(date -u +%Y-%m-%dT%H:%MZ)" "$SECS" "$REPS"
 for system in ringrelay postfix; do
     for rate in $RATES; do
-        start_relay "$system"
-        "$BIN/loadgen" send --no-progress --target "127.0.0.1:$RELAY_PORT" --connections 50 --pipelining \
-            --size 1024 --rate "$rate" --duration "$SECS" --json "$WORK/send.json" >/dev/null 2>&1 || true
-        stop_relay "$system"
-        python3 - "$system" "$rate" "$WORK/send.json" >>"$OUT/rate_sweep.csv" <<'PY'
+        : >"$WORK/reps"
+        for _ in $(seq 1 "$REPS"); do
+            start_relay "$system"
+            "$BIN/loadgen" send --no-progress --target "127.0.0.1:$RELAY_PORT" --connections 50 --pipelining \
+                --size 1024 --rate "$rate" --duration "$SECS" --json "$WORK/send.json" >/dev/null 2>&1 || true
+            stop_relay "$system"
+            python3 - "$system" "$rate" "$WORK/send.json" <<'PY' | tee -a "$OUT/rate_sweep_runs.csv" >>"$WORK/reps"
 import json, sys
 system, rate, path = sys.argv[1], sys.argv[2], sys.argv[3]
 d = json.load(open(path))
-t = d["latency_us"]["transaction"]
-print(f'{system},{rate},{d["throughput"]["accepted_per_s"]:.0f},{t["p50"] / 1000:.2f},{t["p99"] / 1000:.2f}')
+t, e = d["latency_us"]["transaction"], d["latency_us"]["end_of_data"]
+print(f'{system},{rate},{d["throughput"]["accepted_per_s"]:.0f},{t["p50"] / 1000:.2f},{t["p99"] / 1000:.2f},{e["p99"] / 1000:.2f}')
 PY
-        tail -1 "$OUT/rate_sweep.csv"
+        done
+        med() { cut -d, -f"$1" "$WORK/reps" | median; }
+        echo "$system,$rate,$(med 3),$(med 4),$(med 5),$(med 6)" | tee -a "$OUT/rate_sweep.csv"
     done
 done
 if command -v gnuplot >/dev/null; then
@@ -137,7 +145,7 @@ if command -v gnuplot >/dev/null; then
 set terminal svg size 900,420 font "sans,11"
 set output "$OUT/rate_sweep.svg"
 set datafile separator ","
-set multiplot layout 1,2 title "1 KiB messages, 50 connections, pipelining; relay -> smtp-sink; $(hostname), $(date -u +%Y-%m-%d)"
+set multiplot layout 1,2 title "1 KiB messages, 50 connections, pipelining; relay -> smtp-sink; medians of $REPS; $(hostname), $(date -u +%Y-%m-%d)"
 set logscale x; set logscale y; set grid
 set xlabel "offered msgs/s"; set ylabel "accepted msgs/s"; set key top left
 plot "< grep ^ringrelay $OUT/rate_sweep.csv" using 2:3 with linespoints title "ringrelay", \
