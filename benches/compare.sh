@@ -4,7 +4,7 @@
 # the durable relay against Postfix (shared harness), 1 shard against 2, group commit and
 # its window on and off, MX against static routing, idle connections, the latency target,
 # and (with SWEEP=1) the offered-load sweep and its plot.
-# Takes about 20 minutes on 2 cores (30 with SWEEP=1). Needs postfix installed and root
+# Takes about 8 minutes on 2 cores (15 more with SWEEP=1). Needs postfix installed and root
 # (see ../shared/bench).
 #
 # usage: benches/compare.sh
