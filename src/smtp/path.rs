@@ -168,6 +168,10 @@ impl Span {
     }
 }
 
+/// Most address text a [`MailboxList`] keeps allocated between transactions: enough for
+/// a sender and about a hundred typical recipients.
+const KEEP_LIST_TEXT: usize = 4096;
+
 /// The mailboxes of one mail transaction, written back to back into one string whose
 /// capacity is kept from one transaction to the next: adding one allocates nothing once
 /// the string has grown to its working size. [`MailboxList::share`] makes the owned
@@ -194,9 +198,11 @@ impl MailboxList {
         self.text.get(entry.0.whole()).unwrap_or_default()
     }
 
-    /// Forgets every mailbox, keeping the capacity.
+    /// Forgets every mailbox, keeping the capacity up to [`KEEP_LIST_TEXT`] bytes: an idle
+    /// connection does not go on holding what one large transaction needed.
     pub(crate) fn clear(&mut self) {
         self.text.clear();
+        self.text.shrink_to(KEEP_LIST_TEXT);
     }
 
     /// One copy of the list's text (one allocation), from which owned mailboxes are made
@@ -547,6 +553,18 @@ mod tests {
         }
         assert_eq!(shared.get(entries[0]).local_part(), "a");
         assert_eq!(shared.get(entries[1]).local_part(), "\"x@y\"");
+    }
+
+    #[test]
+    fn a_list_does_not_keep_what_one_huge_transaction_needed() {
+        let mut list = MailboxList::default();
+        let long = format!("{}@{}.example", "l".repeat(60), "d".repeat(60));
+        for _ in 0..500 {
+            list.push(parsed(&long));
+        }
+        assert!(list.text.capacity() > KEEP_LIST_TEXT);
+        list.clear();
+        assert!(list.text.capacity() <= KEEP_LIST_TEXT);
     }
 
     #[test]

@@ -131,6 +131,9 @@ enum State {
     Closed,
 }
 
+/// Recipient slots a transaction keeps allocated between transactions.
+const KEEP_RECIPIENT_SLOTS: usize = 128;
+
 /// One mail transaction (RFC 5321 §3.3), from MAIL to the end of DATA. Its storage is
 /// kept from one transaction to the next ([`Transaction::clear`]): once grown to its
 /// working size, a transaction's commands allocate nothing.
@@ -156,6 +159,8 @@ impl Transaction {
         self.started = false;
         self.from = None;
         self.to.clear();
+        // Keep room for typical transactions, not for the largest one seen.
+        self.to.shrink_to(KEEP_RECIPIENT_SLOTS);
         self.addresses.clear();
         self.body_type = BodyType::default();
         self.rcpt_attempts = 0;

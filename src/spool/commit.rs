@@ -126,7 +126,9 @@ pub struct GroupCommit {
     store: Rc<RefCell<ShardStore>>,
     waiting: RefCell<Vec<oneshot::Sender<Result<(), String>>>>,
     wake: Notify,
-    /// Sync every message on its own (the A/B switch `RINGRELAY_GROUP_COMMIT=off`).
+    /// Sync every message on its own (the A/B switch `RINGRELAY_GROUP_COMMIT=off`). For
+    /// measurements only: concurrent calls sync concurrently, so one message's `250` can
+    /// come before another call's directory `fsync` that its new segment also needed.
     one_by_one: bool,
     /// Hold syncs open for the adaptive window (`RINGRELAY_COMMIT_WINDOW=on`).
     windowed: bool,
@@ -180,13 +182,22 @@ impl GroupCommit {
                 let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
                 self.count_window(started.elapsed());
             }
-            let waiters = std::mem::take(&mut *self.waiting.borrow_mut());
+            let mut waiters = std::mem::take(&mut *self.waiting.borrow_mut());
             let targets = self.store.borrow_mut().take_sync_targets();
+            let synced_something = !targets.is_empty();
             let (result, took) = sync_off_thread(targets).await;
-            window.observe(waiters.len(), took);
+            if synced_something && !took.is_zero() {
+                window.observe(waiters.len(), took);
+            }
             if result.is_err() {
                 // Nothing about the current segment is certain after a failed sync.
                 self.store.borrow_mut().abandon_current();
+                // Messages appended while the failed sync ran went to the same files, and
+                // their pages may have been in the failed write-back. Linux reports such an
+                // error once per file, so the next sync of those files could succeed
+                // without their data on disk: they fail with this batch (their clients get
+                // a temporary failure and retry) rather than be acknowledged unsafely.
+                waiters.extend(std::mem::take(&mut *self.waiting.borrow_mut()));
             }
             self.count(waiters.len() as u64, result.is_err(), took);
             for w in waiters {
@@ -242,6 +253,66 @@ fn describe(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::time::UNIX_EPOCH;
+
+    use crate::id::IdGenerator;
+    use crate::smtp::{Mailbox, ReversePath};
+
+    /// fsyncgate: a message appended while a sync is failing must not be acknowledged by
+    /// the next sync of the same file, which Linux would report as a success.
+    #[test]
+    fn a_message_appended_during_a_failed_sync_fails_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = tmp.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let store = Rc::new(RefCell::new(
+            ShardStore::new(&spool, 0, Vec::new(), 0).unwrap(),
+        ));
+        let commit = GroupCommit::new(Rc::clone(&store));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let (a, b) = local.block_on(&rt, async move {
+            tokio::task::spawn_local(Rc::clone(&commit).run());
+            let mut ids = IdGenerator::starting_at(0, 1);
+            let rcpt = [Mailbox::parse("r@example.org").unwrap()];
+            let mut append = {
+                let store = Rc::clone(&store);
+                move || {
+                    store
+                        .borrow_mut()
+                        .append_message(
+                            ids.next_id(),
+                            UNIX_EPOCH,
+                            &ReversePath::Null,
+                            &rcpt,
+                            false,
+                            b"x\r\n",
+                        )
+                        .unwrap();
+                }
+            };
+            // A's segment is new, so its sync includes the spool directory: removing the
+            // directory makes that sync fail (the segment file stays open and writable).
+            append();
+            std::fs::remove_dir_all(&spool).unwrap();
+            let first = tokio::task::spawn_local({
+                let commit = Rc::clone(&commit);
+                async move { commit.durable().await }
+            });
+            // Let the committer take A and start its (failing) sync, then append B.
+            tokio::task::yield_now().await;
+            tokio::task::yield_now().await;
+            append();
+            let b = commit.durable().await;
+            (first.await.unwrap(), b)
+        });
+        assert!(a.is_err(), "A's sync failed: {a:?}");
+        assert!(b.is_err(), "B was appended during the failed sync: {b:?}");
+    }
 
     const MS: Duration = Duration::from_millis(1);
 
