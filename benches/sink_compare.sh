@@ -46,8 +46,6 @@ start_server() {
     case "$1" in
     smtp-sink) "${SRV_PREFIX[@]}" smtp-sink -c -u postfix -m 1024 "127.0.0.1:$PORT" 1024 >"$WORK/srv.out" 2>&1 & ;;
     ringrelay-uring) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
-    ringrelay-uring-direct) # replies tried with send(2) before the ring (RINGRELAY_DIRECT_SEND=1)
-        RINGRELAY_DIRECT_SEND=1 "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     ringrelay-uring-*) # ringrelay-uring-SETUP: RINGRELAY_URING_SETUP=SETUP (plain, single, defer)
         RINGRELAY_URING_SETUP=${1#ringrelay-uring-} "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     ringrelay-base-uring) # A/B of a code change: the binary in $RINGRELAY_BASE (e.g. built from main)

@@ -90,44 +90,11 @@ impl Transport for TcpStream {
         (result, slice.into_inner())
     }
 
-    async fn send_all(&self, mut buf: BytesMut) -> (io::Result<()>, BytesMut) {
-        if direct_send() {
-            // A/B: one non-blocking send(2) first; the ring takes only what it leaves.
-            // SAFETY: `buf` is valid for `buf.len()` bytes for the whole call, and the fd
-            // belongs to this open stream.
-            let n = unsafe {
-                libc::send(
-                    self.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n >= 0 {
-                let sent = buf.split_to(n as usize);
-                if buf.is_empty() {
-                    return (Ok(()), sent);
-                }
-            } else {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-                    return (Err(e), buf);
-                }
-            }
-        }
+    async fn send_all(&self, buf: BytesMut) -> (io::Result<()>, BytesMut) {
         self.write_all(buf).await
     }
 
     fn close_both(&self) {
         let _ = self.shutdown(Shutdown::Both);
     }
-}
-
-/// `RINGRELAY_DIRECT_SEND=1`: replies are tried with a plain non-blocking `send(2)` before
-/// the ring (A/B switch).
-fn direct_send() -> bool {
-    thread_local! {
-        static ON: bool = std::env::var("RINGRELAY_DIRECT_SEND").is_ok_and(|v| v == "1");
-    }
-    ON.with(|on| *on)
 }
