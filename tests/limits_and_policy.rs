@@ -1,5 +1,6 @@
 //! Limits and policy over the wire, on both I/O drivers: command and data timeouts
-//! (`421 4.4.2`, then close); a client that never reads its replies is cut off; relay
+//! (`421 4.4.2`, then close; the command timeout runs per line, so dribbling a line byte
+//! by byte does not extend it); a client that never reads its replies is cut off; relay
 //! access (`550 5.7.1 Relay access denied`, relay domains, `<Postmaster>`); the
 //! per-address and total connection caps (`421 4.7.0`, and slots given back on close or
 //! abrupt disconnect); and the protocol limits: command line length (`500 5.5.6`),
@@ -65,6 +66,41 @@ fn timeouts(io: &str) {
         );
         client.expect_eof();
     }
+
+    // D: a command line dribbled a byte every 0.3 s (slowloris). The timeout runs per
+    // line, not per read, so the 421 comes about 1 s after the line began, while bytes
+    // are still arriving; a per-read timer would never fire.
+    let mut d = relay.connect();
+    d.ehlo(common::DEFAULT_MAX_SIZE);
+    d.set_read_timeout(Duration::from_millis(300));
+    let d_since = Instant::now();
+    let mut got = None;
+    for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP NOOP NOOP"
+        .iter()
+        .cycle()
+        .take(40)
+    {
+        match d.try_reply() {
+            Ok(r) => {
+                got = Some(r);
+                break;
+            }
+            Err(common::ReadError::Timeout(_)) => {}
+            Err(e) => panic!("dribbling client: {e:?}"),
+        }
+        if d_since.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        // The server may already have closed; a failed write is then expected.
+        let _ = d.try_send(&[*byte]);
+    }
+    let waited = d_since.elapsed().as_secs_f64();
+    let r = got.unwrap_or_else(|| panic!("no reply after dribbling for {waited:.1}s"));
+    assert_eq!(r.wire(), timeout_reply, "dribbled command line");
+    assert!(
+        waited < 4.0,
+        "421 after {waited:.2}s of dribbling, expected about 1s"
+    );
     assert_eq!(relay.stop().messages, 0);
 }
 

@@ -83,6 +83,12 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut held = 0usize;
     // One timer for the connection's whole life, re-armed only when it fires early.
     let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
+    // The command timeout runs per command line, not per read (like Postfix's
+    // `smtpd_per_record_deadline`): a client that dribbles a line a byte at a time gets no
+    // more time than one that sends nothing. `line_start` is when the wait for the current
+    // line began; `progressed` says a complete line was consumed since the last wait.
+    let mut line_start = Instant::now();
+    let mut progressed = false;
     session.greet();
     loop {
         if session.has_output()
@@ -104,6 +110,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             session.message_result(result);
             // Commands pipelined behind the message were waiting in the buffer.
             let used = session.receive(&buf, SystemTime::now(), &mut hooks);
+            progressed |= used > 0 && !session.skipping_long_line();
             buf.advance(used);
             account_data_memory(&shard, &mut session, &mut held);
             continue;
@@ -121,7 +128,14 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         if buf.capacity() - buf.len() < want / 2 {
             buf.reserve(want);
         }
-        let wait_start = Instant::now();
+        let now = Instant::now();
+        let mid_line = !session.in_data() && (!buf.is_empty() || session.skipping_long_line());
+        if !mid_line || progressed {
+            line_start = now;
+        }
+        progressed = false;
+        // DATA keeps its per-read timeout: content arrives in arbitrary pieces.
+        let wait_start = if session.in_data() { now } else { line_start };
         if sleep.deadline() > wait_start + timeout {
             // The timeout got shorter (data → command phase): bring the timer forward.
             sleep.as_mut().reset(wait_start + timeout);
@@ -162,6 +176,8 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             Wake::Read(Ok(_), b) => {
                 buf = b;
                 let used = session.receive(&buf, SystemTime::now(), &mut hooks);
+                // Bytes consumed while skipping an over-long line are no progress.
+                progressed = used > 0 && !session.skipping_long_line();
                 buf.advance(used);
                 account_data_memory(&shard, &mut session, &mut held);
                 if buf.is_empty() {

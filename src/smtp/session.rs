@@ -341,6 +341,12 @@ impl Session {
         self.state == State::Data
     }
 
+    /// True while an over-long command line is being read and discarded: its bytes are
+    /// consumed, but the line has not ended.
+    pub fn skipping_long_line(&self) -> bool {
+        self.skipping_line
+    }
+
     /// True between transactions: no MAIL given, no message in flight. A graceful shutdown
     /// may close such a session at once.
     pub fn is_idle(&self) -> bool {

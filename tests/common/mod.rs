@@ -511,6 +511,11 @@ impl Client {
             .unwrap_or_else(|e| panic!("write: {e}"));
     }
 
+    /// Writes raw bytes, reporting a failure instead of panicking.
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
     /// Writes `line` plus CRLF.
     pub fn line(&mut self, line: &str) {
         self.send(format!("{line}\r\n"));
