@@ -86,7 +86,8 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     // The command timeout runs per command line, not per read (like Postfix's
     // `smtpd_per_record_deadline`): a client that dribbles a line a byte at a time gets no
     // more time than one that sends nothing. `line_start` is when the wait for the current
-    // line began; `progressed` says a complete line was consumed since the last wait.
+    // line began; `progressed` says the last read (and any message finished after it)
+    // consumed a complete line, so what remains in the buffer is a new line.
     let mut line_start = Instant::now();
     let mut progressed = false;
     session.greet();
@@ -133,7 +134,6 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         if !mid_line || progressed {
             line_start = now;
         }
-        progressed = false;
         // DATA keeps its per-read timeout: content arrives in arbitrary pieces.
         let wait_start = if session.in_data() { now } else { line_start };
         if sleep.deadline() > wait_start + timeout {
