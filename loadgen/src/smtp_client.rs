@@ -49,6 +49,20 @@ pub enum TxnResult {
 pub struct RcptTally {
     pub accepted: u64,
     pub rejected: u64,
+    /// The first refusal's code.
+    pub first_refusal: Option<u16>,
+}
+
+impl RcptTally {
+    /// Counts one RCPT reply.
+    fn record(&mut self, code: u16) {
+        if is_2xx(code) {
+            self.accepted += 1;
+        } else {
+            self.rejected += 1;
+            self.first_refusal.get_or_insert(code);
+        }
+    }
 }
 
 /// Read buffer: replies are short, but a multi-line EHLO can be a few hundred bytes.
@@ -245,23 +259,15 @@ impl SmtpClient {
             self.wbuf.extend_from_slice(b"DATA\r\n");
             self.send().await?;
             let mail = self.reply().await?;
-            let mut first_bad = None;
-            let mut ok = 0;
             for _ in 0..rcpts {
                 let c = self.reply().await?;
-                if is_2xx(c) {
-                    ok += 1;
-                    tally.accepted += 1;
-                } else {
-                    tally.rejected += 1;
-                    first_bad.get_or_insert(c);
-                }
+                tally.record(c);
             }
             let data = self.reply().await?;
             let fail = if !is_2xx(mail) {
                 Some(mail)
-            } else if ok == 0 {
-                Some(first_bad.unwrap_or(data))
+            } else if tally.accepted == 0 {
+                Some(tally.first_refusal.unwrap_or(data))
             } else {
                 None
             };
@@ -295,28 +301,20 @@ impl SmtpClient {
                 closing: mail == 421,
             });
         }
-        let mut first_bad = None;
-        let mut ok = 0;
         for j in 0..rcpts {
             self.push_rcpt(mb, seq, j);
             self.send().await?;
             let c = self.reply().await?;
-            if is_2xx(c) {
-                ok += 1;
-                tally.accepted += 1;
-            } else {
-                tally.rejected += 1;
-                first_bad.get_or_insert(c);
-                if c == 421 {
-                    return Ok(TxnResult::Rejected {
-                        code: c,
-                        closing: true,
-                    });
-                }
+            tally.record(c);
+            if c == 421 {
+                return Ok(TxnResult::Rejected {
+                    code: c,
+                    closing: true,
+                });
             }
         }
-        if ok == 0 {
-            let code = first_bad.unwrap_or(554);
+        if tally.accepted == 0 {
+            let code = tally.first_refusal.unwrap_or(554);
             let closing = self.rset().await?;
             return Ok(TxnResult::Rejected { code, closing });
         }

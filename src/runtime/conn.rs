@@ -244,8 +244,10 @@ pub(crate) async fn refuse<T: Transport>(io: T, reply: Reply, timeout: Duration)
     io.close_both();
 }
 
-/// [`send`] on the connection's own lazy timer: no timer is registered per reply, the
-/// shared one is only brought forward when its deadline is later than this write's.
+/// Writes `out` within `timeout` on `sleep`, the connection's own lazy timer: no timer is
+/// registered per reply; the shared one is only brought forward when its deadline is
+/// later than this write's. A client that stops reading is cut off: the socket is shut
+/// down, which ends the pending write. Returns false if the connection is unusable.
 async fn send_timed<T: Transport>(
     io: &T,
     out: BytesMut,
@@ -276,20 +278,9 @@ async fn send_timed<T: Transport>(
     }
 }
 
-/// Writes `out` within `timeout`. A client that stops reading is cut off: the socket is
-/// shut down, which ends the pending write. Returns false if the connection is unusable.
+/// Writes `out` within `timeout`, on a timer of its own (for writes outside a
+/// connection's loop). A client that stops reading is cut off: the socket is shut down,
+/// which ends the pending write. Returns false if the connection is unusable.
 async fn send<T: Transport>(io: &T, out: BytesMut, timeout: Duration) -> bool {
-    if out.is_empty() {
-        return true;
-    }
-    let mut write = pin!(io.send_all(out));
-    tokio::select! {
-        biased;
-        (result, _) = &mut write => result.is_ok(),
-        _ = tokio::time::sleep(timeout) => {
-            io.close_both();
-            let _ = write.await;
-            false
-        }
-    }
+    send_timed(io, out, pin!(tokio::time::sleep(timeout)), timeout).await
 }
