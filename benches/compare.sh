@@ -4,7 +4,7 @@
 # the durable relay against Postfix (shared harness), 1 shard against 2, group commit and
 # its window on and off, MX against static routing, idle connections, the latency target,
 # and (with SWEEP=1) the offered-load sweep and its plot.
-# Takes about 8 minutes on 2 cores (15 more with SWEEP=1). Needs postfix installed and root
+# Takes about 10 minutes on 2 cores (15 more with SWEEP=1). Needs postfix installed and root
 # (see ../shared/bench).
 #
 # usage: benches/compare.sh
@@ -16,6 +16,10 @@ cargo build --release -p ringrelay -p loadgen --example dns_fixture
 RR="$ROOT/target/release/ringrelay"
 echo "## 1. serve --sink against smtp-sink (pinned: load on CPU 0, server on CPU 1)"
 PIN_LOAD=0 PIN_SERVER=1 VARIANTS="smtp-sink ringrelay-uring ringrelay-epoll" \
+    benches/sink_compare.sh 5 40000 50 1024 2>/dev/null
+echo "## 11.8 the hand-written ring prototype beside the server (registered files, submit per op, DEFER_TASKRUN, POLL_FIRST)"
+cargo build --release --bench ring_sink
+PIN_LOAD=0 PIN_SERVER=1 VARIANTS="smtp-sink ringrelay-uring ring-proto ring-proto-fixed ring-proto-each ring-proto-defer-pollfirst" \
     benches/sink_compare.sh 5 40000 50 1024 2>/dev/null
 echo "## 3. loadgen against smtp-source / smtp-sink"
 benches/loadgen_compare.sh 3 50000 50 1024 2>/dev/null

@@ -8,7 +8,13 @@
 #   env RINGRELAY (default target/release/ringrelay), PORT (default 2640),
 #       SHARDS (ringrelay shards, default 0 = one per core), VARIANTS (see below),
 #       RINGRELAY_BASE (the binary of the ringrelay-base-uring variant, for A/Bs of a change),
-#       PIN_LOAD / PIN_SERVER (CPU lists for taskset: pin smtp-source and the server).
+#       PIN_LOAD / PIN_SERVER (CPU lists for taskset: pin smtp-source and the server),
+#       RING_SINK (the benches/ring_sink.rs prototype for the ring-proto* variants; default:
+#       the newest build of `cargo build --release --bench ring_sink`).
+# Variants: smtp-sink, ringrelay-uring, ringrelay-epoll, ringrelay-uring-SETUP,
+#   ringrelay-base-uring, and ring-proto[-fixed][-each][-defer|-plain][-rw][-pollfirst] (the
+#   prototype on a hand-written ring: registered files, one submit per operation, ring
+#   setup flags, READ/WRITE instead of RECV/SEND, RECVSEND_POLL_FIRST).
 # Needs: postfix (smtp-source, smtp-sink), root (smtp-sink drops to user postfix).
 # Uses ../shared/bench/lib.sh for CPU accounting, so figures match the shared harness.
 set -euo pipefail
@@ -25,6 +31,9 @@ PORT=${PORT:-2640}
 SHARDS=${SHARDS:-0}
 RINGRELAY=${RINGRELAY:-$ROOT/target/release/ringrelay}
 VARIANTS=${VARIANTS:-"smtp-sink ringrelay-uring ringrelay-epoll"}
+case "$VARIANTS" in *ring-proto*)
+    RING_SINK=${RING_SINK:-$(ls -t "$ROOT"/target/release/deps/ring_sink-* 2>/dev/null | grep -v '\.d$' | head -1)} ;;
+esac
 [ -x "$RINGRELAY" ] || { echo "build first: cargo build --release ($RINGRELAY missing)" >&2; exit 2; }
 WORK=$(mktemp -d /tmp/sink_compare.XXXXXX)
 SRV=""
@@ -50,6 +59,16 @@ start_server() {
         RINGRELAY_URING_SETUP=${1#ringrelay-uring-} "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     ringrelay-base-uring) # A/B of a code change: the binary in $RINGRELAY_BASE (e.g. built from main)
         "${SRV_PREFIX[@]}" "${RINGRELAY_BASE:?set RINGRELAY_BASE}" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
+    ring-proto*) # the prototype; its switches are read from the variant's name
+        local files="" submit="" setup="" ops="" recv=""
+        case "$1" in *-fixed*) files=fixed ;; esac
+        case "$1" in *-rw*) ops=rw ;; esac
+        case "$1" in *-pollfirst*) recv=pollfirst ;; esac
+        case "$1" in *-each*) submit=each ;; esac
+        case "$1" in *-defer*) setup=defer ;; *-plain*) setup=plain ;; esac
+        RING_FILES=$files RING_SUBMIT=$submit RING_SETUP=$setup RING_OPS=$ops RING_RECV=$recv \
+            "${SRV_PREFIX[@]}" "${RING_SINK:?build the prototype: cargo build --release --bench ring_sink}" \
+            --listen "127.0.0.1:$PORT" >"$WORK/srv.out" 2>&1 & ;;
     ringrelay-epoll) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io epoll --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
     esac
@@ -57,21 +76,26 @@ start_server() {
     wait_port 127.0.0.1 "$PORT" || { echo "$1 did not start" >&2; cat "$WORK/srv.out" >&2; exit 1; }
 }
 
-# one_run VARIANT -> appends "variant msgs_per_s cpu_us_per_msg peak_rss_kb" to $WORK/results
+# one_run VARIANT -> appends "variant msgs_per_s cpu_us_per_msg peak_rss_kb user_us sys_us"
+# to $WORK/results (user and kernel time per message split from /proc/PID/stat)
 one_run() {
-    local v=$1 c0 c1 t0 t1 rss
+    local v=$1 c0 c1 t0 t1 rss u0 u1
     start_server "$v"
     c0=$(cpu_ticks "$SRV")
+    u0=$(awk '{print $14}' "/proc/$SRV/stat")
     t0=$(now)
     "${LOAD_PREFIX[@]}" smtp-source -d -s "$SESS" -m "$MSGS" -l "$SIZE" -f sender@example.com -t rcpt@example.com \
         "127.0.0.1:$PORT" >"$WORK/src.out" 2>&1 || { echo "smtp-source failed" >&2; cat "$WORK/src.out" >&2; exit 1; }
     t1=$(now)
     sleep 0.2
     c1=$(cpu_ticks "$SRV")
+    u1=$(awk '{print $14}' "/proc/$SRV/stat")
     rss=$(peak_rss_kb "$SRV")
     kill -TERM "$SRV"; wait "$SRV" 2>/dev/null || true; SRV=""
-    awk -v v="$v" -v m="$MSGS" -v t0="$t0" -v t1="$t1" -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v rss="$rss" \
-        'BEGIN {printf "%s %.0f %.1f %d\n", v, m / (t1 - t0), 1e6 * c / hz / m, rss}' | tee -a "$WORK/results" >&2
+    # A killed io_uring process releases its listener asynchronously: wait until it has.
+    for _ in $(seq 50); do port_free "$PORT" && break; sleep 0.1; done
+    awk -v v="$v" -v m="$MSGS" -v t0="$t0" -v t1="$t1" -v c="$((c1 - c0))" -v u="$((u1 - u0))" -v hz="$CLK_TCK" -v rss="$rss" \
+        'BEGIN {printf "%s %.0f %.1f %d %.1f %.1f\n", v, m / (t1 - t0), 1e6 * c / hz / m, rss, 1e6 * u / hz / m, 1e6 * (c - u) / hz / m}' | tee -a "$WORK/results" >&2
 }
 
 printf "# sink_compare on %s (%s cores, kernel %s), %s, %s reps x %s msgs, %s sessions, %s bytes, shards=%s pin_load=%s pin_server=%s\n" \
@@ -81,11 +105,13 @@ for r in $(seq 1 "$REPS"); do
 done
 base_rate=$(awk '$1 == "smtp-sink" {print $2}' "$WORK/results" | median)
 base_cpu=$(awk '$1 == "smtp-sink" {print $3}' "$WORK/results" | median)
-printf "%-16s %10s %12s %14s %12s %10s\n" server "msgs/s" "cpu_us/msg" "rate_vs_sink" "cpu_vs_sink" "peakRSS_MB"
+printf "%-28s %10s %12s %14s %12s %10s %8s %8s\n" server "msgs/s" "cpu_us/msg" "rate_vs_sink" "cpu_vs_sink" "peakRSS_MB" "user_us" "sys_us"
 for v in $VARIANTS; do
     rate=$(awk -v v="$v" '$1 == v {print $2}' "$WORK/results" | median)
     cpu=$(awk -v v="$v" '$1 == v {print $3}' "$WORK/results" | median)
     rss=$(awk -v v="$v" '$1 == v {print $4}' "$WORK/results" | median)
-    awk -v v="$v" -v r="$rate" -v c="$cpu" -v br="$base_rate" -v bc="$base_cpu" -v rss="$rss" \
-        'BEGIN {printf "%-16s %10.0f %12.1f %13.2fx %11.2fx %10.1f\n", v, r, c, (br > 0 ? r / br : 0), (bc > 0 ? c / bc : 0), rss / 1024}'
+    usr=$(awk -v v="$v" '$1 == v {print $5}' "$WORK/results" | median)
+    sys=$(awk -v v="$v" '$1 == v {print $6}' "$WORK/results" | median)
+    awk -v v="$v" -v r="$rate" -v c="$cpu" -v br="$base_rate" -v bc="$base_cpu" -v rss="$rss" -v u="$usr" -v k="$sys" \
+        'BEGIN {printf "%-28s %10.0f %12.1f %13.2fx %11.2fx %10.1f %8.1f %8.1f\n", v, r, c, (br > 0 ? r / br : 0), (bc > 0 ? c / bc : 0), rss / 1024, u, k}'
 done

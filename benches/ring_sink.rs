@@ -1,0 +1,379 @@
+//! A measuring prototype, not part of the server: the `serve --sink` front end driven by
+//! one hand-written io_uring event loop (the `io-uring` crate) instead of the
+//! `tokio_uring` runtime. It answers two questions of issue 6 that tokio-uring 0.5 cannot:
+//! what registered files and one-submit-per-operation cost or save, and how much of the
+//! front end's CPU the async runtime costs (PERF.md §11.8).
+//!
+//! The SMTP work is the real one: the same sans-IO [`Session`], configuration and reply
+//! buffers as `serve --sink`. What the prototype leaves out (and the server pays for):
+//! timeouts, graceful shutdown, connection caps and the DATA memory budget. It serves
+//! one thread on 127.0.0.1 until killed.
+//!
+//! usage: `ring_sink --listen 127.0.0.1:PORT` (build with `cargo build --release --bench
+//! ring_sink`; `benches/sink_compare.sh` runs it as the `ring-proto*` variants). Switches:
+//! - `RING_FILES=fixed`: connections are registered files (`IOSQE_FIXED_FILE`);
+//! - `RING_SUBMIT=each`: one `io_uring_enter` per operation instead of one per loop turn;
+//! - `RING_SETUP=coop|defer|plain`: `COOP_TASKRUN` (default, as the server),
+//!   `SINGLE_ISSUER|DEFER_TASKRUN`, or neither;
+//! - `RING_OPS=rw`: `READ`/`WRITE` operations (what tokio-uring 0.5's `TcpStream` uses)
+//!   instead of `RECV`/`SEND`;
+//! - `RING_RECV=pollfirst`: receives carry `IORING_RECVSEND_POLL_FIRST` (wait for data
+//!   before trying, since a request rarely has arrived when the read is queued).
+//!
+//! Run by `cargo bench` without arguments it only says what it is.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Buf, BytesMut};
+use io_uring::{opcode, squeue, types, IoUring};
+use ringrelay::id::{IdGenerator, QueueId};
+use ringrelay::policy::RelayPolicy;
+use ringrelay::smtp::{Hooks, Session, SessionConfig};
+
+/// Read sizes, as in the server's connection loop.
+const COMMAND_READ: usize = 1024;
+const DATA_READ: usize = 64 * 1024;
+/// Registered-file table size, and so the most connections at once.
+const MAX_CONNS: u32 = 4096;
+/// user_data: the low 2 bits say which operation, the rest is the connection's index.
+const OP_ACCEPT: u64 = 0;
+const OP_RECV: u64 = 1;
+const OP_SEND: u64 = 2;
+/// From the kernel's `io_uring.h` (io-uring 0.6 keeps its copy private).
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
+
+struct SinkHooks(IdGenerator);
+
+impl Hooks for SinkHooks {
+    fn queue_id(&mut self) -> QueueId {
+        self.0.next_id()
+    }
+}
+
+/// One connection: its socket, session, read buffer and the reply being written.
+struct Conn {
+    fd: RawFd,
+    session: Box<Session>,
+    rbuf: BytesMut,
+    out: BytesMut,
+}
+
+struct Options {
+    fixed_files: bool,
+    submit_each: bool,
+    read_write: bool,
+    poll_first: bool,
+}
+
+struct Loop {
+    ring: IoUring,
+    opts: Options,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    hooks: SinkHooks,
+    messages: u64,
+}
+
+impl Loop {
+    fn push(&mut self, sqe: squeue::Entry) {
+        // SAFETY: every buffer a queued operation points into lives in a `Conn` (or, for
+        // accept, nowhere) that stays in `conns`, unmoved on the heap and untouched, until
+        // that operation's completion has been reaped.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.ring.submit().expect("io_uring_enter");
+        }
+        if self.opts.submit_each {
+            self.ring.submit().expect("io_uring_enter");
+        }
+    }
+
+    fn target(&self, i: usize) -> Target {
+        let c = self.conns[i].as_ref().expect("live connection");
+        Target {
+            fd: c.fd,
+            fixed: self.opts.fixed_files.then_some(i as u32),
+            read_write: self.opts.read_write,
+            poll_first: self.opts.poll_first,
+        }
+    }
+
+    /// Moves a connection forward until it waits for the network: a write, a read, or
+    /// the end.
+    fn drive(&mut self, i: usize) {
+        let target = self.target(i);
+        let c = self.conns[i].as_mut().expect("live connection");
+        loop {
+            if c.session.has_output() {
+                c.out = c.session.take_output();
+                let sqe = target
+                    .send(c.out.as_ptr(), c.out.len() as u32)
+                    .user_data(((i as u64) << 2) | OP_SEND);
+                return self.push(sqe);
+            }
+            if c.session.is_closed() {
+                return self.close(i);
+            }
+            if let Some(envelope) = c.session.take_message() {
+                drop(envelope);
+                self.messages += 1;
+                c.session.message_result(Ok(()));
+                let used = c
+                    .session
+                    .receive(&c.rbuf, SystemTime::now(), &mut self.hooks);
+                c.rbuf.advance(used);
+                continue;
+            }
+            let want = if c.session.in_data() {
+                DATA_READ
+            } else {
+                COMMAND_READ
+            };
+            if c.rbuf.capacity() - c.rbuf.len() < want / 2 {
+                c.rbuf.reserve(want);
+            }
+            let spare = c.rbuf.spare_capacity_mut();
+            let sqe = target
+                .recv(spare.as_mut_ptr().cast(), spare.len() as u32)
+                .user_data(((i as u64) << 2) | OP_RECV);
+            return self.push(sqe);
+        }
+    }
+
+    fn close(&mut self, i: usize) {
+        if let Some(c) = self.conns[i].take() {
+            if self.opts.fixed_files {
+                let _ = self.ring.submitter().register_files_update(i as u32, &[-1]);
+            }
+            // SAFETY: `c.fd` came from accept and is closed exactly once, here; no
+            // operation on it is in flight (the connection was waiting for none).
+            unsafe { libc::close(c.fd) };
+            self.free.push(i);
+        }
+    }
+
+    fn accepted(&mut self, fd: RawFd, config: &Arc<SessionConfig>) {
+        let Some(i) = self.free.pop() else {
+            // SAFETY: a fresh fd from accept, closed once.
+            unsafe { libc::close(fd) };
+            return;
+        };
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket and a c_int option value of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if self.opts.fixed_files
+            && self
+                .ring
+                .submitter()
+                .register_files_update(i as u32, &[fd])
+                .is_err()
+        {
+            // SAFETY: a fresh fd from accept, closed once.
+            unsafe { libc::close(fd) };
+            self.free.push(i);
+            return;
+        }
+        let peer: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut session = Box::new(Session::new(Arc::clone(config), peer));
+        session.greet();
+        self.conns[i] = Some(Conn {
+            fd,
+            session,
+            rbuf: BytesMut::with_capacity(COMMAND_READ),
+            out: BytesMut::new(),
+        });
+        self.drive(i);
+    }
+
+    fn completed(&mut self, i: usize, op: u64, res: i32) {
+        let Some(c) = self.conns[i].as_mut() else {
+            return;
+        };
+        match op {
+            OP_RECV if res > 0 => {
+                // SAFETY: the kernel wrote `res` bytes into the spare capacity we passed.
+                unsafe { c.rbuf.set_len(c.rbuf.len() + res as usize) };
+                let used = c
+                    .session
+                    .receive(&c.rbuf, SystemTime::now(), &mut self.hooks);
+                c.rbuf.advance(used);
+                if c.rbuf.is_empty() {
+                    c.rbuf.clear();
+                }
+                self.drive(i);
+            }
+            OP_SEND if res >= 0 && (res as usize) < c.out.len() => {
+                c.out.advance(res as usize);
+                let target = self.target(i);
+                let c = self.conns[i].as_ref().expect("live connection");
+                let sqe = target
+                    .send(c.out.as_ptr(), c.out.len() as u32)
+                    .user_data(((i as u64) << 2) | OP_SEND);
+                self.push(sqe);
+            }
+            OP_SEND if res >= 0 => self.drive(i),
+            _ => self.close(i),
+        }
+    }
+}
+
+/// Where and how a connection's operations are issued.
+#[derive(Clone, Copy)]
+struct Target {
+    fd: RawFd,
+    fixed: Option<u32>,
+    read_write: bool,
+    poll_first: bool,
+}
+
+impl Target {
+    fn send(self, buf: *const u8, len: u32) -> squeue::Entry {
+        match (self.fixed, self.read_write) {
+            (None, false) => opcode::Send::new(types::Fd(self.fd), buf, len).build(),
+            (Some(i), false) => opcode::Send::new(types::Fixed(i), buf, len).build(),
+            (None, true) => opcode::Write::new(types::Fd(self.fd), buf, len).build(),
+            (Some(i), true) => opcode::Write::new(types::Fixed(i), buf, len).build(),
+        }
+    }
+
+    fn recv(self, buf: *mut u8, len: u32) -> squeue::Entry {
+        let sqe = match (self.fixed, self.read_write) {
+            (None, false) => opcode::Recv::new(types::Fd(self.fd), buf, len).build(),
+            (Some(i), false) => opcode::Recv::new(types::Fixed(i), buf, len).build(),
+            (None, true) => opcode::Read::new(types::Fd(self.fd), buf, len).build(),
+            (Some(i), true) => opcode::Read::new(types::Fixed(i), buf, len).build(),
+        };
+        if self.poll_first && !self.read_write {
+            with_ioprio(sqe, IORING_RECVSEND_POLL_FIRST)
+        } else {
+            sqe
+        }
+    }
+}
+
+/// Sets an SQE's `ioprio` field, which io-uring 0.6's `Recv` builder does not expose.
+fn with_ioprio(sqe: squeue::Entry, ioprio: u16) -> squeue::Entry {
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // SAFETY: `squeue::Entry` is `repr(C)` around the kernel's 64-byte `io_uring_sqe`, plain
+    // data with every bit pattern valid; `ioprio` is the u16 at byte offset 2 (after
+    // `opcode: u8` and `flags: u8`) in the kernel's ABI.
+    unsafe {
+        let mut raw: [u8; 64] = std::mem::transmute(sqe);
+        raw[2..4].copy_from_slice(&ioprio.to_ne_bytes());
+        std::mem::transmute::<[u8; 64], squeue::Entry>(raw)
+    }
+}
+
+/// The registered-file table counts against RLIMIT_NOFILE: lift the soft limit to the hard
+/// one, as the server does.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(listen) = args
+        .iter()
+        .position(|a| a == "--listen")
+        .and_then(|p| args.get(p + 1))
+    else {
+        println!("ring_sink: a measuring prototype (see benches/ring_sink.rs); run it with --listen ADDR");
+        return Ok(());
+    };
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("--listen {listen}: {e}")))?;
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let opts = Options {
+        fixed_files: env("RING_FILES") == "fixed",
+        submit_each: env("RING_SUBMIT") == "each",
+        read_write: env("RING_OPS") == "rw",
+        poll_first: env("RING_RECV") == "pollfirst",
+    };
+    let mut builder = IoUring::builder();
+    match env("RING_SETUP").as_str() {
+        "plain" => {}
+        "defer" => {
+            builder.setup_single_issuer().setup_defer_taskrun();
+        }
+        _ => {
+            builder.setup_coop_taskrun();
+        }
+    }
+    raise_fd_limit();
+    let ring = builder.build(4096)?;
+    if opts.fixed_files {
+        ring.submitter().register_files_sparse(MAX_CONNS)?;
+    }
+    // A killed ring releases its files asynchronously, so the previous run's listener can
+    // hold the port for a moment: retry for up to 2 s.
+    let mut tries = 0;
+    let listener = loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => break other?,
+        }
+    };
+    let config = Arc::new(SessionConfig::new(
+        "ring-proto.localhost".into(),
+        36_700_160,
+        1000,
+        RelayPolicy::new(vec!["127.0.0.0/8".parse().expect("a CIDR")], vec![]),
+    ));
+    let mut lp = Loop {
+        ring,
+        opts,
+        conns: (0..MAX_CONNS).map(|_| None).collect(),
+        free: (0..MAX_CONNS as usize).rev().collect(),
+        hooks: SinkHooks(IdGenerator::new(0)),
+        messages: 0,
+    };
+    let accept = opcode::Accept::new(
+        types::Fd(listener.as_raw_fd()),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    )
+    .build()
+    .user_data(OP_ACCEPT);
+    lp.push(accept.clone());
+    let mut done = Vec::with_capacity(256);
+    loop {
+        lp.ring.submit_and_wait(1)?;
+        done.clear();
+        done.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(ud, res) in &done {
+            let (i, op) = ((ud >> 2) as usize, ud & 3);
+            if op == OP_ACCEPT {
+                if res >= 0 {
+                    lp.accepted(res, &config);
+                }
+                lp.push(accept.clone());
+            } else {
+                lp.completed(i, op, res);
+            }
+        }
+    }
+}
