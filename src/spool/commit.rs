@@ -32,8 +32,9 @@
 //! the batch to the load (1.1 messages per sync at 1,000 msgs/s, 5.8 at 11,000). The window
 //! is for disks whose syncs, not the CPU, bound the relay: `RINGRELAY_COMMIT_WINDOW=on`.
 //!
-//! A/B switches: `RINGRELAY_GROUP_COMMIT=off` syncs every message on its own (no batching,
-//! no window); `RINGRELAY_COMMIT_WINDOW=on` adds the adaptive window.
+//! A/B switches: `RINGRELAY_GROUP_COMMIT=off` syncs every message on its own, one after the
+//! other (no batching, no window), through the same loop and with the same failure handling;
+//! `RINGRELAY_COMMIT_WINDOW=on` adds the adaptive window.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -126,9 +127,9 @@ pub struct GroupCommit {
     store: Rc<RefCell<ShardStore>>,
     waiting: RefCell<Vec<oneshot::Sender<Result<(), String>>>>,
     wake: Notify,
-    /// Sync every message on its own (the A/B switch `RINGRELAY_GROUP_COMMIT=off`). For
-    /// measurements only: concurrent calls sync concurrently, so one message's `250` can
-    /// come before another call's directory `fsync` that its new segment also needed.
+    /// Serve one waiter per sync (the A/B switch `RINGRELAY_GROUP_COMMIT=off`). Syncs stay
+    /// serial, so a message is never acknowledged before a directory `fsync` another
+    /// message's sync started, and a failed sync fails every message it may have lost.
     one_by_one: bool,
     /// Hold syncs open for the adaptive window (`RINGRELAY_COMMIT_WINDOW=on`).
     windowed: bool,
@@ -138,25 +139,26 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// A committer for `store`; run [`GroupCommit::run`] in a task of the same shard.
     pub fn new(store: Rc<RefCell<ShardStore>>) -> Rc<Self> {
-        let off = |var| std::env::var(var).is_ok_and(|v| v == "off");
+        Self::with_modes(
+            store,
+            std::env::var("RINGRELAY_GROUP_COMMIT").is_ok_and(|v| v == "off"),
+            std::env::var("RINGRELAY_COMMIT_WINDOW").is_ok_and(|v| v == "on"),
+        )
+    }
+
+    fn with_modes(store: Rc<RefCell<ShardStore>>, one_by_one: bool, windowed: bool) -> Rc<Self> {
         Rc::new(GroupCommit {
             store,
             waiting: RefCell::new(Vec::new()),
             wake: Notify::new(),
-            one_by_one: off("RINGRELAY_GROUP_COMMIT"),
-            windowed: std::env::var("RINGRELAY_COMMIT_WINDOW").is_ok_and(|v| v == "on"),
+            one_by_one,
+            windowed,
             stats: Cell::new(CommitStats::default()),
         })
     }
 
     /// Waits until everything appended so far is durable. Call right after appending.
     pub async fn durable(&self) -> Result<(), String> {
-        if self.one_by_one {
-            let targets = self.store.borrow_mut().take_sync_targets();
-            let (result, took) = sync_off_thread(targets).await;
-            self.count(1, result.is_err(), took);
-            return result;
-        }
         let (tx, rx) = oneshot::channel();
         self.waiting.borrow_mut().push(tx);
         self.wake.notify_one();
@@ -172,7 +174,7 @@ impl GroupCommit {
                 self.wake.notified().await;
                 continue;
             }
-            let hold = if self.windowed {
+            let hold = if self.windowed && !self.one_by_one {
                 window.next()
             } else {
                 Duration::ZERO
@@ -182,7 +184,14 @@ impl GroupCommit {
                 let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
                 self.count_window(started.elapsed());
             }
-            let mut waiters = std::mem::take(&mut *self.waiting.borrow_mut());
+            let mut waiters = if self.one_by_one {
+                // The oldest waiter alone; what the others appended meanwhile is synced
+                // too (the sync covers whole files), but they are answered by syncs of
+                // their own.
+                vec![self.waiting.borrow_mut().remove(0)]
+            } else {
+                std::mem::take(&mut *self.waiting.borrow_mut())
+            };
             let targets = self.store.borrow_mut().take_sync_targets();
             let synced_something = !targets.is_empty();
             let (result, took) = sync_off_thread(targets).await;
@@ -263,13 +272,24 @@ mod tests {
     /// the next sync of the same file, which Linux would report as a success.
     #[test]
     fn a_message_appended_during_a_failed_sync_fails_too() {
+        appended_during_a_failed_sync(false);
+    }
+
+    /// The same with one sync per message (`RINGRELAY_GROUP_COMMIT=off`), which once synced
+    /// each call on its own, concurrently and with no failure handling.
+    #[test]
+    fn one_sync_per_message_fails_them_alike() {
+        appended_during_a_failed_sync(true);
+    }
+
+    fn appended_during_a_failed_sync(one_by_one: bool) {
         let tmp = tempfile::tempdir().unwrap();
         let spool = tmp.path().join("spool");
         std::fs::create_dir(&spool).unwrap();
         let store = Rc::new(RefCell::new(
             ShardStore::new(&spool, 0, Vec::new(), 0).unwrap(),
         ));
-        let commit = GroupCommit::new(Rc::clone(&store));
+        let commit = GroupCommit::with_modes(Rc::clone(&store), one_by_one, false);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
