@@ -168,6 +168,8 @@ pub(crate) struct RelayShard {
     pool: Pool,
     /// MX routing; `None` if no resolver could be made (then such mail is deferred).
     resolver: Option<resolve::MxResolver>,
+    /// Addresses of static routes and the smarthost given as host names.
+    hops: route::HopCache,
     wake: Notify,
     in_flight: Cell<usize>,
     /// Shutting down: start no new deliveries.
@@ -239,6 +241,7 @@ impl RelayHandler {
             index,
             resolver,
             pool: Pool::new(config.pool.clone()),
+            hops: route::HopCache::default(),
             config,
             store,
             commit: Rc::clone(&commit),
@@ -555,7 +558,7 @@ const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
 /// (or implicit MX, or the address literal) from this shard's resolver.
 async fn plan(shard: &RelayShard, domain: &str) -> Plan {
     if let Some(hop) = shard.config.routes.next_hop(domain) {
-        return match hop.addresses().await {
+        return match shard.hops.addresses(hop, Instant::now()).await {
             Ok(addrs) if !addrs.is_empty() => Plan::Targets(
                 addrs
                     .into_iter()
