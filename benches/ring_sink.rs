@@ -83,10 +83,10 @@ impl Loop {
         // accept, nowhere) that stays in `conns`, unmoved on the heap and untouched, until
         // that operation's completion has been reaped.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            self.ring.submit().expect("io_uring_enter");
+            enter(&self.ring, 0);
         }
         if self.opts.submit_each {
-            self.ring.submit().expect("io_uring_enter");
+            enter(&self.ring, 0);
         }
     }
 
@@ -145,7 +145,10 @@ impl Loop {
     fn close(&mut self, i: usize) {
         if let Some(c) = self.conns[i].take() {
             if self.opts.fixed_files {
-                let _ = self.ring.submitter().register_files_update(i as u32, &[-1]);
+                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[-1]) {
+                    // The slot would keep the socket open (no FIN): stop rather than mislead.
+                    die(&format!("cannot unregister file slot {i}: {e}"));
+                }
             }
             // SAFETY: `c.fd` came from accept and is closed exactly once, here; no
             // operation on it is in flight (the connection was waiting for none).
@@ -274,6 +277,25 @@ fn with_ioprio(sqe: squeue::Entry, ioprio: u16) -> squeue::Entry {
     }
 }
 
+/// Submits (and waits for `want` completions), retrying when a signal interrupts. Any other
+/// failure ends the process at once: returning would drop buffers that operations still
+/// in flight point into.
+fn enter(ring: &IoUring, want: usize) {
+    loop {
+        match ring.submit_and_wait(want) {
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => die(&format!("io_uring_enter: {e}")),
+        }
+    }
+}
+
+/// Ends the process without unwinding (see [`enter`]).
+fn die(why: &str) -> ! {
+    eprintln!("ring_sink: {why}");
+    std::process::exit(1)
+}
+
 /// The registered-file table counts against RLIMIT_NOFILE: lift the soft limit to the hard
 /// one, as the server does.
 fn raise_fd_limit() {
@@ -291,6 +313,12 @@ fn raise_fd_limit() {
 }
 
 fn main() -> std::io::Result<()> {
+    // A panic must not unwind: dropping the loop would free buffers the kernel still
+    // writes into.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("ring_sink: {info}");
+        std::process::abort();
+    }));
     let args: Vec<String> = std::env::args().collect();
     let Some(listen) = args
         .iter()
@@ -310,6 +338,9 @@ fn main() -> std::io::Result<()> {
         read_write: env("RING_OPS") == "rw",
         poll_first: env("RING_RECV") == "pollfirst",
     };
+    if opts.poll_first && opts.read_write {
+        die("RING_RECV=pollfirst applies to RECV, not to RING_OPS=rw");
+    }
     let mut builder = IoUring::builder();
     match env("RING_SETUP").as_str() {
         "plain" => {}
@@ -361,7 +392,7 @@ fn main() -> std::io::Result<()> {
     lp.push(accept.clone());
     let mut done = Vec::with_capacity(256);
     loop {
-        lp.ring.submit_and_wait(1)?;
+        enter(&lp.ring, 1);
         done.clear();
         done.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(ud, res) in &done {
@@ -369,6 +400,9 @@ fn main() -> std::io::Result<()> {
             if op == OP_ACCEPT {
                 if res >= 0 {
                     lp.accepted(res, &config);
+                } else {
+                    // Out of fds, say: do not spin on a failing accept.
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 lp.push(accept.clone());
             } else {

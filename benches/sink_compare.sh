@@ -32,7 +32,7 @@ SHARDS=${SHARDS:-0}
 RINGRELAY=${RINGRELAY:-$ROOT/target/release/ringrelay}
 VARIANTS=${VARIANTS:-"smtp-sink ringrelay-uring ringrelay-epoll"}
 case "$VARIANTS" in *ring-proto*)
-    RING_SINK=${RING_SINK:-$(ls -t "$ROOT"/target/release/deps/ring_sink-* 2>/dev/null | grep -v '\.d$' | head -1)} ;;
+    RING_SINK=${RING_SINK:-$(ls -t "$ROOT"/target/release/deps/ring_sink-* 2>/dev/null | grep -v '\.d$' | head -1 || true)} ;;
 esac
 [ -x "$RINGRELAY" ] || { echo "build first: cargo build --release ($RINGRELAY missing)" >&2; exit 2; }
 WORK=$(mktemp -d /tmp/sink_compare.XXXXXX)
@@ -66,6 +66,11 @@ start_server() {
         case "$1" in *-pollfirst*) recv=pollfirst ;; esac
         case "$1" in *-each*) submit=each ;; esac
         case "$1" in *-defer*) setup=defer ;; *-plain*) setup=plain ;; esac
+        local sw
+        for sw in $(echo "${1#ring-proto}" | tr '-' ' '); do
+            case "$sw" in fixed|each|rw|pollfirst|defer|plain) ;;
+                *) echo "unknown switch '$sw' in variant $1" >&2; exit 2 ;; esac
+        done
         RING_FILES=$files RING_SUBMIT=$submit RING_SETUP=$setup RING_OPS=$ops RING_RECV=$recv \
             "${SRV_PREFIX[@]}" "${RING_SINK:?build the prototype: cargo build --release --bench ring_sink}" \
             --listen "127.0.0.1:$PORT" >"$WORK/srv.out" 2>&1 & ;;
@@ -77,23 +82,25 @@ start_server() {
 }
 
 # one_run VARIANT -> appends "variant msgs_per_s cpu_us_per_msg peak_rss_kb user_us sys_us"
-# to $WORK/results (user and kernel time per message split from /proc/PID/stat)
+# to $WORK/results (user and kernel time per message split from /proc/PID/stat). The table
+# takes the median of each column on its own, so user + sys need not add up to the total.
 one_run() {
     local v=$1 c0 c1 t0 t1 rss u0 u1
     start_server "$v"
     c0=$(cpu_ticks "$SRV")
-    u0=$(awk '{print $14}' "/proc/$SRV/stat")
+    u0=$(awk '{print $14}' "/proc/$SRV/stat" 2>/dev/null) || { echo "$v died" >&2; cat "$WORK/srv.out" >&2; exit 1; }
     t0=$(now)
     "${LOAD_PREFIX[@]}" smtp-source -d -s "$SESS" -m "$MSGS" -l "$SIZE" -f sender@example.com -t rcpt@example.com \
         "127.0.0.1:$PORT" >"$WORK/src.out" 2>&1 || { echo "smtp-source failed" >&2; cat "$WORK/src.out" >&2; exit 1; }
     t1=$(now)
     sleep 0.2
     c1=$(cpu_ticks "$SRV")
-    u1=$(awk '{print $14}' "/proc/$SRV/stat")
+    u1=$(awk '{print $14}' "/proc/$SRV/stat" 2>/dev/null) || { echo "$v died during the run" >&2; cat "$WORK/srv.out" >&2; exit 1; }
     rss=$(peak_rss_kb "$SRV")
     kill -TERM "$SRV"; wait "$SRV" 2>/dev/null || true; SRV=""
     # A killed io_uring process releases its listener asynchronously: wait until it has.
     for _ in $(seq 50); do port_free "$PORT" && break; sleep 0.1; done
+    port_free "$PORT" || { echo "127.0.0.1:$PORT still busy 5 s after stopping $v" >&2; exit 1; }
     awk -v v="$v" -v m="$MSGS" -v t0="$t0" -v t1="$t1" -v c="$((c1 - c0))" -v u="$((u1 - u0))" -v hz="$CLK_TCK" -v rss="$rss" \
         'BEGIN {printf "%s %.0f %.1f %d %.1f %.1f\n", v, m / (t1 - t0), 1e6 * c / hz / m, rss, 1e6 * u / hz / m, 1e6 * (c - u) / hz / m}' | tee -a "$WORK/results" >&2
 }
