@@ -302,6 +302,13 @@ impl ShardStore {
         }
     }
 
+    /// The segment new messages go to, if there is one (for the one-sync-per-message A/B
+    /// mode, which syncs it even when an earlier sync already covered its messages).
+    pub fn current_file(&self) -> Option<Arc<File>> {
+        let id = self.current?;
+        self.segments.get(&id).map(|s| Arc::clone(&s.file))
+    }
+
     /// Segment files open now.
     pub fn open_segments(&self) -> usize {
         self.segments.len()
