@@ -6,7 +6,8 @@
 //! abrupt disconnect); and the protocol limits: command line length (`500 5.5.6`),
 //! recipients per transaction (`452 4.5.3`), message size (`552 5.3.4` at MAIL for `SIZE=`
 //! and after the terminator for content, exact at the boundary) and the error budget
-//! (`421 4.7.0 … too many errors`).
+//! (`421 4.7.0 … too many errors`). A server started with a soft open-file limit below
+//! `limits.max_connections` raises it, and serves more connections than the old limit.
 //!
 //! The relay test's outside client binds its socket to 127.0.0.2, with
 //! `mynetworks = ["127.0.0.1/32"]`.
@@ -24,6 +25,7 @@ io_tests!(
     client_that_never_reads_is_cut_off,
     relay_access,
     connection_caps,
+    open_file_limit,
     protocol_limits,
     data_memory_budget,
 );
@@ -248,6 +250,28 @@ fn connection_caps(io: &str) {
         drop(open);
         relay.stop();
     }
+}
+
+/// Started with a soft limit of 128 open files (a shell's default is 1024, a service
+/// manager's often too), the server raises it for its `max_connections`, so 300 clients at
+/// once are all greeted instead of waiting in the backlog while accept fails with EMFILE.
+fn open_file_limit(io: &str) {
+    let mut opts = Opts::new(io, "[limits]\nmax_connections_per_ip = 1000");
+    opts.nofile = Some(128);
+    let mut relay = Relay::start_with(opts);
+    let mut open: Vec<Client> = (0..300).map(|_| relay.connect()).collect();
+    for c in open.iter_mut().step_by(50) {
+        c.expect("NOOP", 250, "2.0.0");
+    }
+    assert!(
+        relay
+            .stderr()
+            .contains("raised the open-file limit from 128"),
+        "log:\n{}",
+        relay.stderr()
+    );
+    drop(open);
+    relay.stop();
 }
 
 fn protocol_limits(io: &str) {

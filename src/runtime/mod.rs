@@ -89,6 +89,7 @@ where
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
     let io = choose_driver(config.io)?;
+    ensure_fd_limit(config.limits.max_connections);
     let shards = config.effective_shards();
     let (listeners, local_addrs) = listener::bind_all(&config.listen, shards)?;
     let mut session_config = SessionConfig::new(
@@ -159,6 +160,57 @@ where
     })
 }
 
+/// Descriptors beyond the client connections: spool segments, outbound connections,
+/// resolver sockets, listeners, the ring.
+const FD_HEADROOM: u64 = 4096;
+
+/// Makes room for `max_connections` clients: a shell's or a service manager's soft
+/// open-file limit is often 1024, which would make accept fail with EMFILE long before
+/// `limits.max_connections`. The soft limit is raised as far as needed, never past the
+/// hard one; if that is still short, a warning says what to set.
+fn ensure_fd_limit(max_connections: usize) {
+    let want = (max_connections as u64).saturating_add(FD_HEADROOM);
+    match raise_fd_limit(want) {
+        Ok((soft, _)) if soft >= want => {}
+        Ok((soft, hard)) => tracing::warn!(
+            "open-file limit is {soft} (hard {hard}), below limits.max_connections + {FD_HEADROOM} \
+             = {want}: connections beyond about {} wait in the backlog; raise it (ulimit -Hn, \
+             LimitNOFILE=) or lower limits.max_connections",
+            soft.saturating_sub(FD_HEADROOM)
+        ),
+        Err(e) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to `want` (capped at the hard limit) if it is lower.
+/// Returns the soft and hard limits in force afterwards.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, but not on every target
+fn raise_fd_limit(want: u64) -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (soft, hard) = (lim.rlim_cur as u64, lim.rlim_max as u64);
+    if soft >= want {
+        return Ok((soft, hard));
+    }
+    let raised = want.min(hard);
+    if raised <= soft {
+        return Ok((soft, hard));
+    }
+    lim.rlim_cur = raised as libc::rlim_t;
+    // SAFETY: setrlimit reads the rlimit we pass; the soft value is within the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    tracing::info!("raised the open-file limit from {soft} to {raised}");
+    Ok((raised, hard))
+}
+
 /// The CPUs this process may run on (respects `taskset` and cgroup cpusets).
 fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data for which all-zero is a valid (empty) set, and
@@ -188,5 +240,25 @@ fn pin_to_cpu(cpu: usize) {
             "could not pin shard to CPU {cpu}: {}",
             io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_raised_within_the_hard_limit() {
+        let (soft, hard) = raise_fd_limit(0).unwrap();
+        assert!(soft <= hard);
+        // Asking for less changes nothing.
+        assert_eq!(raise_fd_limit(soft / 2).unwrap(), (soft, hard));
+        // Asking for more gets it, up to the hard limit and never past it.
+        let want = soft.saturating_add(10);
+        let (now, hard_now) = raise_fd_limit(want).unwrap();
+        assert_eq!(hard_now, hard);
+        assert_eq!(now, want.min(hard));
+        let (top, _) = raise_fd_limit(u64::MAX).unwrap();
+        assert_eq!(top, hard);
     }
 }

@@ -80,6 +80,8 @@ pub struct Opts {
     pub routes: Vec<String>,
     /// Listen on this port instead of a free one (a restart on the same address).
     pub port: Option<u16>,
+    /// Start the server with this soft open-file limit (the hard one unchanged).
+    pub nofile: Option<u64>,
 }
 
 impl Opts {
@@ -93,6 +95,7 @@ impl Opts {
             spool: None,
             routes: Vec::new(),
             port: None,
+            nofile: None,
         }
     }
 
@@ -118,6 +121,7 @@ impl Opts {
             spool: Some(spool.to_path_buf()),
             routes: routes.iter().map(|(d, a)| format!("{d}={a}")).collect(),
             port: None,
+            nofile: None,
         }
     }
 
@@ -199,6 +203,27 @@ impl Relay {
         }
         for route in &opts.routes {
             cmd.args(["--route", route]);
+        }
+        if let Some(soft) = opts.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the forked child before exec and calls only getrlimit and
+            // setrlimit, which are async-signal-safe, on a struct it owns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().expect("spawn ringrelay");
         let mut relay = Relay {
