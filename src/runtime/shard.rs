@@ -59,7 +59,9 @@ impl<H: Handler> Shard<H> {
             index: settings.index,
             handler,
             session_config: settings.session_config,
-            pool: BufferPool::new(1024, 4096, 256 * 1024),
+            // Command-sized buffers only: one grown by DATA is dropped, not pooled, so
+            // a new (often idle) connection never inherits 64 KiB.
+            pool: BufferPool::new(1024, 4096, 4 * 1024),
             caps: settings.caps,
             phase: settings.phase,
             command_timeout: settings.command_timeout,

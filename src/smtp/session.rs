@@ -39,6 +39,9 @@ use crate::policy::RelayPolicy;
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
 
+/// Largest body buffer a session keeps for its next message (see `take_body`).
+const BODY_KEEP: usize = 16 * 1024;
+
 /// Extra `452 4.5.3` replies tolerated past `max_recipients` before they count as errors
 /// (a client may legitimately pipeline more recipients than we take).
 const RCPT_OVERSHOOT_ALLOWANCE: u32 = 1000;
@@ -616,7 +619,7 @@ impl Session {
             id,
             from,
             to,
-            data: self.body.split().freeze(),
+            data: self.take_body(),
             peer: self.peer,
             helo: self.shared_helo(),
             body_type: self.tx.body_type,
@@ -625,6 +628,18 @@ impl Session {
         // Keep the ID for the 250 reply; the rest of the transaction is gone.
         self.tx.id = Some(id);
         self.state = State::AwaitingResult;
+    }
+
+    /// The finished message's content. A small buffer is split off, so the session can
+    /// reclaim the allocation for its next message once the handler is done with this one;
+    /// a large one is handed over whole, so an idle session does not keep a big
+    /// allocation alive through the tail it would otherwise retain.
+    fn take_body(&mut self) -> Bytes {
+        if self.body.capacity() > BODY_KEEP {
+            std::mem::take(&mut self.body).freeze()
+        } else {
+            self.body.split().freeze()
+        }
     }
 
     /// The HELO name for an envelope: the shared copy, made anew only when the name changed.
@@ -778,6 +793,35 @@ mod tests {
     }
 
     const TX: &[u8] = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n";
+
+    /// A large message's buffer goes with the message, so a session idle after it holds
+    /// no part of it; a small one's allocation stays for reuse by the next message.
+    #[test]
+    fn an_idle_session_keeps_no_large_body_buffer() {
+        let mut h = Harness::new(config_with(1_000_000, 5), "127.0.0.1:40000");
+        h.feed(b"EHLO client.example\r\n");
+        h.feed(TX);
+        let line = [b'x'; 998];
+        for _ in 0..100 {
+            h.feed(&line);
+            h.feed(b"\r\n");
+        }
+        assert!(h.feed(b".\r\n").starts_with("250 2.0.0"));
+        assert!(h.messages[0].data.len() > 100_000);
+        assert_eq!(
+            h.session.body.capacity(),
+            0,
+            "nothing of the large body kept"
+        );
+        h.feed(TX);
+        h.feed(b"small\r\n.\r\n");
+        assert_eq!(h.messages.len(), 2);
+        assert!(
+            h.session.body.capacity() > 0,
+            "a small body's buffer is kept"
+        );
+        assert!(h.session.body.capacity() <= BODY_KEEP);
+    }
 
     #[test]
     fn greeting_and_ehlo_advertise_the_extensions() {
