@@ -33,10 +33,10 @@ const COMMAND_READ: usize = 1024;
 const DATA_READ_START: usize = 4 * 1024;
 /// Largest read size during DATA.
 const DATA_READ: usize = 64 * 1024;
-/// A read buffer grown past this (by a large message) is swapped for a small pooled one
-/// once it is empty again in the command phase: a connection idle after a large message
-/// then holds about 1 KiB of buffer, not 64 KiB. Buffers of small messages stay (no
-/// allocation per message).
+/// A read buffer grown to this or more (by a large message) is swapped for a small pooled
+/// one once it is empty again in the command phase, and never pooled: a connection idle
+/// after a large message then holds about 1 KiB of buffer, not 64 KiB. Buffers of small
+/// messages stay (no allocation per message).
 const SHRINK_ABOVE: usize = 4 * DATA_READ_START;
 
 /// A connected stream as the connection loop needs it. Buffers are owned and handed back,
@@ -101,6 +101,10 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut progressed = false;
     // The current read size during DATA (see DATA_READ_START).
     let mut data_read = DATA_READ_START;
+    // The read buffer was grown to SHRINK_ABOVE or more. Tracked rather than read off
+    // `capacity()`, which counts only the space after the read position and so can look
+    // small on a large allocation.
+    let mut grown = false;
     session.greet();
     loop {
         if session.has_output()
@@ -136,13 +140,15 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             (data_read, shard.data_timeout)
         } else {
             data_read = DATA_READ_START;
-            if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
+            if grown && buf.is_empty() {
                 buf = shard.pool.take();
+                grown = false;
             }
             (COMMAND_READ, shard.command_timeout)
         };
         if buf.capacity() - buf.len() < want / 2 {
             buf.reserve(want);
+            grown |= want >= SHRINK_ABOVE;
         }
         let offered = buf.capacity() - buf.len();
         let now = Instant::now();
@@ -231,7 +237,9 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     shard
         .data_memory
         .set(shard.data_memory.get().saturating_sub(held));
-    shard.pool.give(buf);
+    if !grown {
+        shard.pool.give(buf);
+    }
 }
 
 /// Keeps the shard's count of memory held by messages being received, and refuses the

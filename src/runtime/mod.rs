@@ -174,9 +174,9 @@ fn ensure_fd_limit(max_connections: usize) {
         Ok((soft, _)) if soft >= want => {}
         Ok((soft, hard)) => tracing::warn!(
             "open-file limit is {soft} (hard {hard}), below limits.max_connections + {FD_HEADROOM} \
-             = {want}: connections beyond about {} wait in the backlog; raise it (ulimit -Hn, \
-             LimitNOFILE=) or lower limits.max_connections",
-            soft.saturating_sub(FD_HEADROOM)
+             = {want}: fewer connections than limits.max_connections will fit, and the rest \
+             wait in the backlog; raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower \
+             limits.max_connections"
         ),
         Err(e) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
     }

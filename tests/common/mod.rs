@@ -140,6 +140,26 @@ pub struct SinkTotals {
     pub bytes: u64,
 }
 
+/// Lifts this test process's soft open-file limit (to at most 8192, within the hard one)
+/// once: tests that hold hundreds of client sockets run in parallel threads, and a soft
+/// limit of 1024 would make their connects fail with EMFILE.
+fn raise_own_fd_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid rlimit struct we own.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < 8192 {
+                lim.rlim_cur = lim.rlim_max.min(8192);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    });
+}
+
 /// A running `ringrelay serve` process; killed (SIGKILL) on drop if still alive.
 pub struct Relay {
     child: Child,
@@ -178,6 +198,7 @@ impl Relay {
     }
 
     fn try_start(opts: &Opts) -> Result<Relay, String> {
+        raise_own_fd_limit();
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("ringrelay.toml");
         std::fs::write(&config_path, &opts.config).expect("write config");
@@ -278,7 +299,6 @@ impl Relay {
         self.child.id()
     }
 
-    /// Everything the server has logged so far.
     /// The server's resident memory now, in KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -290,6 +310,7 @@ impl Relay {
             .expect("VmRSS in /proc status")
     }
 
+    /// Everything the server has logged so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
