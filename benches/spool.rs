@@ -11,7 +11,9 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ringrelay::id::IdGenerator;
 use ringrelay::smtp::{Mailbox, ReversePath};
-use ringrelay::spool::record::{decode, encode_message, encode_message_head, Decoded};
+use ringrelay::spool::record::{
+    decode, encode_message, encode_message_head, Decoded, MessageRecord,
+};
 
 fn records(c: &mut Criterion) {
     let mut ids = IdGenerator::new(0);
@@ -23,46 +25,30 @@ fn records(c: &mut Criterion) {
         let data = vec![b'x'; size];
         g.throughput(Throughput::Bytes(size as u64));
         let mut out = BytesMut::with_capacity(size + 256);
-        g.bench_with_input(BenchmarkId::new("encode", size), &data, |b, data| {
-            b.iter(|| {
-                out.clear();
-                encode_message(
-                    &mut out,
-                    ids.next_id(),
-                    SystemTime::now(),
-                    &from,
-                    &rcpts,
-                    false,
-                    data,
-                );
-                black_box(out.len())
-            })
-        });
-        g.bench_with_input(BenchmarkId::new("encode_head", size), &data, |b, data| {
-            b.iter(|| {
-                out.clear();
-                encode_message_head(
-                    &mut out,
-                    ids.next_id(),
-                    SystemTime::now(),
-                    &from,
-                    &rcpts,
-                    false,
-                    data,
-                );
-                black_box(out.len())
-            })
-        });
+        let record = |id| MessageRecord {
+            id,
+            arrival: SystemTime::now(),
+            from: &from,
+            rcpts: &rcpts,
+            eight_bit: false,
+            data: &data,
+        };
+        type Encoder = fn(&mut BytesMut, &MessageRecord<'_>);
+        let encoders: [(&str, Encoder); 2] = [
+            ("encode", encode_message),
+            ("encode_head", encode_message_head),
+        ];
+        for (name, encode) in encoders {
+            g.bench_function(BenchmarkId::new(name, size), |b| {
+                b.iter(|| {
+                    out.clear();
+                    encode(&mut out, &record(ids.next_id()));
+                    black_box(out.len())
+                })
+            });
+        }
         out.clear();
-        encode_message(
-            &mut out,
-            ids.next_id(),
-            SystemTime::now(),
-            &from,
-            &rcpts,
-            false,
-            &data,
-        );
+        encode_message(&mut out, &record(ids.next_id()));
         let encoded = out.clone().freeze();
         g.bench_with_input(BenchmarkId::new("decode", size), &encoded, |b, encoded| {
             b.iter(|| match decode(black_box(encoded)) {

@@ -209,6 +209,12 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Largest `limits.max_message_size` accepted (see [`Config::validate`]).
+pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+/// Largest `limits.max_recipients` accepted: 1,000,000 addresses of at most 320 octets
+/// stay far below a spool record's limit beside a 1 GiB message.
+pub const MAX_RECIPIENTS: usize = 1_000_000;
+
 impl Config {
     /// Reads and validates `path`, or gives the defaults when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -287,8 +293,26 @@ impl Config {
                 ),
             );
         }
-        if l.max_message_size > (1 << 40) {
-            return err("limits.max_message_size", "more than 1 TiB".into());
+        // A spool record holds at most 2 GiB (`spool::record::MAX_PAYLOAD`) for the message
+        // and its envelope; these bounds keep every message the server can accept within it,
+        // so a 250 is never given for a message that recovery would refuse to read.
+        if l.max_message_size > MAX_MESSAGE_SIZE {
+            return err(
+                "limits.max_message_size",
+                format!(
+                    "{} is more than {MAX_MESSAGE_SIZE} (1 GiB): a spool record holds at most 2 GiB with its envelope",
+                    l.max_message_size
+                ),
+            );
+        }
+        if l.max_recipients > MAX_RECIPIENTS {
+            return err(
+                "limits.max_recipients",
+                format!(
+                    "{} is more than {MAX_RECIPIENTS}: a spool record holds at most 2 GiB with its envelope",
+                    l.max_recipients
+                ),
+            );
         }
         for (i, net) in self.relay.mynetworks.iter().enumerate() {
             if let Err(why) = net.parse::<IpNet>() {
@@ -469,6 +493,29 @@ max_queue_age_secs  = 432000
         assert!(e("[delivery]\nsmarthost = \"mx.example\"").contains("delivery.smarthost"));
         assert!(e("hostname = \"bad host\"").contains("hostname"));
         assert!(!e("[limits]\nmax_recipients = 0").contains('\n'));
+    }
+
+    /// A message the server may accept must fit a spool record (2 GiB with its envelope),
+    /// or recovery would refuse to read back what was answered 250.
+    #[test]
+    fn limits_keep_every_message_within_a_spool_record() {
+        let e = |t: &str| Config::from_toml(t).unwrap_err().0;
+        let big = format!(
+            "[limits]\nmax_message_size = {}\nmax_data_memory = {}",
+            MAX_MESSAGE_SIZE + 1,
+            1u64 << 40
+        );
+        assert!(e(&big).contains("limits.max_message_size"));
+        let at_limit = format!(
+            "[limits]\nmax_message_size = {MAX_MESSAGE_SIZE}\nmax_data_memory = {}",
+            1u64 << 40
+        );
+        assert!(Config::from_toml(&at_limit).is_ok());
+        let many = format!("[limits]\nmax_recipients = {}", MAX_RECIPIENTS + 1);
+        assert!(e(&many).contains("limits.max_recipients"));
+        // The largest message with the most recipients of the longest addresses fits.
+        let envelope = MAX_RECIPIENTS * (2 + 320) + 2 + 320 + 64;
+        assert!(MAX_MESSAGE_SIZE + 1024 + envelope <= crate::spool::record::MAX_PAYLOAD);
     }
 
     #[test]

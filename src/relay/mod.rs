@@ -37,7 +37,7 @@ use crate::smtp::{Envelope, Mailbox, Reply, ReversePath};
 use crate::spool::commit::GroupCommit;
 use crate::spool::lock::SpoolLock;
 use crate::spool::queue::{retry_delay, Entry, Queue};
-use crate::spool::record::RcptOutcome;
+use crate::spool::record::{MessageRecord, RcptOutcome};
 use crate::spool::store::{self, Recovered, SegmentId, ShardStore};
 use pool::{Pool, PoolConfig};
 use resolve::Target;
@@ -294,14 +294,14 @@ impl Handler for RelayHandler {
         let shard = &self.shard;
         let arrival = SystemTime::now();
         let eight_bit = envelope.body_type == BodyType::EightBitMime;
-        let appended = shard.store.borrow_mut().append_message(
-            envelope.id,
+        let appended = shard.store.borrow_mut().append_message(&MessageRecord {
+            id: envelope.id,
             arrival,
-            &envelope.from,
-            &envelope.to,
+            from: &envelope.from,
+            rcpts: &envelope.to,
             eight_bit,
-            &envelope.data,
-        );
+            data: &envelope.data,
+        });
         let location = appended.map_err(|e| {
             tracing::warn!(
                 shard = shard.index,
@@ -678,14 +678,14 @@ async fn bounce(shard: &RelayShard, entry: &Entry, data: &Bytes, failed: &[Failu
     });
     let arrival = SystemTime::now();
     let rcpts = vec![sender.clone()];
-    let appended = shard.store.borrow_mut().append_message(
+    let appended = shard.store.borrow_mut().append_message(&MessageRecord {
         id,
         arrival,
-        &ReversePath::Null,
-        &rcpts,
-        false,
-        &message,
-    );
+        from: &ReversePath::Null,
+        rcpts: &rcpts,
+        eight_bit: false,
+        data: &message,
+    });
     let location = match appended {
         Ok(l) => l,
         Err(e) => {

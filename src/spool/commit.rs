@@ -272,6 +272,7 @@ mod tests {
 
     use crate::id::IdGenerator;
     use crate::smtp::{Mailbox, ReversePath};
+    use crate::spool::record::MessageRecord;
 
     /// fsyncgate: a message appended while a sync is failing must not be acknowledged by
     /// the next sync of the same file, which Linux would report as a success.
@@ -309,14 +310,14 @@ mod tests {
                 move || {
                     store
                         .borrow_mut()
-                        .append_message(
-                            ids.next_id(),
-                            UNIX_EPOCH,
-                            &ReversePath::Null,
-                            &rcpt,
-                            false,
-                            b"x\r\n",
-                        )
+                        .append_message(&MessageRecord {
+                            id: ids.next_id(),
+                            arrival: UNIX_EPOCH,
+                            from: &ReversePath::Null,
+                            rcpts: &rcpt,
+                            eight_bit: false,
+                            data: b"x\r\n",
+                        })
                         .unwrap();
                 }
             };

@@ -78,67 +78,86 @@ pub enum Record {
     },
 }
 
+/// What a message record holds: an accepted message and its envelope.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRecord<'a> {
+    /// Queue ID.
+    pub id: QueueId,
+    /// When it was accepted (kept in whole seconds).
+    pub arrival: SystemTime,
+    /// The reverse path.
+    pub from: &'a ReversePath,
+    /// Every recipient, in order (outcome records refer to them by index).
+    pub rcpts: &'a [Mailbox],
+    /// Sent with `BODY=8BITMIME`.
+    pub eight_bit: bool,
+    /// The content, as it will be delivered.
+    pub data: &'a [u8],
+}
+
+impl MessageRecord<'_> {
+    /// Length of what [`encode_message_head`] appends (record header included).
+    fn head_len(&self) -> usize {
+        let from = self.from.mailbox().map_or("", Mailbox::as_str);
+        HEADER_LEN
+            + 16
+            + 8
+            + 2
+            + from.len()
+            + 1
+            + 4
+            + self
+                .rcpts
+                .iter()
+                .map(|r| 2 + r.as_str().len())
+                .sum::<usize>()
+            + 8
+    }
+
+    /// The record's payload length: envelope fields and content.
+    pub fn payload_len(&self) -> usize {
+        self.head_len() - HEADER_LEN + self.data.len()
+    }
+
+    /// Whether the record can be written so that recovery reads it back (its payload is
+    /// at most [`MAX_PAYLOAD`]). The configuration's limits keep every message the server
+    /// accepts within it; the store checks anyway before it writes.
+    pub fn fits(&self) -> bool {
+        self.payload_len() <= MAX_PAYLOAD
+    }
+}
+
 /// Appends a message record for an accepted message to `out`: its header and fields from
 /// [`encode_message_head`], then the content.
-pub fn encode_message(
-    out: &mut BytesMut,
-    id: QueueId,
-    arrival: SystemTime,
-    from: &ReversePath,
-    rcpts: &[Mailbox],
-    eight_bit: bool,
-    data: &[u8],
-) {
-    out.reserve(message_head_len(from, rcpts) + data.len());
-    encode_message_head(out, id, arrival, from, rcpts, eight_bit, data);
-    out.extend_from_slice(data);
+pub fn encode_message(out: &mut BytesMut, msg: &MessageRecord<'_>) {
+    out.reserve(msg.head_len() + msg.data.len());
+    encode_message_head(out, msg);
+    out.extend_from_slice(msg.data);
 }
 
 /// Appends everything of a message record but the content itself: the record header and
-/// the fields before the content. The record is complete once `data` follows it; the
-/// checksum in the header already covers `data`. This lets the store write the content
+/// the fields before the content. The record is complete once `msg.data` follows it; the
+/// checksum in the header already covers it. This lets the store write the content
 /// straight from the caller's buffer instead of copying it behind the header.
-pub fn encode_message_head(
-    out: &mut BytesMut,
-    id: QueueId,
-    arrival: SystemTime,
-    from: &ReversePath,
-    rcpts: &[Mailbox],
-    eight_bit: bool,
-    data: &[u8],
-) {
-    let head_len = message_head_len(from, rcpts);
-    let from = from.mailbox().map_or("", Mailbox::as_str);
-    let start = begin(out, KIND_MESSAGE, head_len - HEADER_LEN, data.len());
-    out.put_u128_le(id.as_u128());
+pub fn encode_message_head(out: &mut BytesMut, msg: &MessageRecord<'_>) {
+    let head_len = msg.head_len();
+    let from = msg.from.mailbox().map_or("", Mailbox::as_str);
+    let start = begin(out, KIND_MESSAGE, head_len - HEADER_LEN, msg.data.len());
+    out.put_u128_le(msg.id.as_u128());
     out.put_u64_le(
-        arrival
+        msg.arrival
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     );
     put_str(out, from);
-    out.put_u8(u8::from(eight_bit));
-    out.put_u32_le(rcpts.len() as u32);
-    for r in rcpts {
+    out.put_u8(u8::from(msg.eight_bit));
+    out.put_u32_le(msg.rcpts.len() as u32);
+    for r in msg.rcpts {
         put_str(out, r.as_str());
     }
-    out.put_u64_le(data.len() as u64);
+    out.put_u64_le(msg.data.len() as u64);
     debug_assert_eq!(out.len() - start, head_len);
-    finish_with(out, start, data);
-}
-
-/// Length of what [`encode_message_head`] appends (record header included).
-fn message_head_len(from: &ReversePath, rcpts: &[Mailbox]) -> usize {
-    let from = from.mailbox().map_or("", Mailbox::as_str);
-    HEADER_LEN
-        + 16
-        + 8
-        + 2
-        + from.len()
-        + 1
-        + 4
-        + rcpts.iter().map(|r| 2 + r.as_str().len()).sum::<usize>()
-        + 8
+    finish_with(out, start, msg.data);
 }
 
 /// Appends a recipient outcome record.
@@ -165,6 +184,10 @@ fn begin(out: &mut BytesMut, kind: u8, in_out: usize, after: usize) -> usize {
     out.put_u32_le(MAGIC);
     out.put_u8(kind);
     out.put_slice(&[0, 0, 0]);
+    debug_assert!(
+        in_out + after <= MAX_PAYLOAD,
+        "checked by MessageRecord::fits"
+    );
     out.put_u32_le((in_out + after) as u32);
     out.put_u32_le(0); // checksum, filled in by `finish` or `finish_with`
     start
@@ -334,15 +357,17 @@ mod tests {
         let mut out = BytesMut::new();
         encode_message(
             &mut out,
-            id,
-            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            &ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap()),
-            &[
-                Mailbox::parse("b@example.net").unwrap(),
-                Mailbox::parse("c@example.net").unwrap(),
-            ],
-            true,
-            b"Subject: x\r\n\r\nbody\r\n",
+            &MessageRecord {
+                id,
+                arrival: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                from: &ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap()),
+                rcpts: &[
+                    Mailbox::parse("b@example.net").unwrap(),
+                    Mailbox::parse("c@example.net").unwrap(),
+                ],
+                eight_bit: true,
+                data: b"Subject: x\r\n\r\nbody\r\n",
+            },
         );
         encode_recipient(&mut out, id, 1, RcptOutcome::Delivered);
         encode_finished(&mut out, id);
@@ -395,10 +420,18 @@ mod tests {
         let from = ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap());
         let rcpts = [Mailbox::parse("b@example.net").unwrap()];
         for data in [&b""[..], b"x", b"Subject: y\r\n\r\nbody\r\n"] {
+            let msg = MessageRecord {
+                id,
+                arrival: UNIX_EPOCH,
+                from: &from,
+                rcpts: &rcpts,
+                eight_bit: false,
+                data,
+            };
             let mut whole = BytesMut::from(&b"before"[..]);
-            encode_message(&mut whole, id, UNIX_EPOCH, &from, &rcpts, false, data);
+            encode_message(&mut whole, &msg);
             let mut head = BytesMut::from(&b"before"[..]);
-            encode_message_head(&mut head, id, UNIX_EPOCH, &from, &rcpts, false, data);
+            encode_message_head(&mut head, &msg);
             head.extend_from_slice(data);
             assert_eq!(head, whole);
         }
@@ -413,12 +446,14 @@ mod tests {
         let mut out = BytesMut::new();
         encode_message(
             &mut out,
-            id,
-            UNIX_EPOCH + Duration::from_secs(0x1122_3344),
-            &ReversePath::Mailbox(Mailbox::parse("a@b.c").unwrap()),
-            &[Mailbox::parse("d@e.f").unwrap()],
-            true,
-            b"hi\r\n",
+            &MessageRecord {
+                id,
+                arrival: UNIX_EPOCH + Duration::from_secs(0x1122_3344),
+                from: &ReversePath::Mailbox(Mailbox::parse("a@b.c").unwrap()),
+                rcpts: &[Mailbox::parse("d@e.f").unwrap()],
+                eight_bit: true,
+                data: b"hi\r\n",
+            },
         );
         let mut payload = Vec::new();
         payload.extend_from_slice(&[16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 0, 0, 0, 0]);
@@ -440,17 +475,41 @@ mod tests {
     }
 
     #[test]
+    fn a_record_over_the_payload_limit_does_not_fit() {
+        let from = ReversePath::Null;
+        let rcpts = [Mailbox::parse("r@example.org").unwrap()];
+        let msg = |data| MessageRecord {
+            id: QueueId::from_u128(1),
+            arrival: UNIX_EPOCH,
+            from: &from,
+            rcpts: &rcpts,
+            eight_bit: false,
+            data,
+        };
+        let small = msg(b"x");
+        assert!(small.fits());
+        let envelope = small.payload_len() - 1;
+        // Zeroed allocations are mapped lazily: 2 GiB here costs address space, not memory.
+        let exact = vec![0u8; MAX_PAYLOAD - envelope];
+        assert!(msg(&exact).fits());
+        let over = vec![0u8; MAX_PAYLOAD - envelope + 1];
+        assert!(!msg(&over).fits());
+    }
+
+    #[test]
     fn null_sender_round_trips() {
         let mut out = BytesMut::new();
         let id = IdGenerator::starting_at(0, 1).next_id();
         encode_message(
             &mut out,
-            id,
-            UNIX_EPOCH,
-            &ReversePath::Null,
-            &[],
-            false,
-            b"",
+            &MessageRecord {
+                id,
+                arrival: UNIX_EPOCH,
+                from: &ReversePath::Null,
+                rcpts: &[],
+                eight_bit: false,
+                data: b"",
+            },
         );
         let Decoded::Record(Record::Message(m), _) = decode(&out.freeze()) else {
             panic!()

@@ -19,13 +19,11 @@ use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 
-use super::record::{self, Decoded, RcptOutcome, Record, StoredMessage};
+use super::record::{self, Decoded, MessageRecord, RcptOutcome, Record, StoredMessage};
 use crate::id::QueueId;
-use crate::smtp::{Mailbox, ReversePath};
 
 /// A segment's identity: the shard that created it and its sequence number there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -179,24 +177,29 @@ impl ShardStore {
     }
 
     /// Appends an accepted message to the current segment (not yet durable: see
-    /// [`ShardStore::take_sync_targets`]). On error nothing of it stays in the file.
-    #[allow(clippy::too_many_arguments)]
-    pub fn append_message(
-        &mut self,
-        id: QueueId,
-        arrival: SystemTime,
-        from: &ReversePath,
-        rcpts: &[Mailbox],
-        eight_bit: bool,
-        data: &[u8],
-    ) -> io::Result<Location> {
+    /// [`ShardStore::take_sync_targets`]). On error nothing of it stays in the file; a
+    /// record too large for recovery to read back is refused before anything is written.
+    pub fn append_message(&mut self, msg: &MessageRecord<'_>) -> io::Result<Location> {
+        if !msg.fits() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "message record of {} bytes is over the spool's limit of {}",
+                    msg.payload_len(),
+                    record::MAX_PAYLOAD
+                ),
+            ));
+        }
         let segment = self.writable_segment()?;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         // Only the record's header and fields go through the scratch buffer; the content
         // is written from the caller's buffer in the same `writev`, not copied behind them.
-        record::encode_message_head(&mut scratch, id, arrival, from, rcpts, eight_bit, data);
-        let result = self.append(segment, &mut [IoSlice::new(&scratch), IoSlice::new(data)]);
+        record::encode_message_head(&mut scratch, msg);
+        let result = self.append(
+            segment,
+            &mut [IoSlice::new(&scratch), IoSlice::new(msg.data)],
+        );
         // Keep a modest scratch buffer, not the largest envelope ever seen.
         if scratch.capacity() <= 1 << 20 {
             self.scratch = scratch;
@@ -635,6 +638,7 @@ fn set_aside(dir: &Path, id: SegmentId, at: usize, region: &[u8]) {
 mod tests {
     use super::*;
     use crate::id::IdGenerator;
+    use crate::smtp::{Mailbox, ReversePath};
     use std::time::UNIX_EPOCH;
 
     fn mb(s: &str) -> Mailbox {
@@ -657,7 +661,14 @@ mod tests {
             .collect();
         let from = ReversePath::Mailbox(mb("s@example.org"));
         let loc = store
-            .append_message(id, UNIX_EPOCH, &from, &rcpts, false, body.as_bytes())
+            .append_message(&MessageRecord {
+                id,
+                arrival: UNIX_EPOCH,
+                from: &from,
+                rcpts: &rcpts,
+                eight_bit: false,
+                data: body.as_bytes(),
+            })
             .unwrap();
         (id, loc)
     }
@@ -667,6 +678,28 @@ mod tests {
         let next = report.next_seq.get(&0).copied().unwrap_or(0);
         let store = ShardStore::new(dir, 0, report.segments.clone(), next).unwrap();
         (store, report)
+    }
+
+    /// A message too large for a record is refused before anything is written, so it is
+    /// never answered 250 and then lost at recovery.
+    #[test]
+    fn a_record_recovery_could_not_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = fresh(dir.path());
+        // Zeroed allocations are mapped lazily: 2 GiB here costs address space, not memory.
+        let huge = vec![0u8; record::MAX_PAYLOAD];
+        let e = store
+            .append_message(&MessageRecord {
+                id: IdGenerator::starting_at(0, 1).next_id(),
+                arrival: UNIX_EPOCH,
+                from: &ReversePath::Null,
+                rcpts: &[mb("r@example.net")],
+                eight_bit: false,
+                data: &huge,
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(store.open_segments(), 0, "no segment was even started");
     }
 
     #[test]
@@ -683,18 +716,16 @@ mod tests {
             let arrival = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000 + i as u64);
             let from = if i == 1 { &ReversePath::Null } else { &from };
             let at = expected.len() as u64;
-            let loc = store
-                .append_message(id, arrival, from, &rcpts[..i], i == 2, body.as_bytes())
-                .unwrap();
-            record::encode_message(
-                &mut expected,
+            let msg = MessageRecord {
                 id,
                 arrival,
                 from,
-                &rcpts[..i],
-                i == 2,
-                body.as_bytes(),
-            );
+                rcpts: &rcpts[..i],
+                eight_bit: i == 2,
+                data: body.as_bytes(),
+            };
+            let loc = store.append_message(&msg).unwrap();
+            record::encode_message(&mut expected, &msg);
             assert_eq!((loc.offset, loc.len), (at, expected.len() as u64 - at));
             segment = Some(loc.segment);
         }
