@@ -296,22 +296,6 @@ fn die(why: &str) -> ! {
     std::process::exit(1)
 }
 
-/// The registered-file table counts against RLIMIT_NOFILE: lift the soft limit to the hard
-/// one, as the server does.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn main() -> std::io::Result<()> {
     // A panic must not unwind: dropping the loop would free buffers the kernel still
     // writes into.
@@ -351,7 +335,9 @@ fn main() -> std::io::Result<()> {
             builder.setup_coop_taskrun();
         }
     }
-    raise_fd_limit();
+    // The registered-file table counts against RLIMIT_NOFILE: lift the soft limit to
+    // the hard one.
+    let _ = ringrelay::raise_open_file_limit(u64::MAX);
     let ring = builder.build(4096)?;
     if opts.fixed_files {
         ring.submitter().register_files_sparse(MAX_CONNS)?;

@@ -31,5 +31,6 @@ pub mod smtp;
 pub mod spool;
 
 pub use config::Config;
+pub use runtime::raise_open_file_limit;
 pub use server::{Handler, Server, ServerHandle};
 pub use smtp::{Envelope, Mailbox, Reply, ReversePath, Session};

@@ -38,10 +38,14 @@ impl BufferPool {
             .unwrap_or_else(|| BytesMut::with_capacity(self.buffer_size))
     }
 
-    /// Returns a buffer to the pool (its content is discarded).
+    /// Returns a buffer to the pool (its content is discarded). Only buffers whose
+    /// allocation is between the pool's buffer size and `max_keep` are kept.
     pub(crate) fn give(&self, mut buf: BytesMut) {
         buf.clear();
-        if buf.capacity() < self.buffer_size || buf.capacity() > self.max_keep {
+        // `capacity()` counts only the space after the read position, so an advanced large
+        // buffer can look small: `try_reclaim` (which never allocates) sees the whole
+        // allocation, and moves the start back when it succeeds.
+        if buf.try_reclaim(self.max_keep + 1) || !buf.try_reclaim(self.buffer_size) {
             return;
         }
         let mut free = self.free.borrow_mut();
@@ -60,6 +64,7 @@ impl BufferPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
 
     #[test]
     fn buffers_are_reused_and_bounded() {
@@ -71,6 +76,24 @@ mod tests {
         assert_eq!(pool.take().as_ptr(), ptr);
         pool.give(BytesMut::with_capacity(1 << 20));
         assert_eq!(pool.pooled(), 0, "oversized buffers are dropped");
+        // A large buffer read almost to its end still counts as large.
+        let mut advanced = BytesMut::with_capacity(1 << 16);
+        advanced.resize(advanced.capacity() - 100, b'x');
+        advanced.advance(advanced.len());
+        assert!(
+            advanced.capacity() <= 4096,
+            "looks small: {}",
+            advanced.capacity()
+        );
+        pool.give(advanced);
+        assert_eq!(pool.pooled(), 0, "an advanced large buffer is dropped");
+        // A small one read to its end is pooled, whole again.
+        let mut small = BytesMut::with_capacity(2048);
+        small.resize(2000, b'x');
+        small.advance(2000);
+        pool.give(small);
+        assert_eq!(pool.pooled(), 1);
+        assert!(pool.take().capacity() >= 2048);
         for _ in 0..5 {
             pool.give(BytesMut::with_capacity(2048));
         }

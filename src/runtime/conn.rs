@@ -101,10 +101,6 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut progressed = false;
     // The current read size during DATA (see DATA_READ_START).
     let mut data_read = DATA_READ_START;
-    // The read buffer was grown to SHRINK_ABOVE or more. Tracked rather than read off
-    // `capacity()`, which counts only the space after the read position and so can look
-    // small on a large allocation.
-    let mut grown = false;
     session.greet();
     loop {
         if session.has_output()
@@ -140,15 +136,15 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             (data_read, shard.data_timeout)
         } else {
             data_read = DATA_READ_START;
-            if grown && buf.is_empty() {
+            // `try_reclaim` sees the whole allocation (`capacity()` only what follows the
+            // read position) and never allocates.
+            if buf.is_empty() && buf.try_reclaim(SHRINK_ABOVE) {
                 buf = shard.pool.take();
-                grown = false;
             }
             (COMMAND_READ, shard.command_timeout)
         };
         if buf.capacity() - buf.len() < want / 2 {
             buf.reserve(want);
-            grown |= want >= SHRINK_ABOVE;
         }
         let offered = buf.capacity() - buf.len();
         let now = Instant::now();
@@ -237,9 +233,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     shard
         .data_memory
         .set(shard.data_memory.get().saturating_sub(held));
-    if !grown {
-        shard.pool.give(buf);
-    }
+    shard.pool.give(buf);
 }
 
 /// Keeps the shard's count of memory held by messages being received, and refuses the

@@ -170,7 +170,7 @@ const FD_HEADROOM: u64 = 4096;
 /// hard one; if that is still short, a warning says what to set.
 fn ensure_fd_limit(max_connections: usize) {
     let want = (max_connections as u64).saturating_add(FD_HEADROOM);
-    match raise_fd_limit(want) {
+    match raise_open_file_limit(want) {
         Ok((soft, _)) if soft >= want => {}
         Ok((soft, hard)) => tracing::warn!(
             "open-file limit is {soft} (hard {hard}), below limits.max_connections + {FD_HEADROOM} \
@@ -182,10 +182,12 @@ fn ensure_fd_limit(max_connections: usize) {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to `want` (capped at the hard limit) if it is lower.
-/// Returns the soft and hard limits in force afterwards.
+/// Raises this process's soft open-file limit (RLIMIT_NOFILE) to `want`, capped at the
+/// hard limit, if it is lower; never lowers it. Returns the soft and hard limits in force
+/// afterwards. `serve` calls it for `limits.max_connections`; tests and benches that hold
+/// many sockets call it too.
 #[allow(clippy::unnecessary_cast)] // rlim_t is u64 here, but not on every target
-fn raise_fd_limit(want: u64) -> io::Result<(u64, u64)> {
+pub fn raise_open_file_limit(want: u64) -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -249,16 +251,16 @@ mod tests {
 
     #[test]
     fn the_open_file_limit_is_raised_within_the_hard_limit() {
-        let (soft, hard) = raise_fd_limit(0).unwrap();
+        let (soft, hard) = raise_open_file_limit(0).unwrap();
         assert!(soft <= hard);
         // Asking for less changes nothing.
-        assert_eq!(raise_fd_limit(soft / 2).unwrap(), (soft, hard));
+        assert_eq!(raise_open_file_limit(soft / 2).unwrap(), (soft, hard));
         // Asking for more gets it, up to the hard limit and never past it.
         let want = soft.saturating_add(10);
-        let (now, hard_now) = raise_fd_limit(want).unwrap();
+        let (now, hard_now) = raise_open_file_limit(want).unwrap();
         assert_eq!(hard_now, hard);
         assert_eq!(now, want.min(hard));
-        let (top, _) = raise_fd_limit(u64::MAX).unwrap();
+        let (top, _) = raise_open_file_limit(u64::MAX).unwrap();
         assert_eq!(top, hard);
     }
 }

@@ -198,9 +198,9 @@ impl GroupCommit {
                 // fdatasync per message, so it pays for one anyway.
                 targets.files.extend(self.store.borrow().current_file());
             }
-            let synced_something = !targets.is_empty();
             let (result, took) = sync_off_thread(targets).await;
-            if synced_something && !took.is_zero() {
+            // Zero exactly when there was nothing to sync: no sample for the window.
+            if !took.is_zero() {
                 window.observe(waiters.len(), took);
             }
             if result.is_err() {

@@ -146,17 +146,7 @@ pub struct SinkTotals {
 fn raise_own_fd_limit() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit/setrlimit with a valid rlimit struct we own.
-        unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < 8192 {
-                lim.rlim_cur = lim.rlim_max.min(8192);
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-        }
+        let _ = ringrelay::raise_open_file_limit(8192);
     });
 }
 
