@@ -39,6 +39,57 @@ use crate::policy::RelayPolicy;
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
 
+/// Why [`take_rcpt`] refused a recipient.
+enum RcptRefusal {
+    /// A fixed reply.
+    Wire(&'static [u8]),
+    /// The hook's reply.
+    Hook(Reply),
+}
+
+/// Checks a recipient (relay policy, sender-specified routing, the hook) and, when it
+/// passes, adds it to the transaction; returns why not otherwise.
+fn take_rcpt(
+    config: &SessionConfig,
+    may_relay: bool,
+    hook_mailbox: &mut MailboxSlot,
+    tx: &mut Transaction,
+    to: Option<MailboxRef<'_>>,
+    hooks: &mut impl Hooks,
+) -> Option<RcptRefusal> {
+    // `<Postmaster>` with no domain is ours, and always accepted (RFC 5321 §4.1.1.3).
+    let local = to.is_none();
+    let to = to.unwrap_or_else(|| config.postmaster.as_mailbox_ref());
+    if !local && !may_relay && !config.relay.is_relay_domain(to.domain()) {
+        return Some(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
+    }
+    // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
+    // an outside client could make a downstream server relay for it: refuse it, as
+    // Postfix does (allow_untrusted_routing = no).
+    if !local
+        && !may_relay
+        && to
+            .local_part()
+            .bytes()
+            .any(|b| matches!(b, b'%' | b'!' | b'@'))
+    {
+        return Some(RcptRefusal::Wire(
+            b"550 5.7.1 Sender-specified routing is not allowed\r\n",
+        ));
+    }
+    let checked = if local {
+        hooks.check_rcpt(&config.postmaster)
+    } else {
+        hooks.check_rcpt(&hook_mailbox.fill(to))
+    };
+    if let Err(reply) = checked {
+        return Some(RcptRefusal::Hook(reply));
+    }
+    let entry = tx.addresses.push(to);
+    tx.to.push(entry);
+    None
+}
+
 /// Largest body buffer a session keeps for its next message (see `take_body`).
 const BODY_KEEP: usize = 16 * 1024;
 
@@ -433,11 +484,10 @@ impl Session {
                 helo.push_str(host);
                 self.esmtp = esmtp;
                 self.tx.clear();
-                let config = Arc::clone(&self.config);
-                self.reply(if esmtp {
-                    &config.ehlo_reply
+                self.out.extend_from_slice(if esmtp {
+                    &self.config.ehlo_reply
                 } else {
-                    &config.helo_reply
+                    &self.config.helo_reply
                 });
             }
             Command::Mail { from, size, body } => self.mail(from, size, body, hooks),
@@ -508,36 +558,21 @@ impl Session {
             }
             return;
         }
-        let config = Arc::clone(&self.config);
-        // `<Postmaster>` with no domain is ours, and always accepted (RFC 5321 §4.1.1.3).
-        let local = to.is_none();
-        let to = to.unwrap_or_else(|| config.postmaster.as_mailbox_ref());
-        if !local && !self.may_relay && !config.relay.is_relay_domain(to.domain()) {
-            return self.error(b"550 5.7.1 Relay access denied\r\n");
+        // The checks borrow the session's fields one by one (the address may be the
+        // shared config's postmaster), so nothing is cloned per RCPT.
+        let refused = take_rcpt(
+            &self.config,
+            self.may_relay,
+            &mut self.hook_mailbox,
+            &mut self.tx,
+            to,
+            hooks,
+        );
+        match refused {
+            None => self.reply(b"250 2.1.5 Ok\r\n"),
+            Some(RcptRefusal::Wire(wire)) => self.error(wire),
+            Some(RcptRefusal::Hook(reply)) => self.error_reply(reply),
         }
-        // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
-        // an outside client could make a downstream server relay for it: refuse it, as
-        // Postfix does (allow_untrusted_routing = no).
-        if !local
-            && !self.may_relay
-            && to
-                .local_part()
-                .bytes()
-                .any(|b| matches!(b, b'%' | b'!' | b'@'))
-        {
-            return self.error(b"550 5.7.1 Sender-specified routing is not allowed\r\n");
-        }
-        let checked = if local {
-            hooks.check_rcpt(&config.postmaster)
-        } else {
-            hooks.check_rcpt(&self.hook_mailbox.fill(to))
-        };
-        if let Err(reply) = checked {
-            return self.error_reply(reply);
-        }
-        let entry = self.tx.addresses.push(to);
-        self.tx.to.push(entry);
-        self.reply(b"250 2.1.5 Ok\r\n");
     }
 
     fn data(&mut self, now: SystemTime, hooks: &mut impl Hooks) {
