@@ -4,11 +4,14 @@
 //! commands or after the `354`, or one byte per write); commands out of sequence are
 //! refused; a client that half-closes after its last command still gets every reply;
 //! many concurrent clients pipelining many transactions each get every message
-//! queued and counted; and without `--sink` (no spool yet) DATA is answered `451 4.3.0`.
+//! queued and counted; a client that pipelines more than the socket buffers hold and reads
+//! only later gets every reply, in order (the server's writes wait for room meanwhile); and
+//! without `--sink` (no spool yet) DATA is answered `451 4.3.0`.
 
 mod common;
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -24,6 +27,7 @@ io_tests!(
     byte_at_a_time,
     many_clients_many_transactions,
     half_close_gets_every_reply,
+    long_pipeline_read_late,
 );
 
 fn lettre_sends_two_messages(io: &str) {
@@ -262,4 +266,42 @@ fn half_close_gets_every_reply(io: &str) {
     }
     let totals = relay.stop();
     assert_eq!((totals.messages, totals.recipients), (2, 2), "{totals:?}");
+}
+
+/// About 1.4 MB of replies to 600 KB of commands, far more than loopback's socket buffers
+/// hold while the client is not reading: the server's writes wait for room (and its reads
+/// stop meanwhile), and no reply may be dropped, repeated or overtaken by the next. (Short
+/// writes themselves are tested in `runtime::uring`.)
+fn long_pipeline_read_late(io: &str) {
+    const NOOPS: usize = 100_000;
+    let mut relay = Relay::start(io, "");
+    let mut c = relay.connect();
+    let mut writer = c.stream.try_clone().expect("clone the client socket");
+    let sender = std::thread::spawn(move || {
+        let mut batch = String::from("EHLO client.test\r\n");
+        for _ in 0..NOOPS {
+            batch.push_str("NOOP\r\n");
+        }
+        batch.push_str("QUIT\r\n");
+        writer.write_all(batch.as_bytes())
+    });
+    // Not reading yet: the server's replies fill both socket buffers, and then it stops
+    // reading the commands until the client catches up.
+    sleep(Duration::from_millis(500));
+    let replies = c.replies_to_eof();
+    sender
+        .join()
+        .expect("writer thread")
+        .expect("every command written");
+    assert_eq!(
+        replies.len(),
+        NOOPS + 2,
+        "replies to EHLO, the NOOPs and QUIT"
+    );
+    assert_ehlo(&replies[0], DEFAULT_MAX_SIZE);
+    for (i, r) in replies[1..=NOOPS].iter().enumerate() {
+        assert_eq!(r.wire(), "250 2.0.0 Ok", "reply {} of {NOOPS}", i + 1);
+    }
+    replies[NOOPS + 1].assert(221, "2.0.0");
+    relay.stop();
 }

@@ -14,6 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use bytes::{Buf, BytesMut};
@@ -67,7 +68,17 @@ enum Wake {
     ShuttingDown,
 }
 
-/// Serves one accepted connection to the end.
+/// The wait for the current command line (the command timeout runs per line).
+struct Line {
+    /// When the wait for the current line began.
+    start: Instant,
+    /// The last read (and any message finished after it) consumed a complete line, so what
+    /// remains in the buffer is a new line. Kept beside `start`, which lives for the whole
+    /// connection: the connection task then keeps it in one place (a smaller task).
+    progressed: bool,
+}
+
+/// Serves one accepted connection, which the handler has let in, to the end.
 pub(crate) async fn serve<H: Handler, T: Transport>(
     shard: Rc<Shard<H>>,
     io: T,
@@ -75,13 +86,6 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     _slot: ConnectionSlot,
 ) {
     let _open = shard.connection_opened();
-    if let Err(reply) = shard.handler.on_connect(peer) {
-        let mut out = BytesMut::new();
-        reply.write_to(&mut out);
-        send(&io, out, shard.command_timeout).await;
-        io.close_both();
-        return;
-    }
     let mut phase = shard.phase.clone();
     // Boxed: the session is most of the connection task's size, and a smaller task fits a
     // smaller allocator size class (10,000 idle connections: see PERF.md §6).
@@ -94,35 +98,35 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
     // The command timeout runs per command line, not per read (like Postfix's
     // `smtpd_per_record_deadline`): a client that dribbles a line a byte at a time gets no
-    // more time than one that sends nothing. `line_start` is when the wait for the current
-    // line began; `progressed` says the last read (and any message finished after it)
-    // consumed a complete line, so what remains in the buffer is a new line.
-    let mut line_start = Instant::now();
-    let mut progressed = false;
+    // more time than one that sends nothing.
+    let mut line = Line {
+        start: Instant::now(),
+        progressed: false,
+    };
     // The current read size during DATA (see DATA_READ_START).
     let mut data_read = DATA_READ_START;
     session.greet();
     loop {
-        if session.has_output()
-            && !send_timed(
-                &io,
-                session.take_output(),
-                sleep.as_mut(),
-                shard.command_timeout,
-            )
-            .await
-        {
-            break;
+        if session.has_output() {
+            // The write is pinned here rather than inside `send_timed`: one level of
+            // future less in every connection's task (idle connections: PERF.md §6).
+            let due = write_due(sleep.as_mut(), shard.command_timeout);
+            let write = pin!(io.send_all(session.take_output()));
+            if !finish_write(&io, write, sleep.as_mut(), due).await {
+                break;
+            }
         }
         if session.is_closed() {
             break;
         }
         if let Some(envelope) = session.take_message() {
-            let result = shard.handler.on_message(envelope).await;
+            // Boxed (one allocation per message): a handler's future would otherwise
+            // size every connection's task, idle ones included.
+            let result = Box::pin(shard.handler.on_message(envelope)).await;
             session.message_result(result);
             // Commands pipelined behind the message were waiting in the buffer.
             let used = session.receive(&buf, SystemTime::now(), &mut hooks);
-            progressed |= used > 0 && !session.skipping_long_line();
+            line.progressed |= used > 0 && !session.skipping_long_line();
             buf.advance(used);
             account_data_memory(&shard, &mut session, &mut held);
             continue;
@@ -149,43 +153,26 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         let offered = buf.capacity() - buf.len();
         let now = Instant::now();
         let mid_line = !session.in_data() && (!buf.is_empty() || session.skipping_long_line());
-        if !mid_line || progressed {
-            line_start = now;
+        if !mid_line || line.progressed {
+            line.start = now;
         }
         // DATA keeps its per-read timeout: content arrives in arbitrary pieces.
-        let wait_start = if session.in_data() { now } else { line_start };
+        let wait_start = if session.in_data() { now } else { line.start };
         if sleep.deadline() > wait_start + timeout {
             // The timeout got shorter (data → command phase): bring the timer forward.
             sleep.as_mut().reset(wait_start + timeout);
         }
-        let mut read = pin!(io.read_more(buf));
-        let mut watching = true;
-        let wake = loop {
-            tokio::select! {
-                biased;
-                (result, b) = &mut read => break Wake::Read(result, b),
-                _ = &mut sleep => {
-                    // The timer is armed lazily (once per timeout period, not per read):
-                    // when it fires, check against when this wait actually began.
-                    let due = wait_start + timeout;
-                    if Instant::now() >= due {
-                        break Wake::TimedOut;
-                    }
-                    sleep.as_mut().reset(due);
-                }
-                changed = phase.changed(), if watching => {
-                    if changed.is_err() {
-                        // The server handle is gone: nobody can ask us to stop any more.
-                        watching = false;
-                        continue;
-                    }
-                    let p = *phase.borrow_and_update();
-                    if p == Phase::Closing || (p == Phase::Draining && session.is_idle()) {
-                        break Wake::ShuttingDown;
-                    }
-                }
-            }
-        };
+        // `take` rather than a move: `buf` then needs no drop flag, which the compiler would
+        // place badly in the connection task (a smaller task: PERF.md §6).
+        let mut read = pin!(io.read_more(std::mem::take(&mut buf)));
+        let wake = wait_input(
+            read.as_mut(),
+            sleep.as_mut(),
+            &mut phase,
+            &session,
+            wait_start + timeout,
+        )
+        .await;
         match wake {
             Wake::Read(Ok(0), b) | Wake::Read(Err(_), b) => {
                 buf = b;
@@ -199,7 +186,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                 }
                 let used = session.receive(&buf, SystemTime::now(), &mut hooks);
                 // Bytes consumed while skipping an over-long line are no progress.
-                progressed = used > 0 && !session.skipping_long_line();
+                line.progressed = used > 0 && !session.skipping_long_line();
                 buf.advance(used);
                 account_data_memory(&shard, &mut session, &mut held);
                 if buf.is_empty() {
@@ -214,13 +201,15 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                     session.shutting_down();
                 }
                 // The read is still pending: write the 421 beside it, then shut the socket
-                // down so the read completes, and only then let go of the buffer.
-                send_timed(
+                // down so the read completes, and only then let go of the buffer. Boxed:
+                // this rare path would otherwise size every connection's task for a read
+                // and a write held at once (idle connections: PERF.md §6).
+                Box::pin(send_timed(
                     &io,
                     session.take_output(),
                     sleep.as_mut(),
                     shard.command_timeout,
-                )
+                ))
                 .await;
                 io.close_both();
                 let (_, b) = read.await;
@@ -234,6 +223,44 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         .data_memory
         .set(shard.data_memory.get().saturating_sub(held));
     shard.pool.give(buf);
+}
+
+/// Waits for the pending `read`, the timeout at `due` or a request to shut down, whichever
+/// comes first. Its own function so that the connection task holds the wait's state only
+/// while waiting (a smaller task: PERF.md §6).
+async fn wait_input<R: Future<Output = (io::Result<usize>, BytesMut)>>(
+    mut read: Pin<&mut R>,
+    mut sleep: Pin<&mut Sleep>,
+    phase: &mut watch::Receiver<Phase>,
+    session: &Session,
+    due: Instant,
+) -> Wake {
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            biased;
+            (result, b) = read.as_mut() => return Wake::Read(result, b),
+            _ = sleep.as_mut() => {
+                // The timer is armed lazily (once per timeout period, not per read):
+                // when it fires, check against when this wait actually began.
+                if Instant::now() >= due {
+                    return Wake::TimedOut;
+                }
+                sleep.as_mut().reset(due);
+            }
+            changed = phase.changed(), if watching => {
+                if changed.is_err() {
+                    // The server handle is gone: nobody can ask us to stop any more.
+                    watching = false;
+                    continue;
+                }
+                let p = *phase.borrow_and_update();
+                if p == Phase::Closing || (p == Phase::Draining && session.is_idle()) {
+                    return Wake::ShuttingDown;
+                }
+            }
+        }
+    }
 }
 
 /// Keeps the shard's count of memory held by messages being received, and refuses the
@@ -279,15 +306,32 @@ async fn send_timed<T: Transport>(
     if out.is_empty() {
         return true;
     }
+    let due = write_due(sleep.as_mut(), timeout);
+    finish_write(io, pin!(io.send_all(out)), sleep, due).await
+}
+
+/// When a write starting now must be done, with `sleep` brought forward to fire by then.
+fn write_due(mut sleep: Pin<&mut Sleep>, timeout: Duration) -> Instant {
     let due = Instant::now() + timeout;
     if sleep.deadline() > due {
         sleep.as_mut().reset(due);
     }
-    let mut write = pin!(io.send_all(out));
+    due
+}
+
+/// Waits for `write` until `due` on `sleep` (which fires by then). A client that stops
+/// reading is cut off: the socket is shut down, which ends the write. Returns false if the
+/// write failed or timed out, so the connection is unusable.
+async fn finish_write<T: Transport, F: Future<Output = (io::Result<()>, BytesMut)>>(
+    io: &T,
+    mut write: Pin<&mut F>,
+    mut sleep: Pin<&mut Sleep>,
+    due: Instant,
+) -> bool {
     loop {
         tokio::select! {
             biased;
-            (result, _) = &mut write => return result.is_ok(),
+            (result, _) = write.as_mut() => return result.is_ok(),
             _ = sleep.as_mut() => {
                 if Instant::now() >= due {
                     io.close_both();

@@ -176,9 +176,17 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
                     continue;
                 }
                 match shard.caps.acquire(peer.ip()) {
-                    Ok(slot) => {
-                        tokio::task::spawn_local(conn::serve(Rc::clone(&shard), conn, peer, slot));
-                    }
+                    Ok(slot) => match shard.handler.on_connect(peer) {
+                        Ok(()) => {
+                            tokio::task::spawn_local(conn::serve(
+                                Rc::clone(&shard),
+                                conn,
+                                peer,
+                                slot,
+                            ));
+                        }
+                        Err(reply) => refuse(&shard, conn, reply),
+                    },
                     Err(which) => {
                         tracing::debug!(%peer, ?which, "connection refused: cap reached");
                         let host = &shard.session_config.hostname;
