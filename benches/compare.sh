@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reruns every side-by-side comparison and target measurement in PERF.md on this machine
 # and prints the tables: the front end against smtp-sink, loadgen against Postfix's tools,
+# the front end's instructions and system calls counted under valgrind (if installed),
 # the durable relay against Postfix (shared harness), 1 shard against 2, group commit and
 # its window on and off, MX against static routing, idle connections, the latency target,
 # and (with SWEEP=1) the offered-load sweep and its plot.
@@ -21,6 +22,12 @@ echo "## 11.8 the hand-written ring prototype beside the server (registered file
 cargo build --release --bench ring_sink
 PIN_LOAD=0 PIN_SERVER=1 VARIANTS="smtp-sink ringrelay-uring ring-proto ring-proto-fixed ring-proto-each ring-proto-defer-pollfirst" \
     benches/sink_compare.sh 5 40000 50 1024 2>/dev/null
+if command -v valgrind >/dev/null; then
+    echo "## 11.10 the front end counted: user-space instructions and system calls per message"
+    benches/sink_instructions.sh 3000 500 2>/dev/null
+else
+    echo "## 11.10 skipped: valgrind is not installed (apt-get install -y valgrind)"
+fi
 echo "## 3. loadgen against smtp-source / smtp-sink"
 benches/loadgen_compare.sh 3 50000 50 1024 2>/dev/null
 echo "## 4. durable relay against Postfix (shared harness), then ringrelay 2 shards / 1 shard pinned"
