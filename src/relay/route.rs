@@ -1,7 +1,8 @@
 //! Where a recipient's mail goes next: the static route for its domain
 //! (`delivery.routes`, `--route`), else the smarthost, else MX routing (`resolve.rs`).
 //! A route given as a host *name* is resolved through the system resolver, and each
-//! shard keeps the answer for a minute ([`HopCache`]) instead of asking per delivery.
+//! shard keeps the answer for a minute ([`HopCache`]) instead of asking per delivery; while
+//! a lookup runs, other deliveries to the same hop wait for it rather than start their own.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -9,7 +10,10 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::config::Delivery;
 
@@ -37,10 +41,60 @@ impl NextHop {
 pub const HOP_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// One shard's answers for next hops given as host names. Only non-empty answers are
-/// kept: a failed or empty lookup is repeated on the next attempt.
+/// kept: a failed or empty lookup is repeated on the next attempt. One lookup per hop runs
+/// at a time (single flight): when an entry expires under load, the deliveries that need
+/// it share one `getaddrinfo` instead of each sending its own to the blocking pool.
 #[derive(Debug, Default)]
 pub struct HopCache {
-    entries: RefCell<HashMap<String, (Instant, Vec<SocketAddr>)>>,
+    entries: RefCell<HashMap<String, Entry>>,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// A non-empty answer, good until the instant.
+    Fresh(Instant, Vec<SocketAddr>),
+    /// A lookup is running; askers wait for its answer.
+    Pending(Rc<Lookup>),
+}
+
+/// A running lookup, shared by the delivery that started it and those that wait for it.
+#[derive(Debug, Default)]
+struct Lookup {
+    done: Notify,
+    /// The answer, once there is one.
+    answer: RefCell<Option<SharedAnswer>>,
+}
+
+/// A lookup's answer as its waiters share it: an error as its kind and text (`io::Error`
+/// is not `Clone`).
+type SharedAnswer = Result<Vec<SocketAddr>, (io::ErrorKind, String)>;
+
+impl Lookup {
+    fn answer(&self) -> Option<io::Result<Vec<SocketAddr>>> {
+        self.answer
+            .borrow()
+            .as_ref()
+            .map(|a| a.clone().map_err(|(kind, text)| io::Error::new(kind, text)))
+    }
+}
+
+/// Ends a lookup however the delivery that runs it ends: with its answer, or (if that
+/// delivery is dropped first, say at shutdown) with none, so the waiters ask again rather
+/// than wait forever.
+struct Leader<'a> {
+    cache: &'a HopCache,
+    key: &'a str,
+    lookup: Rc<Lookup>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let mut entries = self.cache.entries.borrow_mut();
+        if matches!(entries.get(self.key), Some(Entry::Pending(l)) if Rc::ptr_eq(l, &self.lookup)) {
+            entries.remove(self.key);
+        }
+        self.lookup.done.notify_waiters();
+    }
 }
 
 impl HopCache {
@@ -66,19 +120,51 @@ impl HopCache {
         if let Ok(addr) = hop.0.parse::<SocketAddr>() {
             return Ok(vec![addr]);
         }
-        if let Some((expires, addrs)) = self.entries.borrow().get(&hop.0) {
-            if now < *expires {
-                return Ok(addrs.clone());
+        loop {
+            let running = match self.entries.borrow().get(&hop.0) {
+                Some(Entry::Fresh(expires, addrs)) if now < *expires => return Ok(addrs.clone()),
+                Some(Entry::Pending(running)) => Some(Rc::clone(running)),
+                _ => None,
+            };
+            let Some(running) = running else { break };
+            // Made before the answer is checked: `notify_waiters` reaches every `Notified`
+            // made before it, polled or not, so no answer can slip between the two.
+            let done = running.done.notified();
+            if let Some(answer) = running.answer() {
+                return answer;
+            }
+            done.await;
+            if let Some(answer) = running.answer() {
+                return answer;
+            }
+            // The delivery running the lookup was dropped before its answer: ask again.
+        }
+        let leader = Leader {
+            cache: self,
+            key: &hop.0,
+            lookup: Rc::new(Lookup::default()),
+        };
+        self.entries
+            .borrow_mut()
+            .insert(hop.0.clone(), Entry::Pending(Rc::clone(&leader.lookup)));
+        // No borrow is held across the lookup: other deliveries use the cache meanwhile.
+        let result = lookup(hop.0.clone()).await;
+        *leader.lookup.answer.borrow_mut() = Some(match &result {
+            Ok(addrs) => Ok(addrs.clone()),
+            Err(e) => Err((e.kind(), e.to_string())),
+        });
+        if let Ok(addrs) = &result {
+            if !addrs.is_empty() {
+                self.entries.borrow_mut().insert(
+                    hop.0.clone(),
+                    Entry::Fresh(now + HOP_CACHE_TTL, addrs.clone()),
+                );
             }
         }
-        // No borrow is held across the lookup: other deliveries may use the cache meanwhile.
-        let addrs = lookup(hop.0.clone()).await?;
-        if !addrs.is_empty() {
-            self.entries
-                .borrow_mut()
-                .insert(hop.0.clone(), (now + HOP_CACHE_TTL, addrs.clone()));
-        }
-        Ok(addrs)
+        // Dropping the leader removes the entry if it is still pending (a failed or empty
+        // answer) and wakes the waiters, who read the answer.
+        drop(leader);
+        result
     }
 }
 
@@ -194,5 +280,122 @@ mod tests {
         let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
         let ok = rt.block_on(cache.addresses_with(&hop, t0, |_| async move { Ok(vec![addr]) }));
         assert_eq!(ok.unwrap(), vec![addr], "asked again right away");
+    }
+
+    /// A lookup that answers only when `gate` is notified, counting its calls.
+    async fn gated(
+        gate: &Notify,
+        calls: &std::cell::Cell<u32>,
+        answer: io::Result<Vec<SocketAddr>>,
+    ) -> io::Result<Vec<SocketAddr>> {
+        calls.set(calls.get() + 1);
+        gate.notified().await;
+        answer
+    }
+
+    #[test]
+    fn deliveries_share_one_lookup_while_it_runs() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let cache = HopCache::default();
+        let hop = NextHop("relay.example.test:25".into());
+        let addr: SocketAddr = "192.0.2.7:25".parse().unwrap();
+        let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
+        let t0 = Instant::now();
+        let (a, b, c, ()) = rt.block_on(async {
+            tokio::join!(
+                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
+                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
+                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
+                async {
+                    tokio::task::yield_now().await;
+                    gate.notify_waiters();
+                },
+            )
+        });
+        assert_eq!(calls.get(), 1, "one lookup for three deliveries");
+        for got in [a, b, c] {
+            assert_eq!(got.unwrap(), vec![addr]);
+        }
+        // And kept: a later delivery asks nobody.
+        let later = rt.block_on(cache.addresses_with(&hop, t0, |_| async {
+            Err(io::Error::other("must not be called"))
+        }));
+        assert_eq!(later.unwrap(), vec![addr]);
+    }
+
+    #[test]
+    fn a_failed_lookup_fails_its_waiters_too_and_is_not_kept() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let cache = HopCache::default();
+        let hop = NextHop("down.example.test:25".into());
+        let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
+        let t0 = Instant::now();
+        let failed = || Err(io::Error::new(io::ErrorKind::TimedOut, "SERVFAIL"));
+        let (a, b, ()) = rt.block_on(async {
+            tokio::join!(
+                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, failed())),
+                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, failed())),
+                async {
+                    tokio::task::yield_now().await;
+                    gate.notify_waiters();
+                },
+            )
+        });
+        assert_eq!(calls.get(), 1, "the waiter shared the failure");
+        for got in [a, b] {
+            let e = got.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+            assert!(e.to_string().contains("SERVFAIL"), "{e}");
+        }
+        let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
+        let again = rt.block_on(cache.addresses_with(&hop, t0, |_| async move { Ok(vec![addr]) }));
+        assert_eq!(again.unwrap(), vec![addr], "asked again after the failure");
+    }
+
+    #[test]
+    fn a_waiter_asks_again_if_the_lookup_it_waited_for_is_dropped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let cache = HopCache::default();
+        let hop = NextHop("relay.example.test:25".into());
+        let addr: SocketAddr = "192.0.2.7:25".parse().unwrap();
+        let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
+        let t0 = Instant::now();
+        let got = rt.block_on(async {
+            let mut leader =
+                Box::pin(cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))));
+            let waiter = cache.addresses_with(&hop, t0, |_| async move { Ok(vec![addr]) });
+            tokio::pin!(waiter);
+            // The leader starts its lookup, the waiter queues behind it...
+            assert!(futures_poll_once(leader.as_mut()).await.is_none());
+            assert!(futures_poll_once(waiter.as_mut()).await.is_none());
+            // ...and the leader's delivery is dropped (say, at shutdown).
+            drop(leader);
+            waiter.await
+        });
+        assert_eq!(
+            got.unwrap(),
+            vec![addr],
+            "the waiter ran a lookup of its own"
+        );
+        assert_eq!(calls.get(), 1, "the dropped lookup was started once");
+    }
+
+    /// Polls `fut` once: `Some` if it finished.
+    async fn futures_poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let mut fut = Some(fut);
+        std::future::poll_fn(|cx| {
+            let f = fut.take().expect("polled once");
+            std::task::Poll::Ready(match f.poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }
