@@ -78,13 +78,21 @@ struct Line {
     progressed: bool,
 }
 
-/// Serves one accepted connection, which the handler has let in, to the end.
+/// Serves one accepted connection to the end.
 pub(crate) async fn serve<H: Handler, T: Transport>(
     shard: Rc<Shard<H>>,
     io: T,
     peer: SocketAddr,
-    _slot: ConnectionSlot,
+    slot: ConnectionSlot,
 ) {
+    // Here rather than in the accept loop: a handler that panics then ends this task, not
+    // the shard's accepting. A refusal is written by a task of its own, so this task has no
+    // state for it (a smaller task: PERF.md §6).
+    if let Err(reply) = shard.handler.on_connect(peer) {
+        super::shard::refuse(&shard, io, reply, slot);
+        return;
+    }
+    let _slot = slot;
     let _open = shard.connection_opened();
     let mut phase = shard.phase.clone();
     // Boxed: the session is most of the connection task's size, and a smaller task fits a

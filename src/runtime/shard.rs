@@ -172,21 +172,13 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
             Ok((conn, peer)) => {
                 if shard.phase_now() != Phase::Running {
                     let reply = Reply::shutting_down(&shard.session_config.hostname);
-                    refuse(&shard, conn, reply);
+                    refuse(&shard, conn, reply, ());
                     continue;
                 }
                 match shard.caps.acquire(peer.ip()) {
-                    Ok(slot) => match shard.handler.on_connect(peer) {
-                        Ok(()) => {
-                            tokio::task::spawn_local(conn::serve(
-                                Rc::clone(&shard),
-                                conn,
-                                peer,
-                                slot,
-                            ));
-                        }
-                        Err(reply) => refuse(&shard, conn, reply),
-                    },
+                    Ok(slot) => {
+                        tokio::task::spawn_local(conn::serve(Rc::clone(&shard), conn, peer, slot));
+                    }
                     Err(which) => {
                         tracing::debug!(%peer, ?which, "connection refused: cap reached");
                         let host = &shard.session_config.hostname;
@@ -195,7 +187,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
                                 Reply::too_many_connections(host)
                             }
                         };
-                        refuse(&shard, conn, reply);
+                        refuse(&shard, conn, reply, ());
                     }
                 }
             }
@@ -215,12 +207,18 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
 }
 
 /// Answers a connection we will not serve with `reply` and closes it, in a task counted
-/// as an open connection so that shutdown waits for the reply to go out.
-fn refuse<H: Handler, T: conn::Transport>(shard: &Rc<Shard<H>>, conn: T, reply: Reply) {
+/// as an open connection so that shutdown waits for the reply to go out. `held` (a
+/// connection slot, say) is kept until then.
+pub(crate) fn refuse<H: Handler, T: conn::Transport, K: 'static>(
+    shard: &Rc<Shard<H>>,
+    conn: T,
+    reply: Reply,
+    held: K,
+) {
     let open = shard.connection_opened();
     let timeout = shard.command_timeout;
     tokio::task::spawn_local(async move {
         conn::refuse(conn, reply, timeout).await;
-        drop(open);
+        drop((open, held));
     });
 }
