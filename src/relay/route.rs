@@ -93,6 +93,7 @@ impl Drop for Leader<'_> {
         if matches!(entries.get(self.key), Some(Entry::Pending(l)) if Rc::ptr_eq(l, &self.lookup)) {
             entries.remove(self.key);
         }
+        drop(entries);
         self.lookup.done.notify_waiters();
     }
 }
@@ -293,17 +294,30 @@ mod tests {
         answer
     }
 
+    /// A current-thread runtime with a timer, for [`bounded`].
+    fn timed_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    /// `fut` within 5 s: a lost wake-up fails the test instead of hanging it.
+    async fn bounded<F: Future>(fut: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .expect("a waiter was never woken")
+    }
+
     #[test]
     fn deliveries_share_one_lookup_while_it_runs() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = timed_runtime();
         let cache = HopCache::default();
         let hop = NextHop("relay.example.test:25".into());
         let addr: SocketAddr = "192.0.2.7:25".parse().unwrap();
         let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
         let t0 = Instant::now();
-        let (a, b, c, ()) = rt.block_on(async {
+        let (a, b, c, ()) = rt.block_on(bounded(async {
             tokio::join!(
                 cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
                 cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
@@ -313,7 +327,7 @@ mod tests {
                     gate.notify_waiters();
                 },
             )
-        });
+        }));
         assert_eq!(calls.get(), 1, "one lookup for three deliveries");
         for got in [a, b, c] {
             assert_eq!(got.unwrap(), vec![addr]);
@@ -327,15 +341,13 @@ mod tests {
 
     #[test]
     fn a_failed_lookup_fails_its_waiters_too_and_is_not_kept() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = timed_runtime();
         let cache = HopCache::default();
         let hop = NextHop("down.example.test:25".into());
         let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
         let t0 = Instant::now();
         let failed = || Err(io::Error::new(io::ErrorKind::TimedOut, "SERVFAIL"));
-        let (a, b, ()) = rt.block_on(async {
+        let (a, b, ()) = rt.block_on(bounded(async {
             tokio::join!(
                 cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, failed())),
                 cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, failed())),
@@ -344,7 +356,7 @@ mod tests {
                     gate.notify_waiters();
                 },
             )
-        });
+        }));
         assert_eq!(calls.get(), 1, "the waiter shared the failure");
         for got in [a, b] {
             let e = got.unwrap_err();
@@ -358,9 +370,7 @@ mod tests {
 
     #[test]
     fn a_waiter_asks_again_if_the_lookup_it_waited_for_is_dropped() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = timed_runtime();
         let cache = HopCache::default();
         let hop = NextHop("relay.example.test:25".into());
         let addr: SocketAddr = "192.0.2.7:25".parse().unwrap();
@@ -376,7 +386,7 @@ mod tests {
             assert!(futures_poll_once(waiter.as_mut()).await.is_none());
             // ...and the leader's delivery is dropped (say, at shutdown).
             drop(leader);
-            waiter.await
+            bounded(waiter).await
         });
         assert_eq!(
             got.unwrap(),
