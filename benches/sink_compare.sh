@@ -120,5 +120,7 @@ for v in $VARIANTS; do
     usr=$(awk -v v="$v" '$1 == v {print $5}' "$WORK/results" | median)
     sys=$(awk -v v="$v" '$1 == v {print $6}' "$WORK/results" | median)
     awk -v v="$v" -v r="$rate" -v c="$cpu" -v br="$base_rate" -v bc="$base_cpu" -v rss="$rss" -v u="$usr" -v k="$sys" \
-        'BEGIN {printf "%-28s %10.0f %12.1f %13.2fx %11.2fx %10.1f %8.1f %8.1f\n", v, r, c, (br > 0 ? r / br : 0), (bc > 0 ? c / bc : 0), rss / 1024, u, k}'
+        'BEGIN {rr = (br + 0 > 0) ? sprintf("%.2fx", r / br) : "-"   # "-": no smtp-sink in VARIANTS
+                cr = (bc + 0 > 0) ? sprintf("%.2fx", c / bc) : "-"
+                printf "%-28s %10.0f %12.1f %14s %12s %10.1f %8.1f %8.1f\n", v, r, c, rr, cr, rss / 1024, u, k}'
 done
