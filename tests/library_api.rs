@@ -3,7 +3,8 @@
 //! custom replies (sanitised on the wire), and whose `on_message` records every `Envelope`
 //! and refuses one sender's content. Checks the replies clients see, the envelopes
 //! (from, to, queue ID, HELO, peer, content with our `Received:` header and dot-stuffing
-//! removed), and that `shutdown()` sends idle sessions `421` and `join()` returns.
+//! removed), and that `shutdown()` sends idle sessions `421` and `join()` returns. A handler
+//! that panics in `on_connect` loses that one connection; the shard goes on accepting.
 
 mod common;
 
@@ -18,7 +19,10 @@ use lettre::{Message, SmtpTransport, Transport};
 use ringrelay::config::IoMode;
 use ringrelay::{Config, Envelope, Handler, Mailbox, Reply, ReversePath, Server};
 
-io_tests!(handler_decides_and_records);
+io_tests!(
+    handler_decides_and_records,
+    a_panicking_handler_costs_one_connection
+);
 
 type Seen = Arc<Mutex<Vec<(usize, Envelope)>>>;
 
@@ -210,4 +214,57 @@ fn handler_decides_and_records(io: &str) {
         TcpStream::connect(addr).is_err(),
         "still listening after join"
     );
+}
+
+/// Panics in `on_connect` while told to.
+struct Panicky {
+    panic_next: Arc<AtomicBool>,
+}
+
+impl Handler for Panicky {
+    fn on_connect(&self, _peer: SocketAddr) -> Result<(), Reply> {
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("a handler bug (expected by this test)");
+        }
+        Ok(())
+    }
+
+    async fn on_message(&self, _envelope: Envelope) -> Result<(), Reply> {
+        Ok(())
+    }
+}
+
+fn a_panicking_handler_costs_one_connection(io: &str) {
+    let config = Config {
+        hostname: HOST.into(),
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        // One shard: the connection after the panic goes to the same accept loop.
+        shards: 1,
+        io: if io == "uring" {
+            IoMode::Uring
+        } else {
+            IoMode::Epoll
+        },
+        ..Config::default()
+    };
+    let panic_next = Arc::new(AtomicBool::new(true));
+    let p = Arc::clone(&panic_next);
+    let handle = Server::new(config)
+        .start(move |_| Panicky {
+            panic_next: Arc::clone(&p),
+        })
+        .expect("server starts");
+    let addr = handle.local_addrs()[0];
+    let mut first = Client::connect(addr);
+    first.expect_eof();
+    assert!(!panic_next.load(Ordering::SeqCst), "on_connect ran");
+    // The shard still accepts, greets and serves.
+    let mut second = Client::connect(addr);
+    second
+        .reply()
+        .assert_is(&format!("220 {HOST} ESMTP ringrelay"));
+    second.ehlo(DEFAULT_MAX_SIZE);
+    second.expect("QUIT", 221, "2.0.0");
+    handle.shutdown();
+    handle.join();
 }
