@@ -266,5 +266,5 @@ fn a_panicking_handler_costs_one_connection(io: &str) {
     second.ehlo(DEFAULT_MAX_SIZE);
     second.expect("QUIT", 221, "2.0.0");
     handle.shutdown();
-    handle.join();
+    handle.join().expect("the server stops cleanly");
 }
