@@ -18,7 +18,12 @@
 //! - `RING_OPS=rw`: `READ`/`WRITE` operations (what tokio-uring 0.5's `TcpStream` uses)
 //!   instead of `RECV`/`SEND`;
 //! - `RING_RECV=pollfirst`: receives carry `IORING_RECVSEND_POLL_FIRST` (wait for data
-//!   before trying, since a request rarely has arrived when the read is queued).
+//!   before trying, since a request rarely has arrived when the read is queued);
+//! - `RING_HOST=tokio`: the loop runs as one task in a tokio current-thread runtime, as a
+//!   driver inside the server's shards would have to: it submits without waiting, waits
+//!   for completions through tokio's epoll on the ring's fd, and yields to the runtime
+//!   whenever its cooperative budget runs out, so that other tasks could run. (Not with `RING_SETUP=defer`, whose
+//!   completions are only posted by a thread waiting in `io_uring_enter`.)
 //!
 //! Run by `cargo bench` without arguments it only says what it is.
 
@@ -316,6 +321,10 @@ fn main() -> std::io::Result<()> {
         .parse()
         .map_err(|e| std::io::Error::other(format!("--listen {listen}: {e}")))?;
     let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let hosted = env("RING_HOST") == "tokio";
+    if hosted && env("RING_SETUP") == "defer" {
+        die("RING_HOST=tokio cannot run with RING_SETUP=defer");
+    }
     let opts = Options {
         fixed_files: env("RING_FILES") == "fixed",
         submit_each: env("RING_SUBMIT") == "each",
@@ -377,23 +386,88 @@ fn main() -> std::io::Result<()> {
     .user_data(OP_ACCEPT);
     lp.push(accept.clone());
     let mut done = Vec::with_capacity(256);
+    if hosted {
+        return hosted_loop(lp, accept, &config, done);
+    }
     loop {
         enter(&lp.ring, 1);
         done.clear();
         done.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(ud, res) in &done {
+        lp.dispatch(&done, &accept, &config);
+    }
+}
+
+impl Loop {
+    /// Hands each completion to its connection (or re-arms the accept).
+    fn dispatch(
+        &mut self,
+        done: &[(u64, i32)],
+        accept: &squeue::Entry,
+        config: &Arc<SessionConfig>,
+    ) {
+        for &(ud, res) in done {
             let (i, op) = ((ud >> 2) as usize, ud & 3);
             if op == OP_ACCEPT {
                 if res >= 0 {
-                    lp.accepted(res, &config);
+                    self.accepted(res, config);
                 } else {
                     // Out of fds, say: do not spin on a failing accept.
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
-                lp.push(accept.clone());
+                self.push(accept.clone());
             } else {
-                lp.completed(i, op, res);
+                self.completed(i, op, res);
             }
         }
     }
+}
+
+/// The ring's fd, for tokio's reactor.
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// `RING_HOST=tokio`: the same loop as one task of a tokio current-thread runtime.
+fn hosted_loop(
+    mut lp: Loop,
+    accept: squeue::Entry,
+    config: &Arc<SessionConfig>,
+    mut done: Vec<(u64, i32)>,
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async {
+        let raw = RingFd(lp.ring.as_raw_fd());
+        // SAFETY: the fd is the ring's, which `lp` owns and keeps open for as long as this
+        // `AsyncFd` lives (the loop never ends; both go only when the process does).
+        let ring_fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(raw, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        loop {
+            // No system call when there is nothing to submit (the standalone loop always
+            // enters, but it also waits there).
+            if !lp.ring.submission().is_empty() {
+                enter(&lp.ring, 0);
+            }
+            done.clear();
+            done.extend(lp.ring.completion().map(|c| (c.user_data(), c.result())));
+            if done.is_empty() {
+                // Nothing yet: wait in tokio's epoll for the ring to post completions.
+                let mut ready = ring_fd.readable().await?;
+                ready.clear_ready();
+                continue;
+            }
+            lp.dispatch(&done, &accept, config);
+            // Let the runtime's other tasks (none here; a shard's spool and relay in a
+            // server) run when this task has used its cooperative budget, as tokio's own
+            // resources do.
+            tokio::task::consume_budget().await;
+        }
+    })
 }

@@ -12,9 +12,10 @@
 #       RING_SINK (the benches/ring_sink.rs prototype for the ring-proto* variants; default:
 #       the newest build of `cargo build --release --bench ring_sink`).
 # Variants: smtp-sink, ringrelay-uring, ringrelay-epoll, ringrelay-uring-SETUP,
-#   ringrelay-base-uring, and ring-proto[-fixed][-each][-defer|-plain][-rw][-pollfirst] (the
-#   prototype on a hand-written ring: registered files, one submit per operation, ring
-#   setup flags, READ/WRITE instead of RECV/SEND, RECVSEND_POLL_FIRST).
+#   ringrelay-base-uring, and ring-proto[-fixed][-each][-defer|-plain][-rw][-pollfirst][-tokio]
+#   (the prototype on a hand-written ring: registered files, one submit per operation, ring
+#   setup flags, READ/WRITE instead of RECV/SEND, RECVSEND_POLL_FIRST, the loop hosted as a
+#   task of a tokio runtime).
 # Needs: postfix (smtp-source, smtp-sink), root (smtp-sink drops to user postfix).
 # Uses ../shared/bench/lib.sh for CPU accounting, so figures match the shared harness.
 set -euo pipefail
@@ -60,18 +61,19 @@ start_server() {
     ringrelay-base-uring) # A/B of a code change: the binary in $RINGRELAY_BASE (e.g. built from main)
         "${SRV_PREFIX[@]}" "${RINGRELAY_BASE:?set RINGRELAY_BASE}" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     ring-proto*) # the prototype; its switches are read from the variant's name
-        local files="" submit="" setup="" ops="" recv=""
+        local files="" submit="" setup="" ops="" recv="" host=""
         case "$1" in *-fixed*) files=fixed ;; esac
         case "$1" in *-rw*) ops=rw ;; esac
         case "$1" in *-pollfirst*) recv=pollfirst ;; esac
         case "$1" in *-each*) submit=each ;; esac
+        case "$1" in *-tokio*) host=tokio ;; esac
         case "$1" in *-defer*) setup=defer ;; *-plain*) setup=plain ;; esac
         local sw
         for sw in $(echo "${1#ring-proto}" | tr '-' ' '); do
-            case "$sw" in fixed|each|rw|pollfirst|defer|plain) ;;
+            case "$sw" in fixed|each|rw|pollfirst|defer|plain|tokio) ;;
                 *) echo "unknown switch '$sw' in variant $1" >&2; exit 2 ;; esac
         done
-        RING_FILES=$files RING_SUBMIT=$submit RING_SETUP=$setup RING_OPS=$ops RING_RECV=$recv \
+        RING_FILES=$files RING_SUBMIT=$submit RING_SETUP=$setup RING_OPS=$ops RING_RECV=$recv RING_HOST=$host \
             "${SRV_PREFIX[@]}" "${RING_SINK:?build the prototype: cargo build --release --bench ring_sink}" \
             --listen "127.0.0.1:$PORT" >"$WORK/srv.out" 2>&1 & ;;
     ringrelay-epoll) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io epoll --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
