@@ -13,6 +13,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench}
 . "$SHARED/lib.sh"
+. "$ROOT/benches/lib.sh"
 need smtp-source smtp-sink
 
 REPS=${1:-3}
@@ -26,15 +27,7 @@ PIN_LOAD=${PIN_LOAD:-}
 PIN_SERVER=${PIN_SERVER:-}
 SRV_PREFIX=(env); [ -n "$PIN_SERVER" ] && SRV_PREFIX=(taskset -c "$PIN_SERVER")
 LOAD_PREFIX=(env); [ -n "$PIN_LOAD" ] && LOAD_PREFIX=(taskset -c "$PIN_LOAD")
-WORK=$(mktemp -d /tmp/loadgen_compare.XXXXXX)
-SRV=""
-cleanup() {
-    [ -n "$SRV" ] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-port_free "$PORT" || { echo "127.0.0.1:$PORT is busy" >&2; exit 1; }
+one_server_setup loadgen_compare
 TARGET="127.0.0.1:$PORT"
 
 start_receiver() {
@@ -46,7 +39,6 @@ start_receiver() {
     SRV=$!
     wait_port 127.0.0.1 "$PORT" || { echo "$1 did not start" >&2; cat "$WORK/srv.out" >&2; exit 1; }
 }
-stop_receiver() { kill -TERM "$SRV"; wait "$SRV" 2>/dev/null || true; SRV=""; }
 
 sender_cmd() {
     case "$1" in
@@ -65,7 +57,7 @@ send_run() {
     /usr/bin/time -f "%U %S" -o "$WORK/time" "${LOAD_PREFIX[@]}" $(sender_cmd "$1") >"$WORK/send.out" 2>&1 ||
         { echo "$1 failed:" >&2; cat "$WORK/send.out" >&2; exit 1; }
     t1=$(now)
-    stop_receiver
+    stop_server
     awk -v s="$1" -v m="$MSGS" -v t0="$t0" -v t1="$t1" -v c="$(tail -1 "$WORK/time")" \
         'BEGIN {split(c, a, " "); printf "send %s %.0f %.1f\n", s, m / (t1 - t0), 1e6 * (a[1] + a[2]) / m}' |
         tee -a "$WORK/results" >&2
@@ -83,7 +75,7 @@ recv_run() {
     t1=$(now)
     sleep 0.2
     c1=$(cpu_ticks "$SRV")
-    stop_receiver
+    stop_server
     awk -v s="$1" -v m="$MSGS" -v t0="$t0" -v t1="$t1" -v c="$((c1 - c0))" -v hz="$CLK_TCK" \
         'BEGIN {printf "recv %s %.0f %.1f\n", s, m / (t1 - t0), 1e6 * c / hz / m}' |
         tee -a "$WORK/results" >&2

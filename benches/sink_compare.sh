@@ -22,6 +22,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench}
 . "$SHARED/lib.sh"
+. "$ROOT/benches/lib.sh"
 need smtp-source smtp-sink
 
 REPS=${1:-3}
@@ -36,15 +37,7 @@ case "$VARIANTS" in *ring-proto*)
     RING_SINK=${RING_SINK:-$(ls -t "$ROOT"/target/release/deps/ring_sink-* 2>/dev/null | grep -v '\.d$' | head -1 || true)} ;;
 esac
 [ -x "$RINGRELAY" ] || { echo "build first: cargo build --release ($RINGRELAY missing)" >&2; exit 2; }
-WORK=$(mktemp -d /tmp/sink_compare.XXXXXX)
-SRV=""
-cleanup() {
-    [ -n "$SRV" ] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-port_free "$PORT" || { echo "127.0.0.1:$PORT is busy" >&2; exit 1; }
+one_server_setup sink_compare
 
 PIN_LOAD=${PIN_LOAD:-}
 PIN_SERVER=${PIN_SERVER:-}
@@ -99,10 +92,7 @@ one_run() {
     c1=$(cpu_ticks "$SRV")
     u1=$(awk '{print $14}' "/proc/$SRV/stat" 2>/dev/null) || { echo "$v died during the run" >&2; cat "$WORK/srv.out" >&2; exit 1; }
     rss=$(peak_rss_kb "$SRV")
-    kill -TERM "$SRV"; wait "$SRV" 2>/dev/null || true; SRV=""
-    # A killed io_uring process releases its listener asynchronously: wait until it has.
-    for _ in $(seq 50); do port_free "$PORT" && break; sleep 0.1; done
-    port_free "$PORT" || { echo "127.0.0.1:$PORT still busy 5 s after stopping $v" >&2; exit 1; }
+    stop_server
     awk -v v="$v" -v m="$MSGS" -v t0="$t0" -v t1="$t1" -v c="$((c1 - c0))" -v u="$((u1 - u0))" -v hz="$CLK_TCK" -v rss="$rss" \
         'BEGIN {printf "%s %.0f %.1f %d %.1f %.1f\n", v, m / (t1 - t0), 1e6 * c / hz / m, rss, 1e6 * u / hz / m, 1e6 * (c - u) / hz / m}' | tee -a "$WORK/results" >&2
 }

@@ -22,6 +22,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared/bench}
 . "$SHARED/lib.sh"
+. "$ROOT/benches/lib.sh"
 need smtp-source smtp-sink valgrind callgrind_annotate
 
 MSGS=${1:-3000}
@@ -30,16 +31,8 @@ PORT=${PORT:-2670}
 RINGRELAY=${RINGRELAY:-$ROOT/target/release/ringrelay}
 VARIANTS=${VARIANTS:-"smtp-sink ringrelay-uring ringrelay-epoll"}
 [ -x "$RINGRELAY" ] || { echo "build first: cargo build --release ($RINGRELAY missing)" >&2; exit 2; }
-WORK=$(mktemp -d /tmp/sink_instructions.XXXXXX)
+one_server_setup sink_instructions
 chmod 777 "$WORK" # smtp-sink writes its callgrind output as user postfix
-SRV=""
-cleanup() {
-    [ -n "$SRV" ] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-port_free "$PORT" || { echo "127.0.0.1:$PORT is busy" >&2; exit 1; }
 # wait_port's probe connection holds a slot until the server, slow under valgrind, has
 # closed it; with smtp-source's 50 sessions that is 51, over the per-address cap of 50.
 cat >"$WORK/ringrelay.toml" <<TOML
@@ -56,16 +49,6 @@ server_cmd() {
     ringrelay-base-uring) echo "${RINGRELAY_BASE:?set RINGRELAY_BASE} serve --sink --config $WORK/ringrelay.toml --io uring --shards 1 --listen 127.0.0.1:$PORT" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
     esac
-}
-
-# stop_server: SIGTERM, wait, and wait for the port to be free again
-stop_server() {
-    kill -TERM "$SRV" 2>/dev/null || true
-    wait "$SRV" 2>/dev/null || true
-    SRV=""
-    for _ in $(seq 100); do port_free "$PORT" && return 0; sleep 0.1; done
-    echo "127.0.0.1:$PORT still busy 10 s after stopping the server" >&2
-    exit 1
 }
 
 send() { smtp-source -d -s 50 -m "$1" -l 1024 -f sender@example.com -t rcpt@example.com "127.0.0.1:$PORT" >"$WORK/src.out" 2>&1 || { echo "smtp-source failed" >&2; cat "$WORK/src.out" >&2; exit 1; }; }
