@@ -309,62 +309,82 @@ mod tests {
             .expect("a waiter was never woken")
     }
 
+    /// `n` deliveries ask for `hop` at once; the lookup (only the first should run one)
+    /// gives `answer()` once a gate opens after all of them have asked. Returns their
+    /// answers, in order, and how many lookups ran.
+    fn ask_together(
+        n: usize,
+        cache: &HopCache,
+        hop: &NextHop,
+        answer: impl Fn() -> io::Result<Vec<SocketAddr>>,
+    ) -> (Vec<io::Result<Vec<SocketAddr>>>, u32) {
+        let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
+        let t0 = Instant::now();
+        let mut asks: Vec<_> = (0..n)
+            .map(|_| Box::pin(cache.addresses_with(hop, t0, |_| gated(&gate, &calls, answer()))))
+            .collect();
+        let mut answers: Vec<Option<io::Result<Vec<SocketAddr>>>> = (0..n).map(|_| None).collect();
+        timed_runtime().block_on(bounded(async {
+            let all_answered = std::future::poll_fn(|cx| {
+                for (ask, got) in asks.iter_mut().zip(answers.iter_mut()) {
+                    if got.is_none() {
+                        if let std::task::Poll::Ready(a) = ask.as_mut().poll(cx) {
+                            *got = Some(a);
+                        }
+                    }
+                }
+                if answers.iter().all(Option::is_some) {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            let open_gate = async {
+                tokio::task::yield_now().await;
+                gate.notify_waiters();
+            };
+            tokio::join!(all_answered, open_gate);
+        }));
+        let answers = answers.into_iter().map(|a| a.expect("answered")).collect();
+        (answers, calls.get())
+    }
+
     #[test]
     fn deliveries_share_one_lookup_while_it_runs() {
-        let rt = timed_runtime();
         let cache = HopCache::default();
         let hop = NextHop("relay.example.test:25".into());
         let addr: SocketAddr = "192.0.2.7:25".parse().unwrap();
-        let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
-        let t0 = Instant::now();
-        let (a, b, c, ()) = rt.block_on(bounded(async {
-            tokio::join!(
-                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
-                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
-                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, Ok(vec![addr]))),
-                async {
-                    tokio::task::yield_now().await;
-                    gate.notify_waiters();
-                },
-            )
-        }));
-        assert_eq!(calls.get(), 1, "one lookup for three deliveries");
-        for got in [a, b, c] {
+        let (answers, calls) = ask_together(3, &cache, &hop, || Ok(vec![addr]));
+        assert_eq!(calls, 1, "one lookup for three deliveries");
+        for got in answers {
             assert_eq!(got.unwrap(), vec![addr]);
         }
         // And kept: a later delivery asks nobody.
-        let later = rt.block_on(cache.addresses_with(&hop, t0, |_| async {
-            Err(io::Error::other("must not be called"))
-        }));
+        let later =
+            timed_runtime().block_on(cache.addresses_with(&hop, Instant::now(), |_| async {
+                Err(io::Error::other("must not be called"))
+            }));
         assert_eq!(later.unwrap(), vec![addr]);
     }
 
     #[test]
     fn a_failed_lookup_fails_its_waiters_too_and_is_not_kept() {
-        let rt = timed_runtime();
         let cache = HopCache::default();
         let hop = NextHop("down.example.test:25".into());
-        let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
-        let t0 = Instant::now();
-        let failed = || Err(io::Error::new(io::ErrorKind::TimedOut, "SERVFAIL"));
-        let (a, b, ()) = rt.block_on(bounded(async {
-            tokio::join!(
-                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, failed())),
-                cache.addresses_with(&hop, t0, |_| gated(&gate, &calls, failed())),
-                async {
-                    tokio::task::yield_now().await;
-                    gate.notify_waiters();
-                },
-            )
-        }));
-        assert_eq!(calls.get(), 1, "the waiter shared the failure");
-        for got in [a, b] {
+        let (answers, calls) = ask_together(2, &cache, &hop, || {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "SERVFAIL"))
+        });
+        assert_eq!(calls, 1, "the waiter shared the failure");
+        for got in answers {
             let e = got.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::TimedOut);
             assert!(e.to_string().contains("SERVFAIL"), "{e}");
         }
         let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
-        let again = rt.block_on(cache.addresses_with(&hop, t0, |_| async move { Ok(vec![addr]) }));
+        let again =
+            timed_runtime().block_on(
+                cache.addresses_with(&hop, Instant::now(), |_| async move { Ok(vec![addr]) }),
+            );
         assert_eq!(again.unwrap(), vec![addr], "asked again after the failure");
     }
 
