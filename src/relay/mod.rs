@@ -241,7 +241,7 @@ impl RelayHandler {
             index,
             resolver,
             pool: Pool::new(config.pool.clone()),
-            hops: route::HopCache::default(),
+            hops: route::HopCache::new(config.resolver.timeout),
             config,
             store,
             commit: Rc::clone(&commit),

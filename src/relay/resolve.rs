@@ -653,19 +653,31 @@ impl MxResolver {
 
 /// Takes the pending slot away if the leading lookup is abandoned before it finishes, so
 /// that waiters (and later calls) start their own.
-struct Flight<'a> {
-    cache: &'a RefCell<HashMap<String, Slot>>,
-    key: &'a str,
-    done: bool,
+pub(crate) struct Flight<'a, S: InFlight> {
+    pub(crate) cache: &'a RefCell<HashMap<String, S>>,
+    pub(crate) key: &'a str,
+    pub(crate) done: bool,
 }
 
-impl Drop for Flight<'_> {
+/// A cache slot that can say whether a lookup for it is still running (a single-flight
+/// cache's pending slot, which [`Flight`] removes if its lookup is abandoned).
+pub(crate) trait InFlight {
+    fn in_flight(&self) -> bool;
+}
+
+impl InFlight for Slot {
+    fn in_flight(&self) -> bool {
+        matches!(self, Slot::Pending(_))
+    }
+}
+
+impl<S: InFlight> Drop for Flight<'_, S> {
     fn drop(&mut self) {
         if self.done {
             return;
         }
         if let Ok(mut cache) = self.cache.try_borrow_mut() {
-            if matches!(cache.get(self.key), Some(Slot::Pending(_))) {
+            if cache.get(self.key).is_some_and(InFlight::in_flight) {
                 cache.remove(self.key);
             }
         }

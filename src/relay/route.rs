@@ -10,10 +10,11 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::watch;
+
+use super::resolve::{Flight, InFlight};
 
 use crate::config::Delivery;
 
@@ -42,65 +43,47 @@ pub const HOP_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// One shard's answers for next hops given as host names. Only non-empty answers are
 /// kept: a failed or empty lookup is repeated on the next attempt. One lookup per hop runs
-/// at a time (single flight): when an entry expires under load, the deliveries that need
-/// it share one `getaddrinfo` instead of each sending its own to the blocking pool.
-#[derive(Debug, Default)]
+/// at a time (single flight, as in the MX resolver): when an entry expires under load, the
+/// deliveries that need it share one `getaddrinfo` instead of each sending its own to the
+/// blocking pool.
+#[derive(Debug)]
 pub struct HopCache {
     entries: RefCell<HashMap<String, Entry>>,
+    /// How long one lookup may take (`delivery.dns_timeout_secs`).
+    timeout: Duration,
 }
 
 #[derive(Debug)]
 enum Entry {
     /// A non-empty answer, good until the instant.
     Fresh(Instant, Vec<SocketAddr>),
-    /// A lookup is running; askers wait for its answer.
-    Pending(Rc<Lookup>),
+    /// A lookup is running; askers wait for its answer here. The sender is dropped
+    /// without one if the delivery running the lookup goes away.
+    Pending(watch::Receiver<Option<SharedAnswer>>),
 }
 
-/// A running lookup, shared by the delivery that started it and those that wait for it.
-#[derive(Debug, Default)]
-struct Lookup {
-    done: Notify,
-    /// The answer, once there is one.
-    answer: RefCell<Option<SharedAnswer>>,
+impl InFlight for Entry {
+    fn in_flight(&self) -> bool {
+        matches!(self, Entry::Pending(_))
+    }
 }
 
 /// A lookup's answer as its waiters share it: an error as its kind and text (`io::Error`
 /// is not `Clone`).
 type SharedAnswer = Result<Vec<SocketAddr>, (io::ErrorKind, String)>;
 
-impl Lookup {
-    fn answer(&self) -> Option<io::Result<Vec<SocketAddr>>> {
-        self.answer
-            .borrow()
-            .as_ref()
-            .map(|a| a.clone().map_err(|(kind, text)| io::Error::new(kind, text)))
-    }
-}
-
-/// Ends a lookup however the delivery that runs it ends: with its answer, or (if that
-/// delivery is dropped first, say at shutdown) with none, so the waiters ask again rather
-/// than wait forever.
-struct Leader<'a> {
-    cache: &'a HopCache,
-    key: &'a str,
-    lookup: Rc<Lookup>,
-}
-
-impl Drop for Leader<'_> {
-    fn drop(&mut self) {
-        let mut entries = self.cache.entries.borrow_mut();
-        if matches!(entries.get(self.key), Some(Entry::Pending(l)) if Rc::ptr_eq(l, &self.lookup)) {
-            entries.remove(self.key);
-        }
-        drop(entries);
-        self.lookup.done.notify_waiters();
-    }
-}
-
 impl HopCache {
+    /// A cache whose lookups give up after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        HopCache {
+            entries: RefCell::default(),
+            timeout,
+        }
+    }
+
     /// The addresses to connect to for `hop`: an IP address as is; a name through the
-    /// system resolver (off the event loop), or from the cache while fresh.
+    /// system resolver (off the event loop; a lookup over the timeout fails), or from the
+    /// cache while fresh.
     pub async fn addresses(&self, hop: &NextHop, now: Instant) -> io::Result<Vec<SocketAddr>> {
         self.addresses_with(hop, now, |name| async move {
             Ok(tokio::net::lookup_host(name.as_str()).await?.collect())
@@ -122,49 +105,54 @@ impl HopCache {
             return Ok(vec![addr]);
         }
         loop {
-            let running = match self.entries.borrow().get(&hop.0) {
+            let waiting = match self.entries.borrow().get(&hop.0) {
                 Some(Entry::Fresh(expires, addrs)) if now < *expires => return Ok(addrs.clone()),
-                Some(Entry::Pending(running)) => Some(Rc::clone(running)),
+                Some(Entry::Pending(rx)) => Some(rx.clone()),
                 _ => None,
             };
-            let Some(running) = running else { break };
-            // Made before the answer is checked: `notify_waiters` reaches every `Notified`
-            // made before it, polled or not, so no answer can slip between the two.
-            let done = running.done.notified();
-            if let Some(answer) = running.answer() {
-                return answer;
-            }
-            done.await;
-            if let Some(answer) = running.answer() {
-                return answer;
+            let Some(mut rx) = waiting else { break };
+            let shared = match rx.wait_for(Option::is_some).await {
+                Ok(answer) => answer.clone(),
+                Err(_) => None,
+            };
+            if let Some(answer) = shared {
+                return answer.map_err(|(kind, text)| io::Error::new(kind, text));
             }
             // The delivery running the lookup was dropped before its answer: ask again.
         }
-        let leader = Leader {
-            cache: self,
-            key: &hop.0,
-            lookup: Rc::new(Lookup::default()),
-        };
+        let (tx, rx) = watch::channel(None);
         self.entries
             .borrow_mut()
-            .insert(hop.0.clone(), Entry::Pending(Rc::clone(&leader.lookup)));
+            .insert(hop.0.clone(), Entry::Pending(rx));
+        let mut flight = Flight {
+            cache: &self.entries,
+            key: &hop.0,
+            done: false,
+        };
         // No borrow is held across the lookup: other deliveries use the cache meanwhile.
-        let result = lookup(hop.0.clone()).await;
-        *leader.lookup.answer.borrow_mut() = Some(match &result {
-            Ok(addrs) => Ok(addrs.clone()),
-            Err(e) => Err((e.kind(), e.to_string())),
-        });
-        if let Ok(addrs) = &result {
-            if !addrs.is_empty() {
+        let result = match tokio::time::timeout(self.timeout, lookup(hop.0.clone())).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("looking up {} took over {:?}", hop.0, self.timeout),
+            )),
+        };
+        flight.done = true;
+        match &result {
+            Ok(addrs) if !addrs.is_empty() => {
                 self.entries.borrow_mut().insert(
                     hop.0.clone(),
                     Entry::Fresh(now + HOP_CACHE_TTL, addrs.clone()),
                 );
             }
+            _ => {
+                self.entries.borrow_mut().remove(&hop.0);
+            }
         }
-        // Dropping the leader removes the entry if it is still pending (a failed or empty
-        // answer) and wakes the waiters, who read the answer.
-        drop(leader);
+        let _ = tx.send(Some(match &result {
+            Ok(addrs) => Ok(addrs.clone()),
+            Err(e) => Err((e.kind(), e.to_string())),
+        }));
         result
     }
 }
@@ -207,6 +195,7 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::Notify;
 
     #[test]
     fn static_route_then_smarthost() {
@@ -224,10 +213,8 @@ mod tests {
 
     #[test]
     fn a_named_hop_is_resolved_once_a_minute() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let cache = HopCache::default();
+        let rt = timed_runtime();
+        let cache = HopCache::new(Duration::from_secs(5));
         let lookups = std::cell::Cell::new(0);
         let hop = NextHop("relay.example.test:25".into());
         let answer: SocketAddr = "192.0.2.7:25".parse().unwrap();
@@ -268,10 +255,8 @@ mod tests {
 
     #[test]
     fn a_failed_lookup_is_not_cached() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let cache = HopCache::default();
+        let rt = timed_runtime();
+        let cache = HopCache::new(Duration::from_secs(5));
         let hop = NextHop("down.example.test:25".into());
         let t0 = Instant::now();
         let err = rt.block_on(
@@ -351,7 +336,7 @@ mod tests {
 
     #[test]
     fn deliveries_share_one_lookup_while_it_runs() {
-        let cache = HopCache::default();
+        let cache = HopCache::new(Duration::from_secs(5));
         let hop = NextHop("relay.example.test:25".into());
         let addr: SocketAddr = "192.0.2.7:25".parse().unwrap();
         let (answers, calls) = ask_together(3, &cache, &hop, || Ok(vec![addr]));
@@ -369,7 +354,7 @@ mod tests {
 
     #[test]
     fn a_failed_lookup_fails_its_waiters_too_and_is_not_kept() {
-        let cache = HopCache::default();
+        let cache = HopCache::new(Duration::from_secs(5));
         let hop = NextHop("down.example.test:25".into());
         let (answers, calls) = ask_together(2, &cache, &hop, || {
             Err(io::Error::new(io::ErrorKind::TimedOut, "SERVFAIL"))
@@ -389,9 +374,28 @@ mod tests {
     }
 
     #[test]
+    fn a_lookup_that_never_answers_times_out_and_is_not_kept() {
+        let cache = HopCache::new(Duration::from_millis(50));
+        let hop = NextHop("slow.example.test:25".into());
+        let hung =
+            timed_runtime().block_on(bounded(
+                cache.addresses_with(&hop, Instant::now(), |_| std::future::pending()),
+            ));
+        let e = hung.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("slow.example.test:25"), "{e}");
+        let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
+        let again =
+            timed_runtime().block_on(
+                cache.addresses_with(&hop, Instant::now(), |_| async move { Ok(vec![addr]) }),
+            );
+        assert_eq!(again.unwrap(), vec![addr], "asked again after the timeout");
+    }
+
+    #[test]
     fn a_waiter_asks_again_if_the_lookup_it_waited_for_is_dropped() {
         let rt = timed_runtime();
-        let cache = HopCache::default();
+        let cache = HopCache::new(Duration::from_secs(5));
         let hop = NextHop("relay.example.test:25".into());
         let addr: SocketAddr = "192.0.2.7:25".parse().unwrap();
         let (gate, calls) = (Notify::new(), std::cell::Cell::new(0));
