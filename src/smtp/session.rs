@@ -48,7 +48,7 @@ enum RcptRefusal {
 }
 
 /// Checks a recipient (relay policy, sender-specified routing, the hook) and, when it
-/// passes, adds it to the transaction; returns why not otherwise.
+/// passes, adds it to the transaction; the error says why not.
 fn take_rcpt(
     config: &SessionConfig,
     may_relay: bool,
@@ -56,12 +56,12 @@ fn take_rcpt(
     tx: &mut Transaction,
     to: Option<MailboxRef<'_>>,
     hooks: &mut impl Hooks,
-) -> Option<RcptRefusal> {
+) -> Result<(), RcptRefusal> {
     // `<Postmaster>` with no domain is ours, and always accepted (RFC 5321 §4.1.1.3).
     let local = to.is_none();
     let to = to.unwrap_or_else(|| config.postmaster.as_mailbox_ref());
     if !local && !may_relay && !config.relay.is_relay_domain(to.domain()) {
-        return Some(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
+        return Err(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
     }
     // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
     // an outside client could make a downstream server relay for it: refuse it, as
@@ -73,7 +73,7 @@ fn take_rcpt(
             .bytes()
             .any(|b| matches!(b, b'%' | b'!' | b'@'))
     {
-        return Some(RcptRefusal::Wire(
+        return Err(RcptRefusal::Wire(
             b"550 5.7.1 Sender-specified routing is not allowed\r\n",
         ));
     }
@@ -82,12 +82,10 @@ fn take_rcpt(
     } else {
         hooks.check_rcpt(&hook_mailbox.fill(to))
     };
-    if let Err(reply) = checked {
-        return Some(RcptRefusal::Hook(reply));
-    }
+    checked.map_err(RcptRefusal::Hook)?;
     let entry = tx.addresses.push(to);
     tx.to.push(entry);
-    None
+    Ok(())
 }
 
 /// Largest body buffer a session keeps for its next message (see `take_body`).
@@ -560,7 +558,7 @@ impl Session {
         }
         // The checks borrow the session's fields one by one (the address may be the
         // shared config's postmaster), so nothing is cloned per RCPT.
-        let refused = take_rcpt(
+        let taken = take_rcpt(
             &self.config,
             self.may_relay,
             &mut self.hook_mailbox,
@@ -568,10 +566,10 @@ impl Session {
             to,
             hooks,
         );
-        match refused {
-            None => self.reply(b"250 2.1.5 Ok\r\n"),
-            Some(RcptRefusal::Wire(wire)) => self.error(wire),
-            Some(RcptRefusal::Hook(reply)) => self.error_reply(reply),
+        match taken {
+            Ok(()) => self.reply(b"250 2.1.5 Ok\r\n"),
+            Err(RcptRefusal::Wire(wire)) => self.error(wire),
+            Err(RcptRefusal::Hook(reply)) => self.error_reply(reply),
         }
     }
 
