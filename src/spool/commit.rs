@@ -37,6 +37,7 @@
 //! `RINGRELAY_COMMIT_WINDOW=on` adds the adaptive window.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -125,7 +126,7 @@ impl Window {
 /// The shard's committer handle.
 pub struct GroupCommit {
     store: Rc<RefCell<ShardStore>>,
-    waiting: RefCell<Vec<oneshot::Sender<Result<(), String>>>>,
+    waiting: RefCell<VecDeque<oneshot::Sender<Result<(), String>>>>,
     wake: Notify,
     /// Serve one waiter per sync (the A/B switch `RINGRELAY_GROUP_COMMIT=off`). Syncs stay
     /// serial, so a message is never acknowledged before a directory `fsync` another
@@ -149,7 +150,7 @@ impl GroupCommit {
     fn with_modes(store: Rc<RefCell<ShardStore>>, one_by_one: bool, windowed: bool) -> Rc<Self> {
         Rc::new(GroupCommit {
             store,
-            waiting: RefCell::new(Vec::new()),
+            waiting: RefCell::new(VecDeque::new()),
             wake: Notify::new(),
             one_by_one,
             windowed,
@@ -160,7 +161,7 @@ impl GroupCommit {
     /// Waits until everything appended so far is durable. Call right after appending.
     pub async fn durable(&self) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        self.waiting.borrow_mut().push(tx);
+        self.waiting.borrow_mut().push_back(tx);
         self.wake.notify_one();
         rx.await
             .unwrap_or_else(|_| Err("the committer stopped".into()))
@@ -184,11 +185,11 @@ impl GroupCommit {
                 let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
                 self.count_window(started.elapsed());
             }
-            let mut waiters = if self.one_by_one {
+            let mut waiters: VecDeque<_> = if self.one_by_one {
                 // The oldest waiter alone; what the others appended meanwhile is synced
                 // too (the sync covers whole files), but they are answered by syncs of
                 // their own.
-                vec![self.waiting.borrow_mut().remove(0)]
+                self.waiting.borrow_mut().pop_front().into_iter().collect()
             } else {
                 std::mem::take(&mut *self.waiting.borrow_mut())
             };
