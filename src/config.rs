@@ -215,6 +215,14 @@ pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
 /// stay far below a spool record's limit beside a 1 GiB message.
 pub const MAX_RECIPIENTS: usize = 1_000_000;
 
+// The largest message with the most recipients of the longest addresses (and the record's
+// own fields) fits one spool record, which recovery could read back: checked at build time,
+// so raising a limit cannot silently break it.
+const _: () = assert!(
+    MAX_MESSAGE_SIZE + 1024 + MAX_RECIPIENTS * (2 + 320) + 2 + 320 + 64
+        <= crate::spool::record::MAX_PAYLOAD
+);
+
 impl Config {
     /// Reads and validates `path`, or gives the defaults when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
