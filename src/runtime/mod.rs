@@ -200,7 +200,13 @@ pub fn raise_open_file_limit(want: u64) -> io::Result<(u64, u64)> {
     if soft >= want {
         return Ok((soft, hard));
     }
-    let raised = want.min(hard);
+    // A hard limit of "unlimited" still stops at the kernel's per-process maximum
+    // (fs.nr_open): asking past it fails with EPERM.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    let raised = want.min(hard).min(nr_open);
     if raised <= soft {
         return Ok((soft, hard));
     }
@@ -260,7 +266,11 @@ mod tests {
         let (now, hard_now) = raise_open_file_limit(want).unwrap();
         assert_eq!(hard_now, hard);
         assert_eq!(now, want.min(hard));
+        // All the way: the hard limit, or the kernel's maximum where that is lower (a hard
+        // limit of "unlimited").
+        let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .map_or(u64::MAX, |s| s.trim().parse().unwrap_or(u64::MAX));
         let (top, _) = raise_open_file_limit(u64::MAX).unwrap();
-        assert_eq!(top, hard);
+        assert_eq!(top, hard.min(nr_open));
     }
 }
