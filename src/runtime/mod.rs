@@ -108,6 +108,18 @@ where
     let make_handler = Arc::new(make_handler);
     let cpus = allowed_cpus();
     let pin = shards <= cpus.len();
+    // Local clients to the shard on their own CPU (see `listener`); RINGRELAY_REUSEPORT=hash
+    // keeps the kernel's hash for every connection, for A/B runs.
+    let steer = pin
+        && shards > 1
+        && std::env::var("RINGRELAY_REUSEPORT").map_or(true, |v| v != "hash")
+        && match listener::steer_local_by_cpu(&listeners, &cpus[..shards]) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("cannot steer local connections by CPU, using the hash: {e}");
+                false
+            }
+        };
     let mut threads = Vec::with_capacity(shards);
     for (index, listeners) in listeners.into_iter().enumerate() {
         let settings = ShardSettings {
@@ -147,10 +159,15 @@ where
     }
     let addrs: Vec<String> = local_addrs.iter().map(ToString::to_string).collect();
     tracing::info!(
-        "listening on {} with {shards} shard(s), io {}{}",
+        "listening on {} with {shards} shard(s), io {}{}{}",
         addrs.join(", "),
         io.name(),
-        if pin { ", pinned to cores" } else { "" }
+        if pin { ", pinned to cores" } else { "" },
+        if steer {
+            ", local clients served on their own CPU"
+        } else {
+            ""
+        }
     );
     Ok(Started {
         phase: phase_tx,
@@ -220,7 +237,7 @@ pub fn raise_open_file_limit(want: u64) -> io::Result<(u64, u64)> {
 }
 
 /// The CPUs this process may run on (respects `taskset` and cgroup cpusets).
-fn allowed_cpus() -> Vec<usize> {
+pub(crate) fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data for which all-zero is a valid (empty) set, and
     // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
     unsafe {
@@ -235,7 +252,7 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Pins the calling thread to one CPU; a failure is logged and otherwise ignored.
-fn pin_to_cpu(cpu: usize) {
+pub(crate) fn pin_to_cpu(cpu: usize) {
     // SAFETY: as above; the set is fully initialised before sched_setaffinity reads it,
     // and pid 0 means the calling thread.
     let rc = unsafe {
