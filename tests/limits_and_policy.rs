@@ -8,7 +8,8 @@
 //! and after the terminator for content, exact at the boundary) and the error budget
 //! (`421 4.7.0 … too many errors`). A server started with a soft open-file limit below
 //! `limits.max_connections` raises it, and serves more connections than the old limit.
-//! A connection idle after a large message gives back the memory the message needed.
+//! A connection idle after a large message gives back the memory the message needed. The
+//! DATA memory budget is the whole server's, not each shard's.
 //!
 //! The relay test's outside client binds its socket to 127.0.0.2, with
 //! `mynetworks = ["127.0.0.1/32"]`.
@@ -30,6 +31,7 @@ io_tests!(
     idle_after_a_message,
     protocol_limits,
     data_memory_budget,
+    data_memory_budget_is_server_wide,
 );
 
 fn timeouts(io: &str) {
@@ -398,7 +400,7 @@ fn protocol_limits(io: &str) {
     assert_eq!((totals.messages, totals.recipients), (2, 4), "{totals:?}");
 }
 
-/// Messages received at once on one shard share a memory budget: past it the newcomer is
+/// Messages received at once share a memory budget: past it the newcomer is
 /// read to its end and refused with 452 4.3.1 (and nothing in it runs as a command); the
 /// session goes on, and once memory is given back, large messages are taken again.
 fn data_memory_budget(io: &str) {
@@ -449,4 +451,126 @@ fn sized_message(size: usize) -> String {
     }
     msg.push_str(&format!("{}\r\n", "y".repeat(left - 2)));
     msg
+}
+
+/// The CPUs this test may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data (all-zero is the empty set); sched_getaffinity writes
+    // at most size_of::<cpu_set_t>() bytes into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_this_thread(cpu: usize) {
+    // SAFETY: as above; the set is initialised before sched_setaffinity reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(rc, 0, "pin to CPU {cpu}");
+}
+
+/// Waits (up to 10 s) until the server has read everything `client` sent: the server's end
+/// of the connection has nothing left in its receive queue (`/proc/net/tcp`).
+fn wait_until_read(client: &Client) {
+    let server = format!(":{:04X}", client.stream.peer_addr().unwrap().port());
+    let ours = format!(":{:04X}", client.stream.local_addr().unwrap().port());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let queued = table.lines().find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let ends = f.get(1)?.ends_with(&server) && f.get(2)?.ends_with(&ours);
+            let (_, rx) = f.get(4)?.split_once(':')?;
+            ends.then(|| u64::from_str_radix(rx, 16).ok()).flatten()
+        });
+        if queued == Some(0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server has not read the data: {queued:?} bytes queued"
+        );
+        sleep(Duration::from_millis(5));
+    }
+}
+
+/// `max_data_memory` bounds all messages being received at once, across shards: with two
+/// shards, two messages that together pass the budget cannot both be taken. The clients
+/// connect from threads pinned to different CPUs, which puts them on different shards (a
+/// local connection goes to the shard on its CPU); with a budget per shard both would fit.
+fn data_memory_budget_is_server_wide(io: &str) {
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let mut relay = Relay::start_with(Opts {
+        shards: 2,
+        ..Opts::new(
+            io,
+            "[limits]\nmax_message_size = 200000\nmax_data_memory = 200000",
+        )
+    });
+    let body = sized_message(150_000);
+    let (first, rest) = body.split_at(120_000);
+    let connect_from = |cpu: usize| {
+        let relay = &relay;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                pin_this_thread(cpu);
+                relay.connect()
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    let mut clients = [connect_from(cpus[0]), connect_from(cpus[1])];
+    // Both hold 120,000 bytes before either ends: whichever shard reads its part second
+    // takes the server past the budget, whatever the order.
+    for c in clients.iter_mut() {
+        c.ehlo(200_000);
+        c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+        c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
+        c.expect("DATA", 354, "End");
+        c.send(first);
+        wait_until_read(c);
+    }
+    for c in clients.iter_mut() {
+        c.send(format!("{rest}.\r\n"));
+    }
+    let mut refused = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let reply = c.reply();
+        if reply.code == 452 {
+            reply.assert(452, "4.3.1");
+            refused.push(i);
+        } else {
+            reply.queued_id();
+        }
+    }
+    assert_eq!(
+        refused.len(),
+        1,
+        "exactly one of the two is refused: {refused:?}"
+    );
+    // The other has given its memory back: the refused one's message fits now.
+    let c = &mut clients[refused[0]];
+    c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+    c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
+    c.expect("DATA", 354, "End");
+    c.send(format!("{body}.\r\n"));
+    c.reply().queued_id();
+    let totals = relay.stop();
+    assert_eq!(totals.messages, 2, "{totals:?}");
 }

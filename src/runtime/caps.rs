@@ -1,9 +1,11 @@
-//! Connection caps: `max_connections` for the whole server and `max_connections_per_ip`.
+//! The limits the shards share: connection caps (`max_connections` for the whole server
+//! and `max_connections_per_ip`) and the DATA memory budget (`max_data_memory`).
 //!
-//! These are the only counters the shards share. The total is one atomic; the per-address
-//! counts sit in a mutex-guarded map, touched once at accept and once at close, never on
-//! the per-message path. A [`ConnectionSlot`] gives its place back when dropped, so no exit
-//! path of a connection can leak a slot.
+//! These are the only counters the shards share. The connection total is one atomic; the
+//! per-address counts sit in a mutex-guarded map, touched once at accept and once at
+//! close, never on the per-message path. A [`ConnectionSlot`] gives its place back when
+//! dropped, so no exit path of a connection can leak a slot. The [`DataBudget`] is one
+//! atomic, touched only when a message's buffer grows or is given back.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -87,6 +89,59 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Bytes all messages being received hold at once, server-wide, and the most they may
+/// (`limits.max_data_memory`). One budget for all shards: a shard's share would depend on
+/// how connections happen to be spread, and local clients all go to one shard
+/// (`listener::steer_local_by_cpu`).
+#[derive(Debug)]
+pub(crate) struct DataBudget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl DataBudget {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(DataBudget {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// The budget, in bytes.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Moves one message's share from `*held` bytes to `now`. Giving back always succeeds.
+    /// Growing fails, leaving `*held` as it was, when it would take the server past the
+    /// budget while other messages hold memory too: a message alone is always taken (it
+    /// is bounded by `max_message_size`, and the config keeps that within the budget).
+    /// Two messages growing at once on two shards may both be refused where one would
+    /// have fitted: the refusal is a 452, which the client retries.
+    pub(crate) fn update(&self, held: &mut usize, now: usize) -> bool {
+        if now <= *held {
+            self.used.fetch_sub(*held - now, Ordering::Relaxed);
+            *held = now;
+            return true;
+        }
+        let grow = now - *held;
+        let after = self.used.fetch_add(grow, Ordering::Relaxed) + grow;
+        let others = after.saturating_sub(now);
+        if others > 0 && after > self.max {
+            self.used.fetch_sub(grow, Ordering::Relaxed);
+            return false;
+        }
+        *held = now;
+        true
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +163,26 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         let _s4 = caps.acquire(mapped).unwrap();
         assert_eq!(caps.acquire(a).unwrap_err(), CapExceeded::Total);
+    }
+
+    #[test]
+    fn data_budget_takes_a_lone_message_and_refuses_a_second_past_it() {
+        let budget = DataBudget::new(100);
+        let (mut a, mut b) = (0, 0);
+        // Alone, a message may grow past the budget (max_message_size bounds it).
+        assert!(budget.update(&mut a, 60));
+        assert!(budget.update(&mut a, 150));
+        assert_eq!((a, budget.used()), (150, 150));
+        // A second one may not grow while the first holds memory; nothing changes.
+        assert!(!budget.update(&mut b, 10));
+        assert_eq!((b, budget.used()), (0, 150));
+        // Giving back always works, and then the second fits.
+        assert!(budget.update(&mut a, 40));
+        assert!(budget.update(&mut b, 60));
+        assert!(!budget.update(&mut b, 61));
+        assert_eq!((a, b, budget.used()), (40, 60, 100));
+        assert!(budget.update(&mut a, 0));
+        assert!(budget.update(&mut b, 0));
+        assert_eq!(budget.used(), 0);
     }
 }

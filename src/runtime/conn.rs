@@ -100,7 +100,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut session = Box::new(Session::new(Arc::clone(&shard.session_config), peer));
     let mut hooks = ShardHooks::new(&shard, peer);
     let mut buf = shard.pool.take();
-    // Bytes of the shard's DATA memory budget this connection's message holds.
+    // Bytes of the server's DATA memory budget this connection's message holds.
     let mut held = 0usize;
     // One timer for the connection's whole life, re-armed only when it fires early.
     let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
@@ -227,9 +227,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         }
     }
     io.close_both();
-    shard
-        .data_memory
-        .set(shard.data_memory.get().saturating_sub(held));
+    shard.data_budget.update(&mut held, 0);
     shard.pool.give(buf);
 }
 
@@ -271,26 +269,22 @@ async fn wait_input<R: Future<Output = (io::Result<usize>, BytesMut)>>(
     }
 }
 
-/// Keeps the shard's count of memory held by messages being received, and refuses the
-/// message (read to its end, then `452 4.3.1`) when it would take the shard past its
+/// Keeps the server's count of memory held by messages being received, and refuses the
+/// message (read to its end, then `452 4.3.1`) when it would take the server past its
 /// budget: many large messages at once can then never exhaust the machine's memory.
 fn account_data_memory<H: Handler>(shard: &Shard<H>, session: &mut Session, held: &mut usize) {
-    let mut now = session.data_memory();
-    let others = shard.data_memory.get().saturating_sub(*held);
-    // A message alone on its shard is always taken (it is bounded by max_message_size);
-    // the budget limits how many large ones are held at once.
-    if now > *held && others > 0 && others + now > shard.data_budget {
-        tracing::warn!(
-            peer = %session.peer(),
-            "message refused: {} bytes of DATA memory in use on this shard (budget {})",
-            others + now,
-            shard.data_budget
-        );
-        session.refuse_data_for_memory();
-        now = session.data_memory();
+    let now = session.data_memory();
+    if now == *held || shard.data_budget.update(held, now) {
+        return;
     }
-    shard.data_memory.set(others + now);
-    *held = now;
+    tracing::warn!(
+        peer = %session.peer(),
+        "message refused: the DATA memory budget ({} bytes) is in use",
+        shard.data_budget.max()
+    );
+    session.refuse_data_for_memory();
+    // Refused, the message holds less than before: giving back always succeeds.
+    shard.data_budget.update(held, session.data_memory());
 }
 
 /// Refuses a connection over a cap with `reply`, then closes it.

@@ -104,6 +104,7 @@ where
         config.limits.max_connections,
         config.limits.max_connections_per_ip,
     );
+    let data_budget = caps::DataBudget::new(config.limits.max_data_memory);
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let make_handler = Arc::new(make_handler);
     let cpus = allowed_cpus();
@@ -129,8 +130,7 @@ where
             phase: phase_rx.clone(),
             command_timeout: Duration::from_secs(config.limits.command_timeout_secs),
             data_timeout: Duration::from_secs(config.limits.data_timeout_secs),
-            data_budget: (config.limits.max_data_memory / shards)
-                .max(config.limits.max_message_size),
+            data_budget: Arc::clone(&data_budget),
         };
         let make_handler = Arc::clone(&make_handler);
         let cpu = if pin { cpus.get(index).copied() } else { None };

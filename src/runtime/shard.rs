@@ -3,7 +3,7 @@
 //! supervisor that stops accepting on shutdown and waits for the last connection.
 //!
 //! Nothing here is shared with other shards except the read-only session configuration,
-//! the connection caps and the shutdown signal.
+//! the connection caps, the DATA memory budget and the shutdown signal.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::buffers::BufferPool;
-use super::caps::{CapExceeded, ConnectionCaps};
+use super::caps::{CapExceeded, ConnectionCaps, DataBudget};
 use super::conn::{self, Acceptor};
 use super::Phase;
 use crate::id::{IdGenerator, QueueId};
@@ -34,9 +34,8 @@ pub(crate) struct Shard<H> {
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) command_timeout: Duration,
     pub(crate) data_timeout: Duration,
-    /// Bytes the messages being received on this shard hold, and the most they may.
-    pub(crate) data_memory: Cell<usize>,
-    pub(crate) data_budget: usize,
+    /// Bytes the messages being received hold, server-wide, and the most they may.
+    pub(crate) data_budget: Arc<DataBudget>,
     ids: RefCell<IdGenerator>,
     open: Cell<usize>,
     all_closed: Notify,
@@ -50,7 +49,7 @@ pub(crate) struct ShardSettings {
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) command_timeout: Duration,
     pub(crate) data_timeout: Duration,
-    pub(crate) data_budget: usize,
+    pub(crate) data_budget: Arc<DataBudget>,
 }
 
 impl<H: Handler> Shard<H> {
@@ -66,7 +65,6 @@ impl<H: Handler> Shard<H> {
             phase: settings.phase,
             command_timeout: settings.command_timeout,
             data_timeout: settings.data_timeout,
-            data_memory: Cell::new(0),
             data_budget: settings.data_budget,
             ids: RefCell::new(IdGenerator::new(settings.index)),
             open: Cell::new(0),
