@@ -5,7 +5,7 @@
 # the durable relay against Postfix (shared harness), 1 shard against 2, group commit and
 # its window on and off, MX against static routing, idle connections, the latency target,
 # and (with SWEEP=1) the offered-load sweep and its plot.
-# Takes about 10 minutes on 2 cores (15 more with SWEEP=1). Needs postfix installed and root
+# Takes about 12 minutes on 2 cores (15 more with SWEEP=1). Needs postfix installed and root
 # (see ../shared/bench).
 #
 # usage: benches/compare.sh
@@ -17,6 +17,9 @@ cargo build --release -p ringrelay -p loadgen --example dns_fixture
 RR="$ROOT/target/release/ringrelay"
 echo "## 1. serve --sink against smtp-sink (pinned: load on CPU 0, server on CPU 1)"
 PIN_LOAD=0 PIN_SERVER=1 VARIANTS="smtp-sink ringrelay-uring ringrelay-epoll" \
+    benches/sink_compare.sh 5 40000 50 1024 2>/dev/null
+echo "## 7. serve --sink against smtp-sink, nothing pinned, default shards: local connections steered by CPU, and by hash"
+VARIANTS="smtp-sink ringrelay-uring ringrelay-uring-hash ringrelay-epoll" \
     benches/sink_compare.sh 5 40000 50 1024 2>/dev/null
 echo "## 11.8 the hand-written ring prototype beside the server (registered files, submit per op, DEFER_TASKRUN, POLL_FIRST)"
 cargo build --release --bench ring_sink

@@ -12,6 +12,7 @@
 #       RING_SINK (the benches/ring_sink.rs prototype for the ring-proto* variants; default:
 #       the newest build of `cargo build --release --bench ring_sink`).
 # Variants: smtp-sink, ringrelay-uring, ringrelay-epoll, ringrelay-uring-SETUP,
+#   ringrelay-uring-hash (RINGRELAY_REUSEPORT=hash: local connections not steered by CPU),
 #   ringrelay-base-uring, and ring-proto[-fixed][-each][-defer|-plain][-rw][-pollfirst][-tokio]
 #   (the prototype on a hand-written ring: registered files, one submit per operation, ring
 #   setup flags, READ/WRITE instead of RECV/SEND, RECVSEND_POLL_FIRST, the loop hosted as a
@@ -49,6 +50,8 @@ start_server() {
     case "$1" in
     smtp-sink) "${SRV_PREFIX[@]}" smtp-sink -c -u postfix -m 1024 "127.0.0.1:$PORT" 1024 >"$WORK/srv.out" 2>&1 & ;;
     ringrelay-uring) "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
+    ringrelay-uring-hash) # every connection by the kernel's hash, local ones too (no steering)
+        RINGRELAY_REUSEPORT=hash "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     ringrelay-uring-*) # ringrelay-uring-SETUP: RINGRELAY_URING_SETUP=SETUP (plain, single, defer)
         RINGRELAY_URING_SETUP=${1#ringrelay-uring-} "${SRV_PREFIX[@]}" "$RINGRELAY" serve --sink --io uring --shards "$SHARDS" --listen "127.0.0.1:$PORT" 2>"$WORK/srv.out" & ;;
     ringrelay-base-uring) # A/B of a code change: the binary in $RINGRELAY_BASE (e.g. built from main)
