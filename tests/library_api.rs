@@ -4,7 +4,9 @@
 //! and refuses one sender's content. Checks the replies clients see, the envelopes
 //! (from, to, queue ID, HELO, peer, content with our `Received:` header and dot-stuffing
 //! removed), and that `shutdown()` sends idle sessions `421` and `join()` returns. A handler
-//! that panics in `on_connect` loses that one connection; the shard goes on accepting.
+//! that panics in `on_connect` loses that one connection; the shard goes on accepting. One
+//! that panics while storing a message gives that message's share of the DATA memory
+//! budget back.
 
 mod common;
 
@@ -21,7 +23,8 @@ use ringrelay::{Config, Envelope, Handler, Mailbox, Reply, ReversePath, Server};
 
 io_tests!(
     handler_decides_and_records,
-    a_panicking_handler_costs_one_connection
+    a_panicking_handler_costs_one_connection,
+    a_handler_panicking_on_a_message_gives_its_memory_back
 );
 
 type Seen = Arc<Mutex<Vec<(usize, Envelope)>>>;
@@ -216,22 +219,77 @@ fn handler_decides_and_records(io: &str) {
     );
 }
 
-/// Panics in `on_connect` while told to.
+/// Panics in `on_connect`, or in `on_message`, while told to.
 struct Panicky {
     panic_next: Arc<AtomicBool>,
+    in_on_message: bool,
 }
 
 impl Handler for Panicky {
     fn on_connect(&self, _peer: SocketAddr) -> Result<(), Reply> {
-        if self.panic_next.swap(false, Ordering::SeqCst) {
+        if !self.in_on_message && self.panic_next.swap(false, Ordering::SeqCst) {
             panic!("a handler bug (expected by this test)");
         }
         Ok(())
     }
 
     async fn on_message(&self, _envelope: Envelope) -> Result<(), Reply> {
+        if self.in_on_message && self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("a handler bug (expected by this test)");
+        }
         Ok(())
     }
+}
+
+/// The message's memory counts against `max_data_memory` until its result is in; a handler
+/// that panics before giving one must not keep it counted, or every large message after
+/// it would be refused.
+fn a_handler_panicking_on_a_message_gives_its_memory_back(io: &str) {
+    let mut config = Config {
+        hostname: HOST.into(),
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        shards: 1,
+        io: if io == "uring" {
+            IoMode::Uring
+        } else {
+            IoMode::Epoll
+        },
+        ..Config::default()
+    };
+    config.limits.max_message_size = 200_000;
+    config.limits.max_data_memory = 200_000;
+    let panic_next = Arc::new(AtomicBool::new(true));
+    let p = Arc::clone(&panic_next);
+    let handle = Server::new(config)
+        .start(move |_| Panicky {
+            panic_next: Arc::clone(&p),
+            in_on_message: true,
+        })
+        .expect("server starts");
+    let addr = handle.local_addrs()[0];
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "x".repeat(998)).repeat(150)
+    );
+    let send_big = |c: &mut Client| {
+        c.ehlo(200_000);
+        c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+        c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
+        c.expect("DATA", 354, "End");
+        c.send(format!("{body}.\r\n"));
+    };
+    let mut first = Client::connect(addr);
+    first.reply();
+    send_big(&mut first);
+    first.expect_eof();
+    assert!(!panic_next.load(Ordering::SeqCst), "on_message ran");
+    // The panicked message's 150,000 bytes are no longer counted: this one fits.
+    let mut second = Client::connect(addr);
+    second.reply();
+    send_big(&mut second);
+    second.reply().queued_id();
+    handle.shutdown();
+    handle.join().expect("the server stops cleanly");
 }
 
 fn a_panicking_handler_costs_one_connection(io: &str) {
@@ -252,6 +310,7 @@ fn a_panicking_handler_costs_one_connection(io: &str) {
     let handle = Server::new(config)
         .start(move |_| Panicky {
             panic_next: Arc::clone(&p),
+            in_on_message: false,
         })
         .expect("server starts");
     let addr = handle.local_addrs()[0];

@@ -21,6 +21,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::{assert_sequence, message, Client, Opts, Relay, HOST};
+use ringrelay::id::QueueId;
 
 io_tests!(
     timeouts,
@@ -488,18 +489,26 @@ fn wait_until_read(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-        let queued = table.lines().find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let ends = f.get(1)?.ends_with(&server) && f.get(2)?.ends_with(&ours);
-            let (_, rx) = f.get(4)?.split_once(':')?;
-            ends.then(|| u64::from_str_radix(rx, 16).ok()).flatten()
-        });
-        if queued == Some(0) {
+        // The queue column is "tx:rx" in hex: what a socket has yet to send, and what it
+        // has received that its owner has not read.
+        let queues = |local: &str, remote: &str| {
+            table.lines().find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let ends = f.get(1)?.ends_with(local) && f.get(2)?.ends_with(remote);
+                let (tx, rx) = f.get(4)?.split_once(':')?;
+                let n = |hex| u64::from_str_radix(hex, 16).ok();
+                ends.then(|| n(tx).zip(n(rx))).flatten()
+            })
+        };
+        // Everything left the client, and the server has read all of it.
+        let client_side = queues(&ours, &server);
+        let server_side = queues(&server, &ours);
+        if matches!(client_side, Some((0, _))) && matches!(server_side, Some((_, 0))) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "the server has not read the data: {queued:?} bytes queued"
+            "the server has not read the data: client {client_side:?}, server {server_side:?}"
         );
         sleep(Duration::from_millis(5));
     }
@@ -550,13 +559,14 @@ fn data_memory_budget_is_server_wide(io: &str) {
         c.send(format!("{rest}.\r\n"));
     }
     let mut refused = Vec::new();
+    let mut ids = Vec::new();
     for (i, c) in clients.iter_mut().enumerate() {
         let reply = c.reply();
         if reply.code == 452 {
             reply.assert(452, "4.3.1");
             refused.push(i);
         } else {
-            reply.queued_id();
+            ids.push(reply.queued_id());
         }
     }
     assert_eq!(
@@ -570,7 +580,15 @@ fn data_memory_budget_is_server_wide(io: &str) {
     c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
     c.expect("DATA", 354, "End");
     c.send(format!("{body}.\r\n"));
-    c.reply().queued_id();
+    ids.push(c.reply().queued_id());
+    // The queue ID carries its shard's number (bits 32-39): the two clients were on
+    // different shards, so the budget they shared was the server's, not a shard's.
+    let shard = |id: &String| (id.parse::<QueueId>().unwrap().as_u128() >> 32) & 0xff;
+    assert_ne!(
+        shard(&ids[0]),
+        shard(&ids[1]),
+        "both clients on one shard ({ids:?}): is RINGRELAY_REUSEPORT=hash set?"
+    );
     let totals = relay.stop();
     assert_eq!(totals.messages, 2, "{totals:?}");
 }

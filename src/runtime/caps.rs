@@ -5,7 +5,8 @@
 //! per-address counts sit in a mutex-guarded map, touched once at accept and once at
 //! close, never on the per-message path. A [`ConnectionSlot`] gives its place back when
 //! dropped, so no exit path of a connection can leak a slot. The [`DataBudget`] is one
-//! atomic, touched only when a message's buffer grows or is given back.
+//! atomic, touched only when a message's buffer grows or is given back; a connection's
+//! share of it is given back by the shard's `OpenGuard` on drop.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -112,12 +113,13 @@ impl DataBudget {
         self.max
     }
 
-    /// Moves one message's share from `*held` bytes to `now`. Giving back always succeeds.
-    /// Growing fails, leaving `*held` as it was, when it would take the server past the
-    /// budget while other messages hold memory too: a message alone is always taken (it
-    /// is bounded by `max_message_size`, and the config keeps that within the budget).
-    /// Two messages growing at once on two shards may both be refused where one would
-    /// have fitted: the refusal is a 452, which the client retries.
+    /// Moves one connection's share from `*held` bytes to `now`. Giving back always
+    /// succeeds. Growing fails, leaving `*held` as it was, when it would take the server
+    /// past the budget while other messages hold memory too: a message alone is always
+    /// taken (it is bounded by `max_message_size`, and the config keeps that within the
+    /// budget). A refused attempt is never counted, not even for a moment, so it cannot
+    /// make another shard's message look crowded. The caller must give its share back on
+    /// every exit path (`shard::OpenGuard` does, on drop).
     pub(crate) fn update(&self, held: &mut usize, now: usize) -> bool {
         if now <= *held {
             self.used.fetch_sub(*held - now, Ordering::Relaxed);
@@ -125,11 +127,22 @@ impl DataBudget {
             return true;
         }
         let grow = now - *held;
-        let after = self.used.fetch_add(grow, Ordering::Relaxed) + grow;
-        let others = after.saturating_sub(now);
-        if others > 0 && after > self.max {
-            self.used.fetch_sub(grow, Ordering::Relaxed);
-            return false;
+        let mut current = self.used.load(Ordering::Relaxed);
+        loop {
+            // `current` includes this share's own bytes.
+            let others = current.saturating_sub(*held);
+            if others > 0 && current.saturating_add(grow) > self.max {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                current,
+                current + grow,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
         }
         *held = now;
         true
@@ -183,6 +196,24 @@ mod tests {
         assert_eq!((a, b, budget.used()), (40, 60, 100));
         assert!(budget.update(&mut a, 0));
         assert!(budget.update(&mut b, 0));
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn data_budget_under_two_threads_never_leaks_or_passes_the_limit_with_company() {
+        let budget = DataBudget::new(1000);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    let mut held = 0;
+                    for i in 0..20_000 {
+                        let _ = budget.update(&mut held, (i * 37) % 700);
+                        assert!(budget.used() <= 1400, "at most two shares of 700");
+                    }
+                    budget.update(&mut held, 0);
+                });
+            }
+        });
         assert_eq!(budget.used(), 0);
     }
 }

@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use bytes::{Buf, BytesMut};
 
 use super::caps::ConnectionSlot;
-use super::shard::{Shard, ShardHooks};
+use super::shard::{OpenGuard, Shard, ShardHooks};
 use super::Phase;
 use crate::server::Handler;
 use crate::smtp::{Reply, Session};
@@ -93,15 +93,14 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         return;
     }
     let _slot = slot;
-    let _open = shard.connection_opened();
+    // Also holds the connection's share of the DATA memory budget; gives it back on drop.
+    let mut open = shard.connection_opened();
     let mut phase = shard.phase.clone();
     // Boxed: the session is most of the connection task's size, and a smaller task fits a
     // smaller allocator size class (10,000 idle connections: see PERF.md §6).
     let mut session = Box::new(Session::new(Arc::clone(&shard.session_config), peer));
     let mut hooks = ShardHooks::new(&shard, peer);
     let mut buf = shard.pool.take();
-    // Bytes of the server's DATA memory budget this connection's message holds.
-    let mut held = 0usize;
     // One timer for the connection's whole life, re-armed only when it fires early.
     let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
     // The command timeout runs per command line, not per read (like Postfix's
@@ -136,7 +135,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             let used = session.receive(&buf, SystemTime::now(), &mut hooks);
             line.progressed |= used > 0 && !session.skipping_long_line();
             buf.advance(used);
-            account_data_memory(&shard, &mut session, &mut held);
+            account_data_memory(&shard, &mut session, &mut open);
             continue;
         }
         let now_phase = *phase.borrow_and_update();
@@ -196,7 +195,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                 // Bytes consumed while skipping an over-long line are no progress.
                 line.progressed = used > 0 && !session.skipping_long_line();
                 buf.advance(used);
-                account_data_memory(&shard, &mut session, &mut held);
+                account_data_memory(&shard, &mut session, &mut open);
                 if buf.is_empty() {
                     // Lets the next reserve reuse the whole allocation from its start.
                     buf.clear();
@@ -227,7 +226,6 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         }
     }
     io.close_both();
-    shard.data_budget.update(&mut held, 0);
     shard.pool.give(buf);
 }
 
@@ -272,9 +270,13 @@ async fn wait_input<R: Future<Output = (io::Result<usize>, BytesMut)>>(
 /// Keeps the server's count of memory held by messages being received, and refuses the
 /// message (read to its end, then `452 4.3.1`) when it would take the server past its
 /// budget: many large messages at once can then never exhaust the machine's memory.
-fn account_data_memory<H: Handler>(shard: &Shard<H>, session: &mut Session, held: &mut usize) {
+fn account_data_memory<H: Handler>(
+    shard: &Shard<H>,
+    session: &mut Session,
+    open: &mut OpenGuard<H>,
+) {
     let now = session.data_memory();
-    if now == *held || shard.data_budget.update(held, now) {
+    if now == open.data_held() || open.hold_data(now) {
         return;
     }
     tracing::warn!(
@@ -284,7 +286,7 @@ fn account_data_memory<H: Handler>(shard: &Shard<H>, session: &mut Session, held
     );
     session.refuse_data_for_memory();
     // Refused, the message holds less than before: giving back always succeeds.
-    shard.data_budget.update(held, session.data_memory());
+    open.hold_data(session.data_memory());
 }
 
 /// Refuses a connection over a cap with `reply`, then closes it.

@@ -75,7 +75,10 @@ impl<H: Handler> Shard<H> {
     /// Counts a connection as open until the returned guard drops.
     pub(crate) fn connection_opened(self: &Rc<Self>) -> OpenGuard<H> {
         self.open.set(self.open.get() + 1);
-        OpenGuard(Rc::clone(self))
+        OpenGuard {
+            shard: Rc::clone(self),
+            data_held: 0,
+        }
     }
 
     fn phase_now(&self) -> Phase {
@@ -83,15 +86,36 @@ impl<H: Handler> Shard<H> {
     }
 }
 
-/// Marks one connection of a shard as open.
-pub(crate) struct OpenGuard<H: Handler>(Rc<Shard<H>>);
+/// Marks one connection of a shard as open, and holds its message's share of the server's
+/// DATA memory budget. Dropping it gives both back, so no exit path of a connection, a
+/// panicking handler's included, can leak either (a leaked share would be the whole
+/// server's, and would end in every large message being refused). One guard for both:
+/// each field in the connection's task costs every idle connection (PERF.md §6).
+pub(crate) struct OpenGuard<H: Handler> {
+    shard: Rc<Shard<H>>,
+    data_held: usize,
+}
+
+impl<H: Handler> OpenGuard<H> {
+    /// Bytes of the DATA memory budget this connection holds.
+    pub(crate) fn data_held(&self) -> usize {
+        self.data_held
+    }
+
+    /// Moves this connection's share of the DATA memory budget to `now` bytes; false,
+    /// holding what it held, when the budget refuses (`DataBudget::update`).
+    pub(crate) fn hold_data(&mut self, now: usize) -> bool {
+        self.shard.data_budget.update(&mut self.data_held, now)
+    }
+}
 
 impl<H: Handler> Drop for OpenGuard<H> {
     fn drop(&mut self) {
-        let n = self.0.open.get().saturating_sub(1);
-        self.0.open.set(n);
+        self.shard.data_budget.update(&mut self.data_held, 0);
+        let n = self.shard.open.get().saturating_sub(1);
+        self.shard.open.set(n);
         if n == 0 {
-            self.0.all_closed.notify_one();
+            self.shard.all_closed.notify_one();
         }
     }
 }

@@ -238,6 +238,8 @@ pub struct Session {
     hook_mailbox: MailboxSlot,
     scanner: DataScanner,
     body: BytesMut,
+    /// The finished message's buffer capacity, counted by `data_memory` until its result.
+    awaiting_memory: usize,
     out: BytesMut,
     message: Option<Envelope>,
     errors: u32,
@@ -265,6 +267,7 @@ impl Session {
             hook_mailbox: MailboxSlot::default(),
             scanner,
             body: BytesMut::new(),
+            awaiting_memory: 0,
             out: BytesMut::with_capacity(256),
             message: None,
             errors: 0,
@@ -406,12 +409,13 @@ impl Session {
     }
 
     /// Bytes of memory the message being received holds now (its buffer's capacity), for
-    /// the driver's memory budget.
+    /// the driver's memory budget. A finished message counts until its result is in: the
+    /// handler holds its content while it stores it, and the client has no 250 yet.
     pub fn data_memory(&self) -> usize {
-        if self.state == State::Data {
-            self.body.capacity()
-        } else {
-            0
+        match self.state {
+            State::Data => self.body.capacity(),
+            State::AwaitingResult => self.awaiting_memory,
+            _ => 0,
         }
     }
 
@@ -652,7 +656,10 @@ impl Session {
             id,
             from,
             to,
-            data: self.take_body(),
+            data: {
+                self.awaiting_memory = self.body.capacity();
+                self.take_body()
+            },
             peer: self.peer,
             helo: self.shared_helo(),
             body_type: self.tx.body_type,
@@ -829,6 +836,25 @@ mod tests {
 
     /// A large message's buffer goes with the message, so a session idle after it holds
     /// no part of it; a small one's allocation stays for reuse by the next message.
+    #[test]
+    fn a_message_counts_as_memory_until_its_result() {
+        let mut h = Harness::new(config_with(1_000_000, 5), "127.0.0.1:40000");
+        h.feed(b"EHLO client.example\r\n");
+        h.feed(TX);
+        h.feed(&[b'x'; 998]);
+        h.feed(b"\r\n");
+        let receiving = h.session.data_memory();
+        assert!(receiving >= 1000, "{receiving}");
+        // Ended, handed to the handler, no result yet: still counted.
+        let used = h.session.receive(b".\r\n", UNIX_EPOCH, &mut h.hooks);
+        assert_eq!(used, 3);
+        let message = h.session.take_message().expect("a message");
+        assert!(h.session.data_memory() >= message.data.len());
+        assert!(h.session.data_memory() >= receiving);
+        h.session.message_result(Ok(()));
+        assert_eq!(h.session.data_memory(), 0);
+    }
+
     #[test]
     fn an_idle_session_keeps_no_large_body_buffer() {
         let mut h = Harness::new(config_with(1_000_000, 5), "127.0.0.1:40000");
