@@ -41,6 +41,30 @@ impl std::str::FromStr for IoMode {
     }
 }
 
+/// How connections are spread over the shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Spread {
+    /// Connections over loopback go to the shard on the CPU they arrive on (the client's
+    /// own), so one local client's connections share one shard; the rest by the kernel's
+    /// hash. Applies when the shards are pinned one per CPU.
+    #[default]
+    LocalCpu,
+    /// Every connection by the kernel's hash of its addresses.
+    Hash,
+}
+
+impl std::str::FromStr for Spread {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local-cpu" => Ok(Spread::LocalCpu),
+            "hash" => Ok(Spread::Hash),
+            _ => Err(format!("unknown spread {s:?} (expected local-cpu or hash)")),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -53,6 +77,8 @@ pub struct Config {
     pub shards: usize,
     /// I/O driver.
     pub io: IoMode,
+    /// How connections are spread over the shards.
+    pub spread: Spread,
     /// Limits.
     pub limits: Limits,
     /// Relay access.
@@ -83,8 +109,8 @@ pub struct Limits {
     pub max_errors: u32,
     /// Seconds transactions in flight get to finish after SIGTERM/SIGINT.
     pub shutdown_timeout_secs: u64,
-    /// Bytes all messages being received may hold in memory together (split evenly over
-    /// the shards, each getting at least `max_message_size`); past it: `452 4.3.1`.
+    /// Bytes all messages being received may hold in memory together, on all shards (a
+    /// finished message counts until its 250); past it: `452 4.3.1`.
     pub max_data_memory: usize,
 }
 
@@ -139,6 +165,7 @@ impl Default for Config {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
             shards: 0,
             io: IoMode::Auto,
+            spread: Spread::LocalCpu,
             limits: Limits::default(),
             relay: Relay::default(),
             spool: Spool::default(),
@@ -449,6 +476,7 @@ mod tests {
         assert_eq!(c.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
         assert_eq!(c.limits.max_recipients, 100);
         assert_eq!(c.io, IoMode::Auto);
+        assert_eq!(c.spread, Spread::LocalCpu);
         assert!(c
             .relay_policy()
             .client_may_relay("127.0.0.9".parse().unwrap()));
@@ -497,6 +525,11 @@ max_queue_age_secs  = 432000
         assert!(e("[relay]\nmynetworks = [\"10.0.0.0/99\"]").contains("relay.mynetworks[0]"));
         assert!(e("[limits]\nmax_recipeints = 5").contains("max_recipeints"));
         assert!(e("io = \"kqueue\"").contains("line 1"));
+        assert!(e("spread = \"random\"").contains("line 1"));
+        assert_eq!(
+            Config::from_toml("spread = \"hash\"").unwrap().spread,
+            Spread::Hash
+        );
         assert!(e("listen = [\"nonsense\"]").contains("line 1"));
         assert!(e("[delivery]\nsmarthost = \"mx.example\"").contains("delivery.smarthost"));
         assert!(e("hostname = \"bad host\"").contains("hostname"));

@@ -22,6 +22,11 @@ const BACKLOG: i32 = 1024;
 
 /// Binds `shards` listeners on each address. Returns, per shard, one listener per address,
 /// and the addresses actually bound (a port of 0 is resolved once and shared by all shards).
+/// Each address's sockets are bound *and listened* in shard order, one after the other:
+/// the kernel numbers a reuseport group's sockets in the order they listen, and
+/// [`steer_local_by_cpu`] relies on socket `i` being shard `i`. (If a listener closes
+/// early, the kernel moves the last one into its place: local clients of that CPU then
+/// reach another shard, and none is lost.)
 pub(crate) fn bind_all(
     addrs: &[SocketAddr],
     shards: usize,
@@ -59,29 +64,40 @@ const USE_HASH: u32 = u32::MAX;
 /// group's index `i` is shard `i`); `cpus[shard]` is the CPU that shard is pinned to.
 /// Steering is an optimisation: if the kernel refuses the program, the hash stays.
 pub(crate) fn steer_local_by_cpu(listeners: &[Vec<TcpListener>], cpus: &[usize]) -> io::Result<()> {
-    let mut program = local_by_cpu_program(cpus);
+    let mut program = local_by_cpu_program(cpus)?;
     let Some(first) = listeners.first() else {
         return Ok(());
     };
-    for listener in first {
-        attach_reuseport_program(listener, &mut program)?;
+    for (done, listener) in first.iter().enumerate() {
+        if let Err(e) = attach_reuseport_program(listener, &mut program) {
+            // All addresses or none: take it off the ones that have it.
+            for listener in &first[..done] {
+                detach_reuseport_program(listener);
+            }
+            return Err(e);
+        }
     }
     Ok(())
 }
 
 /// The classic BPF program for [`steer_local_by_cpu`]: the shard's index for a connection
-/// that arrived over loopback on one of `cpus`, [`USE_HASH`] otherwise. A program over
-/// `BPF_MAXINSNS` (4096) would be refused, so past 2,000 shards it is all hash.
-fn local_by_cpu_program(cpus: &[usize]) -> Vec<libc::sock_filter> {
+/// that arrived over loopback on one of `cpus`, [`USE_HASH`] otherwise. Two instructions
+/// per shard; the kernel takes at most `BPF_MAXINSNS` (4096), far more than the 128
+/// shards the config allows.
+fn local_by_cpu_program(cpus: &[usize]) -> io::Result<Vec<libc::sock_filter>> {
     const LD_ABS_W: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const MAX_INSNS: usize = 4096;
+    if 2 * cpus.len() + 5 > MAX_INSNS {
+        return Err(io::Error::other(format!(
+            "{} shards are too many to steer",
+            cpus.len()
+        )));
+    }
     let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     // Ancillary loads: offsets into the kernel's SKF_AD_OFF area (negative, as u32).
     let ancillary = |field: libc::c_int| (libc::SKF_AD_OFF + field) as u32;
-    if cpus.len() > 2000 {
-        return vec![op(RET_K, 0, 0, USE_HASH)];
-    }
     let mut p = vec![
         op(LD_ABS_W, 0, 0, ancillary(libc::SKF_AD_IFINDEX)),
         // Over loopback: go on to the CPU table; otherwise return the hash.
@@ -95,7 +111,25 @@ fn local_by_cpu_program(cpus: &[usize]) -> Vec<libc::sock_filter> {
         p.push(op(RET_K, 0, 0, shard as u32));
     }
     p.push(op(RET_K, 0, 0, USE_HASH));
-    p
+    Ok(p)
+}
+
+/// Takes the reuseport program off `listener`'s group again; a failure changes nothing
+/// that matters (the program only picks among our own listeners), so it is ignored.
+fn detach_reuseport_program(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    let zero: libc::c_int = 0;
+    // SAFETY: setsockopt reads one c_int from a live local; SO_DETACH_REUSEPORT_BPF
+    // (Linux 5.3+) ignores the value.
+    unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 fn attach_reuseport_program(
@@ -176,39 +210,93 @@ mod tests {
         panic!("no listener got the connection");
     }
 
-    #[test]
-    fn local_connections_go_to_the_shard_on_their_cpu() {
+    /// CPUs for the steering tests: two, in reverse order (shard 0 on the second CPU, so a
+    /// program that returned the CPU number instead of the shard's index would fail too);
+    /// `None`, with the reason printed, where the test cannot run.
+    fn two_cpus() -> Option<[usize; 2]> {
         let cpus = crate::runtime::allowed_cpus();
         if cpus.len() < 2 {
             eprintln!("skipped: needs two CPUs");
-            return;
+            return None;
         }
-        // Shard 0 on the second CPU and shard 1 on the first, so a program that returned
-        // the CPU number instead of the shard's index would fail too.
-        let order = [cpus[1], cpus[0]];
+        // Receive packet steering on loopback would process a packet on another CPU than
+        // its sender's, which these tests assume is the same.
+        let rps =
+            std::fs::read_to_string("/sys/class/net/lo/queues/rx-0/rps_cpus").unwrap_or_default();
+        if rps
+            .trim()
+            .chars()
+            .any(|c| c.is_ascii_hexdigit() && c != '0')
+        {
+            eprintln!(
+                "skipped: receive packet steering is on for lo ({})",
+                rps.trim()
+            );
+            return None;
+        }
+        Some([cpus[1], cpus[0]])
+    }
+
+    /// Connects `rounds` times from each CPU of `order` (on a thread of its own: pinning
+    /// is per thread) and counts the connections that reached the shard pinned there.
+    fn reached_their_shard(
+        listeners: &[Vec<TcpListener>],
+        order: [usize; 2],
+        target: SocketAddr,
+        rounds: usize,
+    ) -> Option<usize> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut hits = 0;
+                for _ in 0..rounds {
+                    for (shard, &cpu) in order.iter().enumerate() {
+                        if let Err(e) = crate::runtime::pin_to_cpu(cpu) {
+                            eprintln!("skipped: cannot pin to CPU {cpu}: {e}");
+                            return None;
+                        }
+                        let _client = std::net::TcpStream::connect(target).unwrap();
+                        hits += usize::from(accepted_by(listeners) == shard);
+                    }
+                }
+                Some(hits)
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    #[test]
+    fn local_connections_go_to_the_shard_on_their_cpu() {
+        let Some(order) = two_cpus() else { return };
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let Ok((shards, bound)) = bind_all(&[addr.parse().unwrap()], 2) else {
                 eprintln!("skipped {addr}: cannot bind");
                 continue;
             };
-            steer_local_by_cpu(&shards, &order).unwrap();
-            let target = bound[0];
-            // Pinning is per thread: do it on a thread of our own, not the test harness's.
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    for round in 0..20 {
-                        for (shard, &cpu) in order.iter().enumerate() {
-                            crate::runtime::pin_to_cpu(cpu);
-                            let _client = std::net::TcpStream::connect(target).unwrap();
-                            assert_eq!(
-                                accepted_by(&shards),
-                                shard,
-                                "{addr}, round {round}: a connection from CPU {cpu}"
-                            );
-                        }
-                    }
-                });
-            });
+            if let Err(e) = steer_local_by_cpu(&shards, &order) {
+                eprintln!("skipped {addr}: the kernel refused the program: {e}");
+                continue;
+            }
+            let hits = reached_their_shard(&shards, order, bound[0], 20);
+            assert!(matches!(hits, Some(40) | None), "{addr}: {hits:?} of 40");
         }
+    }
+
+    #[test]
+    fn steering_goes_on_every_address_or_none() {
+        let Some(order) = two_cpus() else { return };
+        let (mut shards, bound) = bind_all(&["127.0.0.1:0".parse().unwrap()], 2).unwrap();
+        // A second "address" whose socket is in no reuseport group: the kernel refuses the
+        // program there, and it must come off the first address again.
+        shards[0].push(TcpListener::bind("127.0.0.1:0").unwrap());
+        assert!(steer_local_by_cpu(&shards, &order).is_err());
+        // Back to the hash: 40 connections do not all reach "their" shard (the chance
+        // that they would is 2^-40).
+        let hits = reached_their_shard(&shards, order, bound[0], 20);
+        assert!(hits.is_none_or(|h| h < 40), "still steered: {hits:?} of 40");
+        // Too many shards to fit a program is an error, not a silent hash.
+        let many: Vec<usize> = (0..3000).collect();
+        assert!(local_by_cpu_program(&many).is_err());
+        assert_eq!(local_by_cpu_program(&[0, 1]).unwrap().len(), 9);
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::{Config, IoMode};
+use crate::config::{Config, IoMode, Spread};
 use crate::server::Handler;
 use crate::smtp::SessionConfig;
 use shard::{Shard, ShardSettings};
@@ -109,11 +109,18 @@ where
     let make_handler = Arc::new(make_handler);
     let cpus = allowed_cpus();
     let pin = shards <= cpus.len();
-    // Local clients to the shard on their own CPU (see `listener`); RINGRELAY_REUSEPORT=hash
-    // keeps the kernel's hash for every connection, for A/B runs.
+    // Local clients to the shard on their own CPU (see `listener`), unless configured
+    // otherwise; RINGRELAY_REUSEPORT overrides the config, for A/B runs of the benches.
+    let spread = match std::env::var("RINGRELAY_REUSEPORT") {
+        Ok(v) => v.parse::<Spread>().unwrap_or_else(|e| {
+            tracing::warn!("RINGRELAY_REUSEPORT ignored: {e}");
+            config.spread
+        }),
+        Err(_) => config.spread,
+    };
     let steer = pin
         && shards > 1
-        && std::env::var("RINGRELAY_REUSEPORT").map_or(true, |v| v != "hash")
+        && spread == Spread::LocalCpu
         && match listener::steer_local_by_cpu(&listeners, &cpus[..shards]) {
             Ok(()) => true,
             Err(e) => {
@@ -138,7 +145,10 @@ where
             .name(format!("shard-{index}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
-                    pin_to_cpu(cpu);
+                    // Unpinned, the shard still works; only its locality is lost.
+                    if let Err(e) = pin_to_cpu(cpu) {
+                        tracing::warn!("could not pin shard {index} to CPU {cpu}: {e}");
+                    }
                 }
                 // The factory may own resources for the server's whole life (the relay's
                 // spool lock): keep it until this shard has finished, not just until its
@@ -251,8 +261,8 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-/// Pins the calling thread to one CPU; a failure is logged and otherwise ignored.
-pub(crate) fn pin_to_cpu(cpu: usize) {
+/// Pins the calling thread to one CPU.
+pub(crate) fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: as above; the set is fully initialised before sched_setaffinity reads it,
     // and pid 0 means the calling thread.
     let rc = unsafe {
@@ -261,11 +271,9 @@ pub(crate) fn pin_to_cpu(cpu: usize) {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc != 0 {
-        tracing::warn!(
-            "could not pin shard to CPU {cpu}: {}",
-            io::Error::last_os_error()
-        );
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 #[cfg(test)]
