@@ -245,17 +245,7 @@ impl Handler for Panicky {
 /// that panics before giving one must not keep it counted, or every large message after
 /// it would be refused.
 fn a_handler_panicking_on_a_message_gives_its_memory_back(io: &str) {
-    let mut config = Config {
-        hostname: HOST.into(),
-        listen: vec!["127.0.0.1:0".parse().unwrap()],
-        shards: 1,
-        io: if io == "uring" {
-            IoMode::Uring
-        } else {
-            IoMode::Epoll
-        },
-        ..Config::default()
-    };
+    let mut config = one_shard(io);
     config.limits.max_message_size = 200_000;
     config.limits.max_data_memory = 200_000;
     let panic_next = Arc::new(AtomicBool::new(true));
@@ -292,11 +282,12 @@ fn a_handler_panicking_on_a_message_gives_its_memory_back(io: &str) {
     handle.join().expect("the server stops cleanly");
 }
 
-fn a_panicking_handler_costs_one_connection(io: &str) {
-    let config = Config {
+/// A server on one shard, so that every connection goes to the same accept loop and the
+/// same shard's state, on the driver `io` names.
+fn one_shard(io: &str) -> Config {
+    Config {
         hostname: HOST.into(),
         listen: vec!["127.0.0.1:0".parse().unwrap()],
-        // One shard: the connection after the panic goes to the same accept loop.
         shards: 1,
         io: if io == "uring" {
             IoMode::Uring
@@ -304,7 +295,11 @@ fn a_panicking_handler_costs_one_connection(io: &str) {
             IoMode::Epoll
         },
         ..Config::default()
-    };
+    }
+}
+
+fn a_panicking_handler_costs_one_connection(io: &str) {
+    let config = one_shard(io);
     let panic_next = Arc::new(AtomicBool::new(true));
     let p = Arc::clone(&panic_next);
     let handle = Server::new(config)
