@@ -279,6 +279,11 @@ fn account_data_memory<H: Handler>(
     if now == open.data_held() || open.hold_data(now) {
         return;
     }
+    if !session.in_data() {
+        // The message ended in the read that grew it past the budget: it is the handler's
+        // now, too late to refuse, and stays counted at what it held before that read.
+        return;
+    }
     tracing::warn!(
         peer = %session.peer(),
         "message refused: the DATA memory budget ({} bytes) is in use",
