@@ -5,8 +5,9 @@
 //! is an immediate, clear error. Because `SO_REUSEPORT` would also let a second instance
 //! share our port silently, a plain probe bind (without it) comes first.
 //!
-//! Which shard gets a connection: by default the kernel's hash of the 4-tuple. When each
-//! shard is pinned to its own CPU, [`steer_local_by_cpu`] attaches a classic BPF program
+//! Which shard gets a connection: the kernel's hash of the 4-tuple, unless (`spread =
+//! "local-cpu"`, the default) each shard is pinned to its own CPU: [`steer_local_by_cpu`]
+//! then attaches a classic BPF program
 //! that sends connections arriving over the loopback device to the shard on the CPU the
 //! client connected from (on loopback the client's own CPU does the receive work), so a
 //! local client and its shard share caches and need no cross-CPU wakeup. Connections from
@@ -114,8 +115,9 @@ fn local_by_cpu_program(cpus: &[usize]) -> io::Result<Vec<libc::sock_filter>> {
     Ok(p)
 }
 
-/// Takes the reuseport program off `listener`'s group again; a failure changes nothing
-/// that matters (the program only picks among our own listeners), so it is ignored.
+/// Takes the reuseport program off `listener`'s group again. A failure is ignored: it
+/// leaves that address steered, which changes only which of our own shards serves a
+/// local client, never whether one does.
 fn detach_reuseport_program(listener: &TcpListener) {
     use std::os::fd::AsRawFd;
     let zero: libc::c_int = 0;
