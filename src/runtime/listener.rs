@@ -6,13 +6,13 @@
 //! share our port silently, a plain probe bind (without it) comes first.
 //!
 //! Which shard gets a connection: the kernel's hash of the 4-tuple, unless (`spread =
-//! "local-cpu"`, the default) each shard is pinned to its own CPU: [`steer_local_by_cpu`]
-//! then attaches a classic BPF program
-//! that sends connections arriving over the loopback device to the shard on the CPU the
-//! client connected from (on loopback the client's own CPU does the receive work), so a
-//! local client and its shard share caches and need no cross-CPU wakeup. Connections from
-//! the network keep the hash: the CPU a NIC delivers on says little about load (a
-//! single-queue NIC delivers everything on one CPU).
+//! "local-cpu"`, the default) each shard is pinned to its own CPU. Then
+//! [`steer_local_by_cpu`] attaches a classic BPF program that sends connections arriving
+//! over the loopback device to the shard on the CPU the client connected from (on
+//! loopback the client's own CPU does the receive work), so a local client and its shard
+//! share caches and need no cross-CPU wakeup. Connections from the network keep the hash:
+//! the CPU a NIC delivers on says little about load (a single-queue NIC delivers
+//! everything on one CPU).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
