@@ -269,12 +269,8 @@ impl MxResolver {
                 Some(Slot::Pending(rx)) => Some(rx.clone()),
                 _ => None,
             };
-            let Some(mut rx) = waiting else { break };
-            let shared = match rx.wait_for(Option::is_some).await {
-                Ok(value) => value.clone(),
-                Err(_) => None,
-            };
-            if let Some(resolution) = shared {
+            let Some(rx) = waiting else { break };
+            if let Some(resolution) = await_flight(rx).await {
                 bump(&self.cache_hits);
                 return resolution;
             }
@@ -681,6 +677,16 @@ impl<S: InFlight> Drop for Flight<'_, S> {
                 cache.remove(self.key);
             }
         }
+    }
+}
+
+/// Waits for the answer of a lookup another caller is running (a single-flight cache's
+/// pending slot): `None` if that lookup was abandoned before answering, and the waiter
+/// should start again.
+pub(crate) async fn await_flight<T: Clone>(mut rx: watch::Receiver<Option<T>>) -> Option<T> {
+    match rx.wait_for(Option::is_some).await {
+        Ok(answer) => answer.clone(),
+        Err(_) => None,
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::resolve::{Flight, InFlight};
+use super::resolve::{await_flight, Flight, InFlight};
 
 use crate::config::Delivery;
 
@@ -110,12 +110,8 @@ impl HopCache {
                 Some(Entry::Pending(rx)) => Some(rx.clone()),
                 _ => None,
             };
-            let Some(mut rx) = waiting else { break };
-            let shared = match rx.wait_for(Option::is_some).await {
-                Ok(answer) => answer.clone(),
-                Err(_) => None,
-            };
-            if let Some(answer) = shared {
+            let Some(rx) = waiting else { break };
+            if let Some(answer) = await_flight(rx).await {
                 return answer.map_err(|(kind, text)| io::Error::new(kind, text));
             }
             // The delivery running the lookup was dropped before its answer: ask again.
