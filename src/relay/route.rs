@@ -293,6 +293,16 @@ mod tests {
     /// `n` deliveries ask for `hop` at once; the lookup (only the first should run one)
     /// gives `answer()` once a gate opens after all of them have asked. Returns their
     /// answers, in order, and how many lookups ran.
+    /// The cache kept nothing for `hop`: the next delivery looks it up again.
+    fn assert_asks_again(cache: &HopCache, hop: &NextHop, why: &str) {
+        let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
+        let again =
+            timed_runtime().block_on(
+                cache.addresses_with(hop, Instant::now(), |_| async move { Ok(vec![addr]) }),
+            );
+        assert_eq!(again.unwrap(), vec![addr], "asked again {why}");
+    }
+
     fn ask_together(
         n: usize,
         cache: &HopCache,
@@ -361,12 +371,7 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::TimedOut);
             assert!(e.to_string().contains("SERVFAIL"), "{e}");
         }
-        let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
-        let again =
-            timed_runtime().block_on(
-                cache.addresses_with(&hop, Instant::now(), |_| async move { Ok(vec![addr]) }),
-            );
-        assert_eq!(again.unwrap(), vec![addr], "asked again after the failure");
+        assert_asks_again(&cache, &hop, "after the failure");
     }
 
     #[test]
@@ -380,12 +385,7 @@ mod tests {
         let e = hung.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert!(e.to_string().contains("slow.example.test:25"), "{e}");
-        let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
-        let again =
-            timed_runtime().block_on(
-                cache.addresses_with(&hop, Instant::now(), |_| async move { Ok(vec![addr]) }),
-            );
-        assert_eq!(again.unwrap(), vec![addr], "asked again after the timeout");
+        assert_asks_again(&cache, &hop, "after the timeout");
     }
 
     #[test]
