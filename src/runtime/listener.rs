@@ -119,39 +119,35 @@ fn local_by_cpu_program(cpus: &[usize]) -> io::Result<Vec<libc::sock_filter>> {
 /// leaves that address steered, which changes only which of our own shards serves a
 /// local client, never whether one does.
 fn detach_reuseport_program(listener: &TcpListener) {
-    use std::os::fd::AsRawFd;
-    let zero: libc::c_int = 0;
-    // SAFETY: setsockopt reads one c_int from a live local; SO_DETACH_REUSEPORT_BPF
-    // (Linux 5.3+) ignores the value.
-    unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DETACH_REUSEPORT_BPF,
-            (&zero as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    // SO_DETACH_REUSEPORT_BPF (Linux 5.3+) ignores its value.
+    let _ = set_socket_option(listener, libc::SO_DETACH_REUSEPORT_BPF, &0 as &libc::c_int);
 }
 
 fn attach_reuseport_program(
     listener: &TcpListener,
     program: &mut [libc::sock_filter],
 ) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let prog = libc::sock_fprog {
         len: u16::try_from(program.len()).map_err(|_| io::Error::other("BPF program too long"))?,
         filter: program.as_mut_ptr(),
     };
-    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies the
-    // instructions during setsockopt and keeps no pointer to them.
+    // The kernel copies the instructions `prog` points at during the call and keeps no
+    // pointer to them; `program` outlives the call.
+    set_socket_option(listener, libc::SO_ATTACH_REUSEPORT_CBPF, &prog)
+}
+
+/// `setsockopt(SOL_SOCKET, name, value)` on `listener`.
+fn set_socket_option<T>(listener: &TcpListener, name: libc::c_int, value: &T) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads size_of::<T>() bytes from `value`, a live reference, during
+    // the call; whatever `value` points to (a BPF program) is valid for the call too.
     let rc = unsafe {
         libc::setsockopt(
             listener.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {
