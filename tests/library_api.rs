@@ -19,7 +19,7 @@ use common::{message, Client, DEFAULT_MAX_SIZE, HOST};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{Message, SmtpTransport, Transport};
 use ringrelay::config::IoMode;
-use ringrelay::{Config, Envelope, Handler, Mailbox, Reply, ReversePath, Server};
+use ringrelay::{Config, Envelope, Handler, Mailbox, Reply, ReversePath, Server, ServerHandle};
 
 io_tests!(
     handler_decides_and_records,
@@ -248,14 +248,7 @@ fn a_handler_panicking_on_a_message_gives_its_memory_back(io: &str) {
     let mut config = one_shard(io);
     config.limits.max_message_size = 200_000;
     config.limits.max_data_memory = 200_000;
-    let panic_next = Arc::new(AtomicBool::new(true));
-    let p = Arc::clone(&panic_next);
-    let handle = Server::new(config)
-        .start(move |_| Panicky {
-            panic_next: Arc::clone(&p),
-            in_on_message: true,
-        })
-        .expect("server starts");
+    let (handle, panic_next) = start_panicky(config, true);
     let addr = handle.local_addrs()[0];
     let body = format!(
         "Subject: big\r\n\r\n{}",
@@ -282,6 +275,20 @@ fn a_handler_panicking_on_a_message_gives_its_memory_back(io: &str) {
     handle.join().expect("the server stops cleanly");
 }
 
+/// A server whose handler panics once, in `on_message` or else in `on_connect`; the flag
+/// says whether it has yet.
+fn start_panicky(config: Config, in_on_message: bool) -> (ServerHandle, Arc<AtomicBool>) {
+    let panic_next = Arc::new(AtomicBool::new(true));
+    let p = Arc::clone(&panic_next);
+    let handle = Server::new(config)
+        .start(move |_| Panicky {
+            panic_next: Arc::clone(&p),
+            in_on_message,
+        })
+        .expect("server starts");
+    (handle, panic_next)
+}
+
 /// A server on one shard, so that every connection goes to the same accept loop and the
 /// same shard's state, on the driver `io` names.
 fn one_shard(io: &str) -> Config {
@@ -300,14 +307,7 @@ fn one_shard(io: &str) -> Config {
 
 fn a_panicking_handler_costs_one_connection(io: &str) {
     let config = one_shard(io);
-    let panic_next = Arc::new(AtomicBool::new(true));
-    let p = Arc::clone(&panic_next);
-    let handle = Server::new(config)
-        .start(move |_| Panicky {
-            panic_next: Arc::clone(&p),
-            in_on_message: false,
-        })
-        .expect("server starts");
+    let (handle, panic_next) = start_panicky(config, false);
     let addr = handle.local_addrs()[0];
     let mut first = Client::connect(addr);
     first.expect_eof();
