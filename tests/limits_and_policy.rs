@@ -405,36 +405,24 @@ fn protocol_limits(io: &str) {
 /// read to its end and refused with 452 4.3.1 (and nothing in it runs as a command); the
 /// session goes on, and once memory is given back, large messages are taken again.
 fn data_memory_budget(io: &str) {
-    let mut relay = Relay::start_with(Opts {
-        shards: 1,
-        ..Opts::new(
-            io,
-            "[limits]\nmax_message_size = 200000\nmax_data_memory = 200000",
-        )
-    });
+    let mut relay = budget_relay(io, 1);
     let body = sized_message(150_000);
     let (first, rest) = body.split_at(120_000);
     let mut a = relay.connect();
     a.ehlo(200_000);
-    a.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-    a.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
-    a.expect("DATA", 354, "End");
+    start_data(&mut a);
     a.send(first);
     // B arrives while A holds most of the budget.
     let mut b = relay.connect();
     b.ehlo(200_000);
-    b.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-    b.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
-    b.expect("DATA", 354, "End");
+    start_data(&mut b);
     b.send(format!("{body}MAIL FROM:<smuggled@b.test>\r\n.\r\n"));
     b.reply().assert(452, "4.3.1");
     b.expect("NOOP", 250, "2.0.0");
     // A finishes normally; then B's next large message fits.
     a.send(format!("{rest}.\r\n"));
     a.reply().queued_id();
-    b.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-    b.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
-    b.expect("DATA", 354, "End");
+    start_data(&mut b);
     b.send(format!("{body}.\r\n"));
     b.reply().queued_id();
     let totals = relay.stop();
@@ -479,6 +467,24 @@ fn pin_this_thread(cpu: usize) {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     assert_eq!(rc, 0, "pin to CPU {cpu}");
+}
+
+/// MAIL, RCPT and DATA, each answered as it must be: the client may send content next.
+fn start_data(c: &mut Client) {
+    c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
+    c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
+    c.expect("DATA", 354, "End");
+}
+
+/// A relay whose messages may be 200,000 bytes, and all of them together too.
+fn budget_relay(io: &str, shards: usize) -> Relay {
+    Relay::start_with(Opts {
+        shards,
+        ..Opts::new(
+            io,
+            "[limits]\nmax_message_size = 200000\nmax_data_memory = 200000",
+        )
+    })
 }
 
 /// Waits (up to 10 s) until the server has read everything `client` sent: the server's end
@@ -528,13 +534,7 @@ fn data_memory_budget_is_server_wide(io: &str) {
         eprintln!("skipped: RINGRELAY_REUSEPORT=hash, so the clients' shards are by chance");
         return;
     }
-    let mut relay = Relay::start_with(Opts {
-        shards: 2,
-        ..Opts::new(
-            io,
-            "[limits]\nmax_message_size = 200000\nmax_data_memory = 200000",
-        )
-    });
+    let mut relay = budget_relay(io, 2);
     let body = sized_message(150_000);
     let (first, rest) = body.split_at(120_000);
     let connect_from = |cpu: usize| {
@@ -553,9 +553,7 @@ fn data_memory_budget_is_server_wide(io: &str) {
     // takes the server past the budget, whatever the order.
     for c in clients.iter_mut() {
         c.ehlo(200_000);
-        c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-        c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
-        c.expect("DATA", 354, "End");
+        start_data(c);
         c.send(first);
         wait_until_read(c);
     }
@@ -580,9 +578,7 @@ fn data_memory_budget_is_server_wide(io: &str) {
     );
     // The other has given its memory back: the refused one's message fits now.
     let c = &mut clients[refused[0]];
-    c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-    c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
+    start_data(c);
     c.send(format!("{body}.\r\n"));
     ids.push(c.reply().queued_id());
     // The queue ID carries its shard's number (bits 32-39): the two clients were on
