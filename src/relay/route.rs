@@ -290,9 +290,6 @@ mod tests {
             .expect("a waiter was never woken")
     }
 
-    /// `n` deliveries ask for `hop` at once; the lookup (only the first should run one)
-    /// gives `answer()` once a gate opens after all of them have asked. Returns their
-    /// answers, in order, and how many lookups ran.
     /// The cache kept nothing for `hop`: the next delivery looks it up again.
     fn assert_asks_again(cache: &HopCache, hop: &NextHop, why: &str) {
         let addr: SocketAddr = "192.0.2.9:25".parse().unwrap();
@@ -303,6 +300,9 @@ mod tests {
         assert_eq!(again.unwrap(), vec![addr], "asked again {why}");
     }
 
+    /// `n` deliveries ask for `hop` at once; the lookup (only the first should run one)
+    /// gives `answer()` once a gate opens after all of them have asked. Returns their
+    /// answers, in order, and how many lookups ran.
     fn ask_together(
         n: usize,
         cache: &HopCache,

@@ -652,14 +652,12 @@ impl Session {
             ReversePath::Mailbox(addresses.get(e))
         });
         let to = self.tx.to.iter().map(|&e| addresses.get(e)).collect();
+        self.awaiting_memory = self.body.capacity();
         self.message = Some(Envelope {
             id,
             from,
             to,
-            data: {
-                self.awaiting_memory = self.body.capacity();
-                self.take_body()
-            },
+            data: self.take_body(),
             peer: self.peer,
             helo: self.shared_helo(),
             body_type: self.tx.body_type,
@@ -834,8 +832,6 @@ mod tests {
 
     const TX: &[u8] = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n";
 
-    /// A large message's buffer goes with the message, so a session idle after it holds
-    /// no part of it; a small one's allocation stays for reuse by the next message.
     #[test]
     fn a_message_counts_as_memory_until_its_result() {
         let mut h = Harness::new(config_with(1_000_000, 5), "127.0.0.1:40000");
@@ -855,6 +851,8 @@ mod tests {
         assert_eq!(h.session.data_memory(), 0);
     }
 
+    /// A large message's buffer goes with the message, so a session idle after it holds
+    /// no part of it; a small one's allocation stays for reuse by the next message.
     #[test]
     fn an_idle_session_keeps_no_large_body_buffer() {
         let mut h = Harness::new(config_with(1_000_000, 5), "127.0.0.1:40000");
