@@ -276,12 +276,13 @@ fn account_data_memory<H: Handler>(
     open: &mut OpenGuard<H>,
 ) {
     let now = session.data_memory();
-    if now == open.data_held() || open.hold_data(now) {
+    if open.hold_data(now) {
         return;
     }
     if !session.in_data() {
         // The message ended in the read that grew it past the budget: it is the handler's
-        // now, too late to refuse, and stays counted at what it held before that read.
+        // now, too late to refuse, and counts at what it really holds.
+        open.hold_data_anyway(now);
         return;
     }
     tracing::warn!(

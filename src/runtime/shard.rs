@@ -97,15 +97,16 @@ pub(crate) struct OpenGuard<H: Handler> {
 }
 
 impl<H: Handler> OpenGuard<H> {
-    /// Bytes of the DATA memory budget this connection holds.
-    pub(crate) fn data_held(&self) -> usize {
-        self.data_held
-    }
-
     /// Moves this connection's share of the DATA memory budget to `now` bytes; false,
     /// holding what it held, when the budget refuses (`DataBudget::update`).
     pub(crate) fn hold_data(&mut self, now: usize) -> bool {
         self.shard.data_budget.update(&mut self.data_held, now)
+    }
+
+    /// Moves this connection's share to `now` bytes even past the budget
+    /// (`DataBudget::force`).
+    pub(crate) fn hold_data_anyway(&mut self, now: usize) {
+        self.shard.data_budget.force(&mut self.data_held, now);
     }
 }
 
