@@ -32,5 +32,9 @@ pub mod spool;
 
 pub use config::Config;
 pub use runtime::raise_open_file_limit;
+/// The CPUs this process may run on, and pinning a thread to one: the shards' own, for
+/// tests that connect from a chosen CPU (local connections reach the shard on theirs).
+#[doc(hidden)]
+pub use runtime::{allowed_cpus, pin_to_cpu};
 pub use server::{Handler, Server, ServerHandle};
 pub use smtp::{Envelope, Mailbox, Reply, ReversePath, Session};

@@ -247,7 +247,7 @@ pub fn raise_open_file_limit(want: u64) -> io::Result<(u64, u64)> {
 }
 
 /// The CPUs this process may run on (respects `taskset` and cgroup cpusets).
-pub(crate) fn allowed_cpus() -> Vec<usize> {
+pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data for which all-zero is a valid (empty) set, and
     // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
     unsafe {
@@ -262,7 +262,7 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Pins the calling thread to one CPU.
-pub(crate) fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: as above; the set is fully initialised before sched_setaffinity reads it,
     // and pid 0 means the calling thread.
     let rc = unsafe {
