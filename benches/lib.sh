@@ -1,5 +1,5 @@
 # Helpers of this repo's single-server bench scripts (sink_compare, sink_instructions,
-# loadgen_compare). Source it after ../shared/bench/lib.sh (it uses port_free).
+# loadgen_compare, segments). Source it after ../shared/bench/lib.sh (it uses port_free).
 
 # one_server_setup NAME: a fresh work directory in $WORK (removed at exit), $SRV for the
 # server under test (stopped at exit), the exit and signal traps, and a check that
