@@ -89,7 +89,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     // the shard's accepting. A refusal is written by a task of its own, so this task has no
     // state for it (a smaller task: PERF.md §6).
     if let Err(reply) = shard.handler.on_connect(peer) {
-        super::shard::refuse(&shard, io, reply, slot);
+        super::shard::refuse(&shard, io, reply, Some(slot));
         return;
     }
     let _slot = slot;
@@ -295,7 +295,8 @@ fn account_data_memory<H: Handler>(
     open.hold_data(session.data_memory());
 }
 
-/// Refuses a connection over a cap with `reply`, then closes it.
+/// Refuses a connection with `reply` (over a cap, or refused by the handler's
+/// `on_connect`), then closes it.
 pub(crate) async fn refuse<T: Transport>(io: T, reply: Reply, timeout: Duration) {
     let mut out = BytesMut::new();
     reply.write_to(&mut out);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::buffers::BufferPool;
-use super::caps::{CapExceeded, ConnectionCaps, DataBudget};
+use super::caps::{CapExceeded, ConnectionCaps, ConnectionSlot, DataBudget};
 use super::conn::{self, Acceptor};
 use super::Phase;
 use crate::id::{IdGenerator, QueueId};
@@ -195,7 +195,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
             Ok((conn, peer)) => {
                 if shard.phase_now() != Phase::Running {
                     let reply = Reply::shutting_down(&shard.session_config.hostname);
-                    refuse(&shard, conn, reply, ());
+                    refuse(&shard, conn, reply, None);
                     continue;
                 }
                 match shard.caps.acquire(peer.ip()) {
@@ -210,7 +210,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
                                 Reply::too_many_connections(host)
                             }
                         };
-                        refuse(&shard, conn, reply, ());
+                        refuse(&shard, conn, reply, None);
                     }
                 }
             }
@@ -230,13 +230,13 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
 }
 
 /// Answers a connection we will not serve with `reply` and closes it, in a task counted
-/// as an open connection so that shutdown waits for the reply to go out. `held` (a
-/// connection slot, say) is kept until then.
-pub(crate) fn refuse<H: Handler, T: conn::Transport, K: 'static>(
+/// as an open connection so that shutdown waits for the reply to go out. `held`, the
+/// connection's slot under the caps if it took one, is kept until then.
+pub(crate) fn refuse<H: Handler, T: conn::Transport>(
     shard: &Rc<Shard<H>>,
     conn: T,
     reply: Reply,
-    held: K,
+    held: Option<ConnectionSlot>,
 ) {
     let open = shard.connection_opened();
     let timeout = shard.command_timeout;
