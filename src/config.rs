@@ -87,6 +87,22 @@ pub struct Config {
     pub spool: Spool,
     /// Outbound delivery.
     pub delivery: Delivery,
+    /// Switches for A/B measurements; not in the file (see [`Config::apply_env`]).
+    #[serde(skip)]
+    pub ab: AbSwitches,
+}
+
+/// Switches the benches flip to measure one design choice against another. They are read
+/// from the environment once, by [`Config::apply_env`] (the command line calls it), and
+/// passed down with the configuration: library code reads no environment variables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AbSwitches {
+    /// `RINGRELAY_URING_SETUP=plain`: a ring without `IORING_SETUP_COOP_TASKRUN`.
+    pub plain_ring: bool,
+    /// `RINGRELAY_GROUP_COMMIT=off`: one sync per message instead of one per batch.
+    pub one_sync_per_message: bool,
+    /// `RINGRELAY_COMMIT_WINDOW=on`: hold syncs open for the adaptive commit window.
+    pub commit_window: bool,
 }
 
 /// `[limits]`
@@ -170,6 +186,7 @@ impl Default for Config {
             relay: Relay::default(),
             spool: Spool::default(),
             delivery: Delivery::default(),
+            ab: AbSwitches::default(),
         }
     }
 }
@@ -396,6 +413,26 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Reads the A/B switches of the benches from the environment, once, for the command
+    /// line: `RINGRELAY_REUSEPORT=hash|local-cpu` overrides `spread`, and the switches in
+    /// [`AbSwitches`]. Returns warnings to log (a value that was not understood).
+    pub fn apply_env(&mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Ok(v) = std::env::var("RINGRELAY_REUSEPORT") {
+            match v.parse::<Spread>() {
+                Ok(spread) => self.spread = spread,
+                Err(e) => warnings.push(format!("RINGRELAY_REUSEPORT ignored: {e}")),
+            }
+        }
+        let is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v == value);
+        self.ab = AbSwitches {
+            plain_ring: is("RINGRELAY_URING_SETUP", "plain"),
+            one_sync_per_message: is("RINGRELAY_GROUP_COMMIT", "off"),
+            commit_window: is("RINGRELAY_COMMIT_WINDOW", "on"),
+        };
+        warnings
     }
 
     /// The host name to use: the configured one, else the system's.

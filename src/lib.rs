@@ -21,20 +21,23 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod driver;
+pub mod handler;
 pub mod id;
+pub mod outbound;
 pub mod policy;
-pub mod relay;
-mod runtime;
+pub mod qmgr;
 pub mod server;
 pub mod sink;
 pub mod smtp;
 pub mod spool;
 
 pub use config::Config;
-pub use runtime::raise_open_file_limit;
+pub use driver::raise_open_file_limit;
 /// The CPUs this process may run on, and pinning a thread to one: the shards' own, for
 /// tests that connect from a chosen CPU (local connections reach the shard on theirs).
 #[doc(hidden)]
-pub use runtime::{allowed_cpus, pin_to_cpu};
-pub use server::{Handler, Server, ServerHandle};
+pub use driver::{allowed_cpus, pin_to_cpu};
+pub use handler::Handler;
+pub use server::{Server, ServerHandle};
 pub use smtp::{Envelope, Mailbox, Reply, ReversePath, Session};

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use ringrelay::config::{Config, IoMode};
-use ringrelay::relay::control::{self, Outcome};
-use ringrelay::relay::{RelayConfig, RelayService};
+use ringrelay::qmgr::{RelayConfig, RelayService};
 use ringrelay::sink::{SinkHandler, SinkTotals};
+use ringrelay::spool::control::{self, Outcome};
 use ringrelay::spool::inspect;
 use ringrelay::Server;
 
@@ -190,6 +190,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.delivery.smarthost = smarthost;
     }
     config.delivery.nameservers.extend(args.nameserver);
+    for warning in config.apply_env() {
+        tracing::warn!("{warning}");
+    }
     if let Err(e) = config.validate() {
         return fail(2, &e.to_string());
     }
@@ -209,7 +212,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         r
     } else {
         let relay = RelayConfig::from_config(&config);
-        let service = match RelayService::open(relay, config.effective_shards()) {
+        let service = match RelayService::open(relay, &config.spool.dir, config.effective_shards())
+        {
             Ok(s) => s,
             Err(e) => return fail(1, &e.to_string()),
         };

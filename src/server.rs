@@ -5,7 +5,6 @@
 //! The handler is made once per shard by the factory given to [`Server::start`] and lives
 //! on that shard's thread, so it needs no locks (it need not be `Send`).
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -14,49 +13,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::runtime::{self, Phase};
-use crate::smtp::{Envelope, Mailbox, Reply, ReversePath};
-
-/// What the server asks of you, mirroring the seed's "checks for spammers, ACLs" and "save
-/// email to a file, or perform various other actions". Only `on_message` is required.
-///
-/// The checks run in the middle of protocol processing and must not block; `on_message`
-/// is awaited, so it may do I/O.
-pub trait Handler: 'static {
-    /// A client connected. `Err` sends that reply (use a 421 or 554) and closes.
-    fn on_connect(&self, peer: SocketAddr) -> Result<(), Reply> {
-        let _ = peer;
-        Ok(())
-    }
-
-    /// `MAIL FROM`. `Err` is the reply (for example `550 5.7.1 …`).
-    fn on_mail(&self, peer: SocketAddr, from: &ReversePath) -> Result<(), Reply> {
-        let _ = (peer, from);
-        Ok(())
-    }
-
-    /// `RCPT TO`, after the relay policy allowed it. `Err` is the reply.
-    fn on_rcpt(&self, peer: SocketAddr, to: &Mailbox) -> Result<(), Reply> {
-        let _ = (peer, to);
-        Ok(())
-    }
-
-    /// `DATA`, before the `354`. `Err` refuses the message before its content is sent.
-    fn on_data(&self) -> Result<(), Reply> {
-        Ok(())
-    }
-
-    /// A message arrived whole. `Ok` answers `250 2.0.0 Ok: queued as ID`; `Err` sends its
-    /// reply. Answer `Ok` only once the message is safe.
-    fn on_message(&self, envelope: Envelope) -> impl Future<Output = Result<(), Reply>>;
-
-    /// The shard is stopping and its last session has ended: finish background work (the
-    /// relay lets deliveries in flight complete). Bounded by the server: work still going
-    /// after a few seconds is dropped with the shard.
-    fn on_shutdown(&self) -> impl Future<Output = ()> {
-        std::future::ready(())
-    }
-}
+use crate::driver::{self, Phase};
+use crate::handler::Handler;
 
 /// An SMTP server: listeners, shards and sessions, run with a [`Handler`].
 #[derive(Debug, Clone)]
@@ -78,7 +36,7 @@ impl Server {
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         let shutdown_timeout = Duration::from_secs(self.config.limits.shutdown_timeout_secs);
-        let started = runtime::start(self.config, make_handler)?;
+        let started = driver::start(self.config, make_handler)?;
         Ok(ServerHandle {
             phase: started.phase,
             threads: started.threads,
@@ -145,7 +103,7 @@ pub struct ServerHandle {
     phase: watch::Sender<Phase>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     local_addrs: Vec<SocketAddr>,
-    io: runtime::IoDriver,
+    io: driver::IoDriver,
     shutdown_timeout: Duration,
 }
 

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::server::Handler;
+use crate::handler::Handler;
 use crate::smtp::{Envelope, Reply};
 
 /// Totals over all shards, added once when each shard's handler is dropped.

@@ -420,11 +420,11 @@ impl Client {
     fn reply(&mut self, reply: Reply) {
         let Some(what) = self.awaiting.pop_front() else {
             // `line` checked that a reply was awaited; stay panic-free regardless.
-            return self.protocol_error(format!("unexpected reply: {}", brief(&reply)));
+            return self.protocol_error(format!("unexpected reply: {}", reply.one_line()));
         };
         if reply.code() == 421 && what != Await::Quit {
             // The server is going away (RFC 5321 §3.8), whatever we asked.
-            let reason = format!("next hop closing: {}", brief(&reply));
+            let reason = format!("next hop closing: {}", reply.one_line());
             return self.close(&reply, reason);
         }
         match what {
@@ -433,7 +433,7 @@ impl Client {
                     let cmd = format!("EHLO {}\r\n", self.helo);
                     self.send(Bytes::from(cmd), Await::Ehlo);
                 } else {
-                    let reason = format!("greeting refused: {}", brief(&reply));
+                    let reason = format!("greeting refused: {}", reply.one_line());
                     self.close(&reply, reason);
                 }
             }
@@ -446,7 +446,7 @@ impl Client {
                     let cmd = format!("HELO {}\r\n", self.helo);
                     self.send(Bytes::from(cmd), Await::Helo);
                 } else {
-                    let reason = format!("EHLO refused: {}", brief(&reply));
+                    let reason = format!("EHLO refused: {}", reply.one_line());
                     self.close(&reply, reason);
                 }
             }
@@ -455,7 +455,7 @@ impl Client {
                     self.caps = Capabilities::default();
                     self.become_ready();
                 } else {
-                    let reason = format!("HELO refused: {}", brief(&reply));
+                    let reason = format!("HELO refused: {}", reply.one_line());
                     self.close(&reply, reason);
                 }
             }
@@ -473,7 +473,7 @@ impl Client {
             Await::Dot => self.dot_reply(reply),
             Await::StrayDot => self.finish(),
             Await::Quit => {
-                let reason = format!("QUIT answered: {}", brief(&reply));
+                let reason = format!("QUIT answered: {}", reply.one_line());
                 self.close(&reply, reason);
             }
         }
@@ -569,7 +569,7 @@ impl Client {
         if early {
             // The rest of the content would now be read as commands: this connection is
             // out of step for good.
-            let reason = format!("reply before end of data: {}", brief(&reply));
+            let reason = format!("reply before end of data: {}", reply.one_line());
             return self.close(&reply, reason);
         }
         self.finish();
@@ -665,7 +665,7 @@ impl Client {
 
     /// A reply that makes no sense for `cmd`: the conversation is out of step.
     fn unexpected(&mut self, cmd: &str, reply: &Reply) {
-        self.protocol_error(format!("unexpected reply to {cmd}: {}", brief(reply)));
+        self.protocol_error(format!("unexpected reply to {cmd}: {}", reply.one_line()));
     }
 
     /// The server's bytes are unusable: defer what is pending and close.
@@ -772,16 +772,6 @@ fn parse_ehlo(reply: &Reply) -> Capabilities {
         }
     }
     caps
-}
-
-/// A reply in one line, for a log reason.
-fn brief(reply: &Reply) -> String {
-    let mut s = reply.code().to_string();
-    for line in reply.lines() {
-        s.push(' ');
-        s.push_str(line);
-    }
-    s
 }
 
 /// The start of a bad line, printable, for a log reason.

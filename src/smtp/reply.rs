@@ -77,6 +77,24 @@ impl Reply {
         }
     }
 
+    /// The reply on one line: the code, then each text line after a space (for logs,
+    /// `last_error` and a bounce's `Diagnostic-Code:`).
+    pub fn one_line(&self) -> String {
+        let mut s = self.code.to_string();
+        for line in &self.lines {
+            s.push(' ');
+            s.push_str(line);
+        }
+        s
+    }
+
+    /// The RFC 3463 enhanced status code at the start of the first line's text, if it is
+    /// one (`class.subject.detail`: class 2, 4 or 5, then one to three digits each).
+    pub fn enhanced_status(&self) -> Option<&str> {
+        let first = self.lines.first()?.split(' ').next()?;
+        is_enhanced_status(first).then_some(first)
+    }
+
     /// `421 4.3.2` — the server is shutting down.
     pub fn shutting_down(hostname: &str) -> Self {
         Reply::new(
@@ -108,6 +126,16 @@ impl fmt::Display for Reply {
         }
         Ok(())
     }
+}
+
+/// True for an RFC 3463 enhanced status code: `[245].ddd.ddd`, one to three digits each.
+pub fn is_enhanced_status(status: &str) -> bool {
+    let digits = |s: &str| (1..=3).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    let mut fields = status.split('.');
+    matches!(fields.next(), Some("2" | "4" | "5"))
+        && fields.next().is_some_and(digits)
+        && fields.next().is_some_and(digits)
+        && fields.next().is_none()
 }
 
 /// Writes a three-digit code without going through the formatter.

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use super::store::ShardStore;
+use super::segment::ShardStore;
 
 /// Counters of the committer (for logs and PERF.md).
 #[derive(Debug, Default, Clone, Copy)]
@@ -118,6 +118,7 @@ impl Window {
     }
 
     /// Running average of messages per sync.
+    #[cfg(test)]
     pub fn batch(&self) -> f64 {
         self.batch
     }
@@ -139,15 +140,8 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// A committer for `store`; run [`GroupCommit::run`] in a task of the same shard.
-    pub fn new(store: Rc<RefCell<ShardStore>>) -> Rc<Self> {
-        Self::with_modes(
-            store,
-            std::env::var("RINGRELAY_GROUP_COMMIT").is_ok_and(|v| v == "off"),
-            std::env::var("RINGRELAY_COMMIT_WINDOW").is_ok_and(|v| v == "on"),
-        )
-    }
-
-    fn with_modes(store: Rc<RefCell<ShardStore>>, one_by_one: bool, windowed: bool) -> Rc<Self> {
+    /// `one_by_one` and `windowed` are the benches' A/B switches ([`crate::config::AbSwitches`]).
+    pub fn new(store: Rc<RefCell<ShardStore>>, one_by_one: bool, windowed: bool) -> Rc<Self> {
         Rc::new(GroupCommit {
             store,
             waiting: RefCell::new(VecDeque::new()),
@@ -245,7 +239,7 @@ impl GroupCommit {
 
 /// Syncs `targets` on the blocking pool; also returns how long the syncs themselves took
 /// (timed on that thread, so a busy shard thread does not inflate it).
-async fn sync_off_thread(targets: super::store::SyncTargets) -> (Result<(), String>, Duration) {
+async fn sync_off_thread(targets: super::segment::SyncTargets) -> (Result<(), String>, Duration) {
     if targets.is_empty() {
         return (Ok(()), Duration::ZERO);
     }
@@ -296,7 +290,7 @@ mod tests {
         let store = Rc::new(RefCell::new(
             ShardStore::new(&spool, 0, Vec::new(), 0).unwrap(),
         ));
-        let commit = GroupCommit::with_modes(Rc::clone(&store), one_by_one, false);
+        let commit = GroupCommit::new(Rc::clone(&store), one_by_one, false);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

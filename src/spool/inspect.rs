@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::lock;
-use super::store;
+use super::segment;
 
 /// One queued message.
 #[derive(Debug, Clone, Serialize)]
@@ -52,7 +52,7 @@ pub fn read(spool: &Path) -> io::Result<(Vec<Queued>, Stats)> {
             format!("spool {} does not exist", spool.display()),
         ));
     }
-    let report = store::recover(spool, false)?;
+    let report = segment::recover(spool, false)?;
     let now = SystemTime::now();
     let mut stats = Stats {
         running: lock::is_locked(spool),

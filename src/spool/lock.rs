@@ -5,13 +5,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The held lock; released when dropped (or when the process dies, even by SIGKILL).
 #[derive(Debug)]
 pub struct SpoolLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl SpoolLock {
@@ -45,12 +44,7 @@ impl SpoolLock {
         file.rewind()?;
         writeln!(file, "{}", std::process::id())?;
         file.sync_all()?;
-        Ok(SpoolLock { _file: file, path })
-    }
-
-    /// The lock file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(SpoolLock { _file: file })
     }
 }
 

@@ -1,18 +1,328 @@
-//! The durable spool and the queue.
+//! The durable spool, and its front door: the rest of the server calls [`SpoolDir`] (once,
+//! at start) and [`Spool`] (one per shard), never the records, segments or committer
+//! behind them.
+//!
+//! A message moves forward only: inbound → [`Spool::accept`] → queue manager → outbound →
+//! [`Spool::settle`] / [`Spool::finish`].
 //!
 //! - [`record`]: the on-disk record format, with crc32c checksums.
-//! - [`store`]: one shard's append-only segment files, recovery, deletion.
-//! - [`commit`]: group commit — one `fdatasync` for every message that finished DATA since
+//! - `segment`: one shard's append-only segment files, recovery, deletion.
+//! - `commit`: group commit — one `fdatasync` for every message that finished DATA since
 //!   the last one (held open a little longer under load); only then is `250` sent.
-//! - [`lock`]: one owner per spool directory.
+//! - `lock`: one owner per spool directory.
 //! - [`inspect`]: `queue list|stats`, read-only.
-//! - [`queue`]: what is due for delivery when (in memory; rebuilt from the segments).
+//! - [`control`]: `queue flush|remove` requests to a running server (files plus SIGUSR1),
+//!   and `remove` on a stopped spool.
 //!
 //! A `250 2.0.0 Ok: queued as ID` is a promise: by then the message's record is synced.
 
-pub mod commit;
+mod commit;
+pub mod control;
 pub mod inspect;
-pub mod lock;
-pub mod queue;
+mod lock;
 pub mod record;
-pub mod store;
+mod segment;
+
+use std::cell::RefCell;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::config::AbSwitches;
+use crate::id::QueueId;
+use crate::smtp::{Mailbox, ReversePath};
+use commit::GroupCommit;
+use lock::SpoolLock;
+use segment::{OpenSegment, Recovered, ShardStore};
+
+pub use record::{MessageRecord, RcptOutcome};
+pub use segment::Location;
+
+/// A message for [`Spool::accept`]: its envelope (taken over by the [`Queued`] it
+/// becomes) and its content (written from where it is, not copied).
+#[derive(Debug)]
+pub struct NewMessage<'a> {
+    /// Queue ID.
+    pub id: QueueId,
+    /// When it arrived.
+    pub arrival: SystemTime,
+    /// Reverse path.
+    pub from: ReversePath,
+    /// Recipients, in envelope order.
+    pub rcpts: Vec<Mailbox>,
+    /// BODY=8BITMIME.
+    pub eight_bit: bool,
+    /// The content, as it will be delivered.
+    pub data: &'a [u8],
+}
+
+/// A message the spool holds with recipients still to deliver: one just accepted, or one
+/// found by recovery. Its content stays on disk ([`Spool::read`]).
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Queue ID.
+    pub id: QueueId,
+    /// Where its record is (what [`Spool::settle`] and [`Spool::finish`] take).
+    pub location: Location,
+    /// Reverse path.
+    pub from: ReversePath,
+    /// All recipients, in envelope order.
+    pub rcpts: Vec<Mailbox>,
+    /// Indexes into `rcpts` not yet finished.
+    pub pending: Vec<u32>,
+    /// BODY=8BITMIME.
+    pub eight_bit: bool,
+    /// When it arrived.
+    pub arrival: SystemTime,
+}
+
+impl From<Recovered> for Queued {
+    fn from(r: Recovered) -> Self {
+        Queued {
+            id: r.message.id,
+            location: r.location,
+            from: r.message.from,
+            rcpts: r.message.rcpts,
+            pending: r.pending,
+            eight_bit: r.message.eight_bit,
+            arrival: r.message.arrival,
+        }
+    }
+}
+
+/// Why [`Spool::accept`] could not make a message durable: nothing of it will be delivered
+/// (a record that was written is withdrawn), so the client must be told to try again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcceptError {
+    /// Writing the record failed (full disk, I/O error, a record too large).
+    Write(String),
+    /// The write went through but the sync did not.
+    Sync(String),
+}
+
+impl std::fmt::Display for AcceptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AcceptError::Write(e) => write!(f, "spool write failed: {e}"),
+            AcceptError::Sync(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What recovery left for one shard to take over.
+#[derive(Debug, Default)]
+struct ShardShare {
+    segments: Vec<OpenSegment>,
+    next_seq: u64,
+    messages: Vec<Recovered>,
+}
+
+/// The spool directory for the life of the server: holds its lock, and what recovery
+/// found until each shard takes its share ([`SpoolDir::shard`]).
+pub struct SpoolDir {
+    dir: PathBuf,
+    shares: Mutex<Vec<Option<ShardShare>>>,
+    _lock: SpoolLock,
+}
+
+impl SpoolDir {
+    /// Locks `dir` (one server per spool), recovers it (torn tails cut, corrupt regions set
+    /// aside, finished segments deleted), and splits what is left over `shards`.
+    pub fn open(dir: &Path, shards: usize) -> io::Result<SpoolDir> {
+        let lock = SpoolLock::acquire(dir)?;
+        let shards = shards.max(1);
+        control::prepare_shards(dir, shards)?;
+        let report = segment::recover(dir, true).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("spool {}: recovery failed: {e}", dir.display()),
+            )
+        })?;
+        let mut shares: Vec<ShardShare> = (0..shards).map(|_| ShardShare::default()).collect();
+        // Segments keep the number of the shard that wrote them; with another shard count
+        // they are dealt out round the shards.
+        let owner = |shard: u32| shard as usize % shards;
+        for (i, share) in shares.iter_mut().enumerate() {
+            share.next_seq = report.next_seq.get(&(i as u32)).copied().unwrap_or(0);
+        }
+        let n_messages = report.messages.len();
+        for seg in &report.segments {
+            shares[owner(seg.id.shard)].segments.push(*seg);
+        }
+        for m in report.messages {
+            shares[owner(m.location.segment.shard)].messages.push(m);
+        }
+        tracing::info!(
+            "spool {}: {n_messages} message(s) to deliver after recovery ({} torn tail(s) cut, {} corrupt region(s) set aside, {} finished segment(s) deleted)",
+            dir.display(),
+            report.torn_tails,
+            report.corrupt_regions,
+            report.deleted
+        );
+        Ok(SpoolDir {
+            dir: dir.to_path_buf(),
+            shares: Mutex::new(shares.into_iter().map(Some).collect()),
+            _lock: lock,
+        })
+    }
+
+    /// The spool directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Shard `index`'s spool and the recovered messages it is to deliver. Call once per
+    /// shard, on its thread, inside its runtime: it starts the shard's committer task.
+    pub fn shard(&self, index: usize, ab: AbSwitches) -> (Spool, Vec<Queued>) {
+        let share = self
+            .shares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(index)
+            .and_then(Option::take)
+            .unwrap_or_default();
+        let store = match ShardStore::new(&self.dir, index as u32, share.segments, share.next_seq) {
+            Ok(s) => s,
+            Err(e) => {
+                // The recovered messages stay on disk and are found again at the next
+                // start; new mail is still accepted into new segments.
+                tracing::error!(
+                    shard = index,
+                    "cannot reopen recovered segments: {e}; their messages wait for a restart"
+                );
+                ShardStore::empty(&self.dir, index as u32, share.next_seq)
+            }
+        };
+        let recovered = if store.open_segments() > 0 {
+            share.messages.into_iter().map(Queued::from).collect()
+        } else {
+            Vec::new()
+        };
+        let store = Rc::new(RefCell::new(store));
+        let commit = GroupCommit::new(Rc::clone(&store), ab.one_sync_per_message, ab.commit_window);
+        tokio::task::spawn_local(Rc::clone(&commit).run());
+        let spool = Spool {
+            index,
+            dir: self.dir.clone(),
+            store,
+            commit,
+        };
+        (spool, recovered)
+    }
+}
+
+/// One shard's spool: accept, read back, settle, finish.
+pub struct Spool {
+    index: usize,
+    dir: PathBuf,
+    store: Rc<RefCell<ShardStore>>,
+    commit: Rc<GroupCommit>,
+}
+
+impl Spool {
+    /// The spool directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends a message and waits for the group commit to make it durable; only then may
+    /// the client be told 250. On failure nothing of it will ever be delivered: a record
+    /// that was written but not synced is withdrawn (the client was not told 250, so a
+    /// later recovery must not deliver it behind the client's back).
+    pub async fn accept(&self, message: NewMessage<'_>) -> Result<Queued, AcceptError> {
+        let appended = self.store.borrow_mut().append_message(&MessageRecord {
+            id: message.id,
+            arrival: message.arrival,
+            from: &message.from,
+            rcpts: &message.rcpts,
+            eight_bit: message.eight_bit,
+            data: message.data,
+        });
+        let location = appended.map_err(|e| AcceptError::Write(e.to_string()))?;
+        if let Err(e) = self.commit.durable().await {
+            let _ = self
+                .store
+                .borrow_mut()
+                .finish_message(&location, message.id, true);
+            return Err(AcceptError::Sync(e));
+        }
+        Ok(Queued {
+            id: message.id,
+            location,
+            from: message.from,
+            pending: (0..message.rcpts.len() as u32).collect(),
+            rcpts: message.rcpts,
+            eight_bit: message.eight_bit,
+            arrival: message.arrival,
+        })
+    }
+
+    /// A message's content, read back from its record.
+    pub fn read(&self, location: &Location) -> io::Result<Bytes> {
+        Ok(self.store.borrow().read_message(location)?.data)
+    }
+
+    /// Records one recipient's outcome. Not synced on its own: a lost outcome record can
+    /// only cause a repeated delivery after a crash, never a loss.
+    pub fn settle(&self, message: &Queued, index: u32, outcome: RcptOutcome) {
+        if let Err(e) =
+            self.store
+                .borrow_mut()
+                .record_recipient(&message.location, message.id, index, outcome)
+        {
+            tracing::warn!(id = %message.id, "cannot record a recipient's outcome: {e}");
+        }
+    }
+
+    /// Every recipient of the message is settled: its segment can go once all of its
+    /// messages have.
+    pub fn finish(&self, message: &Queued) {
+        if let Err(e) = self
+            .store
+            .borrow_mut()
+            .finish_message(&message.location, message.id, false)
+        {
+            tracing::warn!(id = %message.id, "cannot record completion: {e}");
+        }
+    }
+
+    /// Takes a message out of the spool at an operator's request: its pending recipients
+    /// are recorded as removed, the message as finished.
+    pub fn remove(&self, message: &Queued) {
+        let mut store = self.store.borrow_mut();
+        for &i in &message.pending {
+            let _ = store.record_recipient(&message.location, message.id, i, RcptOutcome::Removed);
+        }
+        let _ = store.finish_message(&message.location, message.id, true);
+    }
+
+    /// Lets go of an empty current segment (called on an idle tick, so a quiet spool ends
+    /// up with no files).
+    pub fn tidy(&self) {
+        self.store.borrow_mut().release_idle_current();
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let s = self.commit.stats();
+        if s.syncs > 0 {
+            tracing::info!(
+                shard = self.index,
+                "spool: {} message(s) made durable in {} sync(s) ({:.1} per sync, {:.0} µs each), \
+                 {} failed sync(s), {} held open for a commit window ({:.1} ms in all)",
+                s.messages,
+                s.syncs,
+                s.messages as f64 / s.syncs as f64,
+                s.synced.as_secs_f64() * 1e6 / s.syncs as f64,
+                s.failures,
+                s.windows,
+                s.waited.as_secs_f64() * 1e3
+            );
+        }
+    }
+}

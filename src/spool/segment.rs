@@ -62,6 +62,29 @@ pub struct Location {
     pub len: u64,
 }
 
+/// A segment recovery found with live messages in it, for the shard that takes it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenSegment {
+    /// Which segment.
+    pub id: SegmentId,
+    /// Its valid length (a torn tail already cut off).
+    pub len: u64,
+    /// Messages in it not yet finished.
+    pub live: usize,
+}
+
+#[cfg(test)]
+impl Location {
+    /// A location for tests that never reach the disk.
+    pub(crate) fn for_tests() -> Location {
+        Location {
+            segment: SegmentId { shard: 0, seq: 0 },
+            offset: 0,
+            len: 0,
+        }
+    }
+}
+
 /// A message found by recovery that still has recipients to deliver.
 #[derive(Debug, Clone)]
 pub struct Recovered {
@@ -132,11 +155,11 @@ impl ShardStore {
     pub fn new(
         dir: &Path,
         shard: u32,
-        inherited: Vec<(SegmentId, u64, usize)>,
+        inherited: Vec<OpenSegment>,
         next_seq: u64,
     ) -> io::Result<Self> {
         let mut store = ShardStore::empty(dir, shard, next_seq);
-        for (id, len, live) in inherited {
+        for OpenSegment { id, len, live } in inherited {
             let file = OpenOptions::new()
                 .read(true)
                 .append(true)
@@ -440,8 +463,8 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::R
 pub struct RecoveryReport {
     /// Messages still to deliver, with their segments.
     pub messages: Vec<Recovered>,
-    /// Segments that hold live messages: (id, valid length, live count).
-    pub segments: Vec<(SegmentId, u64, usize)>,
+    /// Segments that hold live messages.
+    pub segments: Vec<OpenSegment>,
     /// Per shard number, the next free segment sequence.
     pub next_seq: HashMap<u32, u64>,
     /// Corrupt regions set aside.
@@ -567,7 +590,11 @@ fn recover_segment(
         }
         report.deleted += 1;
     } else {
-        report.segments.push((id, valid_end, live_count));
+        report.segments.push(OpenSegment {
+            id,
+            len: valid_end,
+            live: live_count,
+        });
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::conn::{Acceptor, Transport};
 use super::shard::{self, Shard};
-use crate::server::Handler;
+use crate::handler::Handler;
 
 /// Runs one shard on plain tokio until it has drained.
 pub(crate) fn run<H: Handler>(

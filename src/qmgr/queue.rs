@@ -3,37 +3,42 @@
 //! that is not also on disk. No clock inside: the time is always an argument.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::store::Location;
 use crate::id::QueueId;
-use crate::smtp::{Mailbox, ReversePath};
+use crate::spool::Queued;
 
-/// A message waiting for delivery.
+/// A message waiting for delivery: what the spool holds of it, and the queue manager's
+/// own state.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Queue ID.
-    pub id: QueueId,
-    /// Its record in the spool.
-    pub location: Location,
-    /// Reverse path.
-    pub from: ReversePath,
-    /// All recipients, in envelope order.
-    pub rcpts: Vec<Mailbox>,
-    /// Indexes into `rcpts` not yet finished.
-    pub pending: Vec<u32>,
-    /// BODY=8BITMIME.
-    pub eight_bit: bool,
-    /// When it arrived.
-    pub arrival: SystemTime,
+    /// The spooled message: envelope, pending recipients, where its record is.
+    pub msg: Queued,
     /// Delivery attempts made so far.
     pub attempts: u32,
     /// Content, while it is kept in memory (fresh messages); deferred ones are read back.
     pub data: Option<Bytes>,
     /// Why the last attempt did not finish it.
     pub last_error: Option<String>,
+}
+
+impl Entry {
+    /// A message not tried yet, with its content in memory or not.
+    pub fn new(msg: Queued, data: Option<Bytes>) -> Entry {
+        Entry {
+            msg,
+            attempts: 0,
+            data,
+            last_error: None,
+        }
+    }
+
+    /// Its queue ID.
+    pub fn id(&self) -> QueueId {
+        self.msg.id
+    }
 }
 
 /// Ready and deferred messages.
@@ -48,7 +53,7 @@ pub struct Queue {
 impl Queue {
     /// Adds a message that is ready now.
     pub fn push_ready(&mut self, entry: Entry) {
-        let id = entry.id;
+        let id = entry.id();
         self.entries.insert(id, entry);
         self.ready.push_back(id);
     }
@@ -67,7 +72,7 @@ impl Queue {
     /// Puts a message back, deferred until `until` (its content is dropped from memory).
     pub fn defer(&mut self, mut entry: Entry, until: Instant) {
         entry.data = None;
-        let id = entry.id;
+        let id = entry.id();
         self.entries.insert(id, entry);
         self.deferred.insert((until, id));
         self.deferred_at.insert(id, until);
@@ -139,25 +144,23 @@ pub fn retry_delay(schedule: &[u64], attempts: u32) -> Duration {
 mod tests {
     use super::*;
     use crate::id::IdGenerator;
-    use crate::spool::store::SegmentId;
+    use crate::smtp::ReversePath;
+    use crate::spool::Location;
+    use std::time::SystemTime;
 
     fn entry(ids: &mut IdGenerator) -> Entry {
-        Entry {
-            id: ids.next_id(),
-            location: Location {
-                segment: SegmentId { shard: 0, seq: 0 },
-                offset: 0,
-                len: 0,
+        Entry::new(
+            Queued {
+                id: ids.next_id(),
+                location: Location::for_tests(),
+                from: ReversePath::Null,
+                rcpts: vec![],
+                pending: vec![],
+                eight_bit: false,
+                arrival: SystemTime::UNIX_EPOCH,
             },
-            from: ReversePath::Null,
-            rcpts: vec![],
-            pending: vec![],
-            eight_bit: false,
-            arrival: SystemTime::UNIX_EPOCH,
-            attempts: 0,
-            data: Some(Bytes::from_static(b"x")),
-            last_error: None,
-        }
+            Some(Bytes::from_static(b"x")),
+        )
     }
 
     #[test]
@@ -167,15 +170,15 @@ mod tests {
         let t0 = Instant::now();
         let a = entry(&mut ids);
         let b = entry(&mut ids);
-        let (ida, idb) = (a.id, b.id);
+        let (ida, idb) = (a.id(), b.id());
         q.push_ready(a);
         q.push_ready(b);
         let a = q.pop_ready().unwrap();
-        assert_eq!(a.id, ida);
+        assert_eq!(a.id(), ida);
         q.defer(a, t0 + Duration::from_secs(10));
         assert_eq!((q.ready_len(), q.deferred_len(), q.len()), (1, 1, 2));
         assert_eq!(q.promote_due(t0), Some(t0 + Duration::from_secs(10)));
-        assert_eq!(q.pop_ready().unwrap().id, idb);
+        assert_eq!(q.pop_ready().unwrap().id(), idb);
         assert!(q.pop_ready().is_none());
         assert_eq!(q.promote_due(t0 + Duration::from_secs(10)), None);
         let a = q.pop_ready().unwrap();

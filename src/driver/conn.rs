@@ -22,7 +22,7 @@ use bytes::{Buf, BytesMut};
 use super::caps::ConnectionSlot;
 use super::shard::{OpenGuard, Shard, ShardHooks};
 use super::Phase;
-use crate::server::Handler;
+use crate::handler::Handler;
 use crate::smtp::{Reply, Session};
 
 /// Read size while reading commands: a command line is at most 512 octets, and idle

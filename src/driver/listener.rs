@@ -212,7 +212,7 @@ mod tests {
     /// program that returned the CPU number instead of the shard's index would fail too);
     /// `None`, with the reason printed, where the test cannot run.
     fn two_cpus() -> Option<[usize; 2]> {
-        let cpus = crate::runtime::allowed_cpus();
+        let cpus = crate::driver::allowed_cpus();
         if cpus.len() < 2 {
             eprintln!("skipped: needs two CPUs");
             return None;
@@ -248,7 +248,7 @@ mod tests {
                 let mut hits = 0;
                 for _ in 0..rounds {
                     for (shard, &cpu) in order.iter().enumerate() {
-                        if let Err(e) = crate::runtime::pin_to_cpu(cpu) {
+                        if let Err(e) = crate::driver::pin_to_cpu(cpu) {
                             eprintln!("skipped: cannot pin to CPU {cpu}: {e}");
                             return None;
                         }

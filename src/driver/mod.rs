@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Config, IoMode, Spread};
-use crate::server::Handler;
+use crate::handler::Handler;
 use crate::smtp::SessionConfig;
 use shard::{Shard, ShardSettings};
 
@@ -110,14 +110,8 @@ where
     let cpus = allowed_cpus();
     let pin = shards <= cpus.len();
     // Local clients to the shard on their own CPU (see `listener`), unless configured
-    // otherwise; RINGRELAY_REUSEPORT overrides the config, for A/B runs of the benches.
-    let spread = match std::env::var("RINGRELAY_REUSEPORT") {
-        Ok(v) => v.parse::<Spread>().unwrap_or_else(|e| {
-            tracing::warn!("RINGRELAY_REUSEPORT ignored: {e}");
-            config.spread
-        }),
-        Err(_) => config.spread,
-    };
+    // otherwise.
+    let spread = config.spread;
     let steer = pin
         && shards > 1
         && spread == Spread::LocalCpu
@@ -140,6 +134,7 @@ where
             data_budget: Arc::clone(&data_budget),
         };
         let make_handler = Arc::clone(&make_handler);
+        let plain_ring = config.ab.plain_ring;
         let cpu = if pin { cpus.get(index).copied() } else { None };
         let thread = std::thread::Builder::new()
             .name(format!("shard-{index}"))
@@ -156,7 +151,7 @@ where
                 let factory = Arc::clone(&make_handler);
                 let state = move || Shard::new(settings, factory(index));
                 let result = match io {
-                    IoDriver::Uring => uring::run(state, listeners),
+                    IoDriver::Uring => uring::run(state, listeners, plain_ring),
                     IoDriver::Epoll => epoll::run(state, listeners),
                 };
                 if let Err(e) = &result {

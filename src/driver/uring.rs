@@ -15,7 +15,7 @@ use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::conn::{Acceptor, Transport};
 use super::shard::{self, Shard};
-use crate::server::Handler;
+use crate::handler::Handler;
 
 /// Submission queue entries per ring (well under the 32768 the kernel allows).
 const RING_ENTRIES: u32 = 1024;
@@ -24,8 +24,9 @@ const RING_ENTRIES: u32 = 1024;
 pub(crate) fn run<H: Handler>(
     shard_state: impl FnOnce() -> Rc<Shard<H>>,
     listeners: Vec<std::net::TcpListener>,
+    plain_ring: bool,
 ) -> io::Result<()> {
-    let runtime = new_runtime()?;
+    let runtime = new_runtime(plain_ring)?;
     runtime.block_on(async move {
         let shard = shard_state();
         let acceptors = listeners.into_iter().map(TcpListener::from_std).collect();
@@ -36,10 +37,9 @@ pub(crate) fn run<H: Handler>(
 
 /// A ring with `IORING_SETUP_COOP_TASKRUN` (kernel 5.19+): completions are processed when
 /// the thread next enters the kernel instead of by an interrupt, which this thread-per-core
-/// design never needs. `RINGRELAY_URING_SETUP=plain` turns it off (for A/B measurements);
-/// a kernel that refuses the flag gets a plain ring.
-fn new_runtime() -> io::Result<tokio_uring::Runtime> {
-    let plain = std::env::var("RINGRELAY_URING_SETUP").is_ok_and(|v| v == "plain");
+/// design never needs. `plain` turns it off (`RINGRELAY_URING_SETUP=plain`, for A/B
+/// measurements); a kernel that refuses the flag gets a plain ring.
+fn new_runtime(plain: bool) -> io::Result<tokio_uring::Runtime> {
     if !plain {
         let mut flags = tokio_uring::uring_builder();
         flags.setup_coop_taskrun();

@@ -11,14 +11,12 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::RelayShard;
+use super::lock::{self, SpoolLock};
+use super::record::RcptOutcome;
+use super::segment::{self, ShardStore};
 use crate::id::QueueId;
-use crate::spool::lock::{self, SpoolLock};
-use crate::spool::record::RcptOutcome;
-use crate::spool::store::{self, ShardStore};
 
 fn control_dir(spool: &Path) -> PathBuf {
     spool.join("control")
@@ -31,23 +29,44 @@ pub(crate) fn prepare_shards(spool: &Path, shards: usize) -> io::Result<()> {
     fs::write(dir.join("shards"), format!("{shards}\n"))
 }
 
-/// A shard's side: answers requests whenever SIGUSR1 arrives.
-pub(crate) async fn watch(shard: Rc<RelayShard>) {
+/// A request to a running server's shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Make every deferred message ready now.
+    Flush,
+    /// Take this message out of the queue and the spool.
+    Remove(QueueId),
+}
+
+/// A shard's answer to a [`Request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// This many messages made ready.
+    Flushed(usize),
+    /// The message was this shard's and is removed.
+    Removed,
+    /// Not this shard's (or not waiting).
+    Absent,
+}
+
+/// A shard's side: whenever SIGUSR1 arrives, reads the requests in `spool`'s control
+/// directory and answers each with what `act` did.
+pub(crate) async fn watch(spool: PathBuf, shard: usize, act: impl Fn(Request) -> Answer) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
         tracing::warn!(
-            shard = shard.index,
+            shard,
             "cannot listen for SIGUSR1: queue flush/remove will not reach this server"
         );
         return;
     };
     while usr1.recv().await.is_some() {
-        answer_requests(&shard);
+        answer_requests(&spool, shard, &act);
     }
 }
 
-fn answer_requests(shard: &RelayShard) {
-    let dir = control_dir(&shard.config.spool_dir);
+fn answer_requests(spool: &Path, shard: usize, act: &impl Fn(Request) -> Answer) {
+    let dir = control_dir(spool);
     let Ok(entries) = fs::read_dir(&dir) else {
         return;
     };
@@ -56,21 +75,23 @@ fn answer_requests(shard: &RelayShard) {
         let Some(req) = name.strip_suffix(".req") else {
             continue;
         };
-        let done = dir.join(format!("{req}.{}.done", shard.index));
+        let done = dir.join(format!("{req}.{shard}.done"));
         if done.exists() {
             continue;
         }
         let Ok(text) = fs::read_to_string(entry.path()) else {
             continue;
         };
-        let answer = match text.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["flush"] => format!("flushed {}", shard.flush()),
-            ["remove", id] => match id.parse::<QueueId>() {
-                Ok(id) if shard.remove(id) => "removed".to_string(),
-                Ok(_) => "absent".to_string(),
-                Err(e) => format!("error {e}"),
-            },
-            _ => "error unknown request".to_string(),
+        let request = match text.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["flush"] => Ok(Request::Flush),
+            ["remove", id] => id.parse::<QueueId>().map(Request::Remove),
+            _ => Err("unknown request".to_string()),
+        };
+        let answer = match request.map(act) {
+            Ok(Answer::Flushed(n)) => format!("flushed {n}"),
+            Ok(Answer::Removed) => "removed".to_string(),
+            Ok(Answer::Absent) => "absent".to_string(),
+            Err(e) => format!("error {e}"),
         };
         if let Err(e) = fs::write(&done, answer) {
             tracing::warn!("cannot answer control request {name}: {e}");
@@ -119,14 +140,14 @@ pub fn remove(spool: &Path, id: QueueId) -> io::Result<Outcome> {
     }
     // Stopped: take the lock so no server starts meanwhile, then record it finished.
     let _lock = SpoolLock::acquire(spool)?;
-    let report = store::recover(spool, false)?;
+    let report = segment::recover(spool, false)?;
     let Some(found) = report.messages.into_iter().find(|m| m.message.id == id) else {
         return Ok(Outcome::Absent);
     };
     let seg = report
         .segments
         .iter()
-        .find(|s| s.0 == found.location.segment)
+        .find(|s| s.id == found.location.segment)
         .copied()
         .ok_or_else(|| io::Error::other("segment of the message vanished"))?;
     let mut store = ShardStore::new(spool, found.location.segment.shard, vec![seg], 0)?;

@@ -25,6 +25,7 @@ use bytes::Bytes;
 
 use crate::id::QueueId;
 use crate::smtp::received::write_rfc5322_date;
+use crate::smtp::reply::is_enhanced_status;
 use crate::smtp::{Mailbox, Reply};
 
 /// Longest line the bounce may contain, CRLF excluded (RFC 5322 §2.1.1).
@@ -524,23 +525,12 @@ fn token(unique: &str) -> String {
 
 /// A reply as one line: the code, then the text lines joined with spaces, cleaned.
 fn reply_text(reply: &Reply) -> String {
-    let mut s = reply.code().to_string();
-    for line in reply.lines() {
-        s.push(' ');
-        s.push_str(line);
-    }
-    clean(&s)
+    clean(&reply.one_line())
 }
 
 /// `status` if it is an RFC 3463 code `[245].ddd.ddd` (1–3 digits each), else `5.0.0`.
 fn status(status: &str) -> &str {
-    let digits = |s: &str| (1..=3).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
-    let mut fields = status.split('.');
-    let valid = matches!(fields.next(), Some("2" | "4" | "5"))
-        && fields.next().is_some_and(digits)
-        && fields.next().is_some_and(digits)
-        && fields.next().is_none();
-    if valid {
+    if is_enhanced_status(status) {
         status
     } else {
         "5.0.0"

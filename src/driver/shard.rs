@@ -17,8 +17,8 @@ use super::buffers::BufferPool;
 use super::caps::{CapExceeded, ConnectionCaps, ConnectionSlot, DataBudget};
 use super::conn::{self, Acceptor};
 use super::Phase;
+use crate::handler::Handler;
 use crate::id::{IdGenerator, QueueId};
-use crate::server::Handler;
 use crate::smtp::{Hooks, Mailbox, Reply, ReversePath, SessionConfig};
 
 /// How long a handler's shutdown work may take once the last session has ended.

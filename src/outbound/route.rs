@@ -1,5 +1,5 @@
 //! Where a recipient's mail goes next: the static route for its domain
-//! (`delivery.routes`, `--route`), else the smarthost, else MX routing (`resolve.rs`).
+//! (`delivery.routes`, `--route`), else the smarthost, else MX routing ([`super::dns`]).
 //! A route given as a host *name* is resolved through the system resolver, and each
 //! shard keeps the answer for a minute ([`HopCache`]) instead of asking per delivery; while
 //! a lookup runs, other deliveries to the same hop wait for it rather than start their own.
@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::resolve::{await_flight, Flight, InFlight};
+use super::dns::{await_flight, Flight, InFlight, MxResolver, Resolution, Target};
 
 use crate::config::Delivery;
+use crate::smtp::Reply;
 
 /// A next hop as configured: `host:port` (a name or an IP address).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -185,6 +186,63 @@ impl Routes {
             }
         }
         self.smarthost.as_ref()
+    }
+}
+
+/// Where a domain's mail goes on this attempt.
+#[derive(Debug)]
+pub enum Plan {
+    /// Addresses to try, in order.
+    Targets(Vec<Target>),
+    /// Fails for good (bounce) with this reply.
+    Fail(Reply),
+    /// Try again later, with this reason.
+    Defer(Reply),
+}
+
+/// The route for `domain`: a static route or the smarthost wins; otherwise its MX hosts
+/// (or implicit MX, or the address literal) from the shard's resolver.
+pub async fn plan(
+    routes: &Routes,
+    hops: &HopCache,
+    resolver: Option<&MxResolver>,
+    domain: &str,
+    now: Instant,
+) -> Plan {
+    if let Some(hop) = routes.next_hop(domain) {
+        return match hops.addresses(hop, now).await {
+            Ok(addrs) if !addrs.is_empty() => Plan::Targets(
+                addrs
+                    .into_iter()
+                    .map(|addr| Target {
+                        host: hop.host().to_string(),
+                        preference: 0,
+                        addr,
+                    })
+                    .collect(),
+            ),
+            Ok(_) => Plan::Defer(Reply::new(
+                451,
+                format!("4.4.3 next hop {hop} has no address"),
+            )),
+            Err(e) => Plan::Defer(Reply::new(
+                451,
+                format!("4.4.3 cannot resolve next hop {hop}: {e}"),
+            )),
+        };
+    }
+    let Some(resolver) = resolver else {
+        return Plan::Defer(Reply::new(
+            451,
+            format!(
+                "4.4.3 no route to {domain}: no static route, no smarthost, and no DNS resolver"
+            ),
+        ));
+    };
+    match resolver.resolve(domain).await {
+        Resolution::Deliver(targets) => Plan::Targets(targets),
+        Resolution::Bounce(reply) => Plan::Fail(reply),
+        Resolution::Defer(reply) => Plan::Defer(reply),
     }
 }
 

@@ -1,0 +1,52 @@
+//! The [`Handler`] trait: what the inbound side asks of the code that owns the messages
+//! (the relay, the sink, or a library user's). It names no runtime and no socket, so the
+//! driver depends on it and not on the server's front door.
+//!
+//! The handler is made once per shard by the factory given to [`crate::Server::start`] and
+//! lives on that shard's thread, so it needs no locks (it need not be `Send`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use crate::smtp::{Envelope, Mailbox, Reply, ReversePath};
+
+/// What the server asks of you, mirroring the seed's "checks for spammers, ACLs" and "save
+/// email to a file, or perform various other actions". Only `on_message` is required.
+///
+/// The checks run in the middle of protocol processing and must not block; `on_message`
+/// is awaited, so it may do I/O.
+pub trait Handler: 'static {
+    /// A client connected. `Err` sends that reply (use a 421 or 554) and closes.
+    fn on_connect(&self, peer: SocketAddr) -> Result<(), Reply> {
+        let _ = peer;
+        Ok(())
+    }
+
+    /// `MAIL FROM`. `Err` is the reply (for example `550 5.7.1 …`).
+    fn on_mail(&self, peer: SocketAddr, from: &ReversePath) -> Result<(), Reply> {
+        let _ = (peer, from);
+        Ok(())
+    }
+
+    /// `RCPT TO`, after the relay policy allowed it. `Err` is the reply.
+    fn on_rcpt(&self, peer: SocketAddr, to: &Mailbox) -> Result<(), Reply> {
+        let _ = (peer, to);
+        Ok(())
+    }
+
+    /// `DATA`, before the `354`. `Err` refuses the message before its content is sent.
+    fn on_data(&self) -> Result<(), Reply> {
+        Ok(())
+    }
+
+    /// A message arrived whole. `Ok` answers `250 2.0.0 Ok: queued as ID`; `Err` sends its
+    /// reply. Answer `Ok` only once the message is safe.
+    fn on_message(&self, envelope: Envelope) -> impl Future<Output = Result<(), Reply>>;
+
+    /// The shard is stopping and its last session has ended: finish background work (the
+    /// relay lets deliveries in flight complete). Bounded by the server: work still going
+    /// after a few seconds is dropped with the shard.
+    fn on_shutdown(&self) -> impl Future<Output = ()> {
+        std::future::ready(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The queue manager (Postfix's qmgr): the relay's [`Handler`], which takes each accepted
+//! message into the spool, and per shard the queue of what is to be delivered when, the
+//! worker that starts deliveries, and the attempt that turns outcomes into spool records,
+//! deferrals and bounces.
+//!
+//! A message moves forward only: [`RelayHandler::on_message`] → `Spool::accept` →
+//! [`queue`] → [`worker`] → [`attempt`] → `Outbound` → `Spool::settle`.
+//!
+//! - [`queue`]: ready and deferred messages, retry times.
+//! - [`worker`]: starts deliveries as messages fall due, tidies once a second.
+//! - [`attempt`]: one delivery attempt of one message: recipients grouped by domain, each
+//!   outcome recorded, failures bounced (RFC 3464, spooled like any message).
+
+pub mod attempt;
+pub mod queue;
+pub mod worker;
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::config::{AbSwitches, Config};
+use crate::handler::Handler;
+use crate::id::{IdGenerator, QueueId};
+use crate::outbound::{Outbound, OutboundConfig};
+use crate::smtp::command::BodyType;
+use crate::smtp::{Envelope, Reply};
+use crate::spool::control::{self, Answer, Request};
+use crate::spool::{NewMessage, Spool, SpoolDir};
+use queue::{Entry, Queue};
+
+/// Ready messages whose content a shard keeps in memory.
+const MAX_READY_IN_MEMORY: usize = 1024;
+
+/// What the relay needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Our host name (bounces).
+    pub hostname: String,
+    /// Seconds between attempts.
+    pub retry_schedule: Vec<u64>,
+    /// Give up (and bounce) after this long in the queue.
+    pub max_queue_age: Duration,
+    /// Routes, pools and MX routing.
+    pub outbound: OutboundConfig,
+    /// The benches' A/B switches (the group commit's among them).
+    pub ab: AbSwitches,
+}
+
+impl RelayConfig {
+    /// From the validated configuration.
+    pub fn from_config(config: &Config) -> Self {
+        RelayConfig {
+            hostname: config.effective_hostname(),
+            retry_schedule: config.delivery.retry_schedule_secs.clone(),
+            max_queue_age: Duration::from_secs(config.delivery.max_queue_age_secs),
+            outbound: OutboundConfig::from_config(config),
+            ab: config.ab,
+        }
+    }
+}
+
+/// The relay for the life of the server: the spool directory (locked, recovered) and the
+/// configuration, until each shard takes its part.
+pub struct RelayService {
+    config: Arc<RelayConfig>,
+    spool: SpoolDir,
+}
+
+impl RelayService {
+    /// Locks the spool in `dir`, recovers it, and splits what is left to deliver over
+    /// `shards`.
+    pub fn open(
+        config: RelayConfig,
+        dir: &std::path::Path,
+        shards: usize,
+    ) -> io::Result<Arc<RelayService>> {
+        ignore_sigusr1();
+        let spool = SpoolDir::open(dir, shards)?;
+        Ok(Arc::new(RelayService {
+            config: Arc::new(config),
+            spool,
+        }))
+    }
+
+    /// The handler for `shard`; call once per shard, on its thread, inside its runtime
+    /// (it starts the shard's committer, delivery and control tasks).
+    pub fn handler(&self, shard: usize) -> RelayHandler {
+        let (spool, recovered) = self.spool.shard(shard, self.config.ab);
+        let mut queue = Queue::default();
+        for msg in recovered {
+            queue.push_ready(Entry::new(msg, None));
+        }
+        let shard = Rc::new(Shard {
+            index: shard,
+            outbound: Outbound::new(shard, &self.config.outbound),
+            config: Arc::clone(&self.config),
+            spool,
+            queue: RefCell::new(queue),
+            wake: Notify::new(),
+            in_flight: Cell::new(0),
+            stopping: Cell::new(false),
+            delivered: Notify::new(),
+            bounce_ids: RefCell::new(IdGenerator::new(shard | 0x80)),
+        });
+        tokio::task::spawn_local(worker::run(Rc::clone(&shard)));
+        let answering = Rc::clone(&shard);
+        tokio::task::spawn_local(control::watch(
+            self.spool.path().to_path_buf(),
+            shard.index,
+            move |request| answering.control(request),
+        ));
+        RelayHandler { shard }
+    }
+}
+
+/// One shard's relay state, shared by its sessions and its delivery tasks.
+pub(crate) struct Shard {
+    index: usize,
+    config: Arc<RelayConfig>,
+    spool: Spool,
+    outbound: Outbound,
+    queue: RefCell<Queue>,
+    wake: Notify,
+    in_flight: Cell<usize>,
+    /// Shutting down: start no new deliveries.
+    stopping: Cell<bool>,
+    /// Signalled whenever a delivery ends (shutdown waits on it).
+    delivered: Notify,
+    /// IDs for bounces: a generator apart from the sessions' (shard number + 128, so the
+    /// two never make the same ID).
+    bounce_ids: RefCell<IdGenerator>,
+}
+
+impl Shard {
+    /// Queues a message the spool has just accepted, and wakes the worker.
+    fn enqueue(&self, entry: Entry) {
+        self.queue.borrow_mut().push_ready(entry);
+        self.wake.notify_one();
+    }
+
+    /// `ringrelay queue flush|remove`, as this shard sees it.
+    fn control(&self, request: Request) -> Answer {
+        match request {
+            Request::Flush => {
+                let n = self.queue.borrow_mut().flush();
+                self.wake.notify_one();
+                Answer::Flushed(n)
+            }
+            Request::Remove(id) => self.remove(id),
+        }
+    }
+
+    fn remove(&self, id: QueueId) -> Answer {
+        let Some(entry) = self.queue.borrow_mut().remove(id) else {
+            return Answer::Absent;
+        };
+        self.spool.remove(&entry.msg);
+        Answer::Removed
+    }
+}
+
+/// The store-and-forward [`Handler`] of one shard.
+pub struct RelayHandler {
+    shard: Rc<Shard>,
+}
+
+impl Handler for RelayHandler {
+    /// No new deliveries; those in flight finish and record their outcomes, so a restart
+    /// does not deliver them again.
+    async fn on_shutdown(&self) {
+        let shard = &self.shard;
+        shard.stopping.set(true);
+        while shard.in_flight.get() > 0 {
+            shard.delivered.notified().await;
+        }
+    }
+
+    async fn on_message(&self, envelope: Envelope) -> Result<(), Reply> {
+        let shard = &self.shard;
+        let accepted = shard
+            .spool
+            .accept(NewMessage {
+                id: envelope.id,
+                arrival: SystemTime::now(),
+                from: envelope.from,
+                rcpts: envelope.to,
+                eight_bit: envelope.body_type == BodyType::EightBitMime,
+                data: &envelope.data,
+            })
+            .await;
+        let msg = accepted.map_err(|e| {
+            tracing::warn!(shard = shard.index, "{e}; answering 451");
+            Reply::local_error(match e {
+                crate::spool::AcceptError::Write(_) => "cannot write to the spool; try again later",
+                crate::spool::AcceptError::Sync(_) => "cannot sync the spool; try again later",
+            })
+        })?;
+        // A long ready queue (a slow next hop) must not pin every message in memory: past
+        // this many, content is read back from the spool when its turn comes.
+        let keep_in_memory = shard.queue.borrow().ready_len() < MAX_READY_IN_MEMORY;
+        shard.enqueue(Entry::new(msg, keep_in_memory.then_some(envelope.data)));
+        Ok(())
+    }
+}
+
+/// SIGUSR1 asks a running server to read its control requests; its default action would
+/// kill the process, so it is ignored from before the lock is taken until each shard
+/// listens for it.
+fn ignore_sigusr1() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; it is
+    // process-wide and harmless to repeat.
+    unsafe {
+        libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+    }
+}

@@ -1,0 +1,45 @@
+//! One shard's delivery worker: starts an attempt for each message as it falls due (at
+//! most [`MAX_IN_FLIGHT`] at once), and once a second tidies the outbound pool and the
+//! spool's idle segment.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::queue::Entry;
+use super::{attempt, Shard};
+
+/// Deliveries a shard runs at once.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// Starts deliveries as messages become due, and tidies; runs for the shard's life.
+pub(crate) async fn run(shard: Rc<Shard>) {
+    let far = Duration::from_secs(3600);
+    // Once a second: close idle outbound connections, let go of an empty segment.
+    let mut tidy = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let next_due = shard.queue.borrow_mut().promote_due(Instant::now());
+        while shard.in_flight.get() < MAX_IN_FLIGHT && !shard.stopping.get() {
+            let Some(entry) = shard.queue.borrow_mut().pop_ready() else {
+                break;
+            };
+            shard.in_flight.set(shard.in_flight.get() + 1);
+            tokio::task::spawn_local(deliver(Rc::clone(&shard), entry));
+        }
+        let sleep_until = next_due.unwrap_or_else(|| Instant::now() + far);
+        tokio::select! {
+            _ = shard.wake.notified() => {}
+            _ = tokio::time::sleep_until(sleep_until.into()) => {}
+            _ = tidy.tick() => {
+                shard.outbound.tidy();
+                shard.spool.tidy();
+            }
+        }
+    }
+}
+
+async fn deliver(shard: Rc<Shard>, entry: Entry) {
+    attempt::run(&shard, entry).await;
+    shard.in_flight.set(shard.in_flight.get().saturating_sub(1));
+    shard.wake.notify_one();
+    shard.delivered.notify_one();
+}
