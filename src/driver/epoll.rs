@@ -24,6 +24,7 @@ pub(crate) fn run<H: Handler>(
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
+    super::outbound::enter(super::IoDriver::Epoll);
     local.block_on(&runtime, async move {
         let shard = shard_state();
         let mut acceptors = Vec::new();

@@ -6,6 +6,7 @@
 //! - [`shard`]: a shard's state, accept loops and shutdown supervision.
 //! - [`conn`]: one connection's loop, shared by both drivers.
 //! - [`uring`] / [`epoll`]: the two drivers.
+//! - [`outbound`]: outbound connections on the shard's driver (the relay's next hops).
 //! - [`buffers`]: the per-shard buffer pool; [`caps`]: connection caps.
 
 pub(crate) mod buffers;
@@ -13,6 +14,7 @@ pub(crate) mod caps;
 pub(crate) mod conn;
 pub(crate) mod epoll;
 pub(crate) mod listener;
+pub(crate) mod outbound;
 pub(crate) mod probe;
 pub(crate) mod shard;
 pub(crate) mod uring;

@@ -27,6 +27,7 @@ pub(crate) fn run<H: Handler>(
     plain_ring: bool,
 ) -> io::Result<()> {
     let runtime = new_runtime(plain_ring)?;
+    super::outbound::enter(super::IoDriver::Uring);
     runtime.block_on(async move {
         let shard = shard_state();
         let acceptors = listeners.into_iter().map(TcpListener::from_std).collect();
@@ -67,18 +68,19 @@ impl Acceptor for TcpListener {
     fn stop(&self) {
         // shutdown(2) on a listening socket refuses new connections and fails the pending
         // accept, which ends the accept task without dropping its operation.
-        let _ =
-            socket2::SockRef::from(&BorrowedListener(self.as_raw_fd())).shutdown(Shutdown::Both);
+        let _ = socket2::SockRef::from(&BorrowedSocket(self.as_raw_fd())).shutdown(Shutdown::Both);
     }
 }
 
-/// Lends a listener's fd to socket2 for one call.
-struct BorrowedListener(std::os::fd::RawFd);
+/// Lends a tokio-uring socket's fd (which has no `AsFd`) to socket2 for one call. Made
+/// only from a listener or stream the caller borrows for as long as this value lives.
+pub(crate) struct BorrowedSocket(pub(crate) std::os::fd::RawFd);
 
-impl std::os::fd::AsFd for BorrowedListener {
+impl std::os::fd::AsFd for BorrowedSocket {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        // SAFETY: the fd belongs to a TcpListener the caller borrows for the whole time
-        // this value exists (`stop(&self)`), so it is open and not reused meanwhile.
+        // SAFETY: the fd belongs to a socket the caller borrows for the whole time this
+        // value exists (it is made and used within one call on `&self`), so it is open and
+        // not reused meanwhile.
         unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) }
     }
 }

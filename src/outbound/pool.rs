@@ -3,22 +3,22 @@
 //! there; a connection carries message after message
 //! (the client sends RSET between them) and is closed after sitting idle.
 //!
-//! Outbound sockets are plain tokio sockets on both drivers for now (they work inside the
-//! tokio-uring runtime); the protocol is the sans-IO [`Client`].
+//! Connections run on the shard's own driver (io_uring, or epoll under the fallback:
+//! [`Stream`]), with the inbound side's rule for timeouts: an operation that runs out of
+//! time is ended by shutting the socket down, never dropped in flight. The protocol is the
+//! sans-IO [`Client`].
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use std::net::SocketAddr;
 
+use crate::driver::outbound::{Stream, Timed};
 use crate::smtp::client::{Client, ClientEvent};
 
 /// Timeouts and limits of a pool.
@@ -38,7 +38,7 @@ pub struct PoolConfig {
 
 /// One open connection and its protocol state.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     /// The protocol state machine.
     pub client: Client,
     buf: BytesMut,
@@ -102,9 +102,7 @@ impl Pool {
                 None => break,
             }
         }
-        let result = tokio::time::timeout(self.config.connect_timeout, self.connect(addr))
-            .await
-            .unwrap_or_else(|_| Err(format!("timeout connecting to {addr}")));
+        let result = self.connect(addr).await;
         if result.is_err() {
             self.release(addr);
         }
@@ -155,11 +153,16 @@ impl Pool {
         }
     }
 
+    /// Connects and waits for the greeting and the EHLO reply, within the connect
+    /// timeout. Only the TCP connect itself is cut off by dropping it (see [`Stream`]); the
+    /// replies are waited for with the socket's own timeout rule.
     async fn connect(&self, addr: SocketAddr) -> Result<Conn, String> {
-        let stream = TcpStream::connect(addr)
+        let start = Instant::now();
+        let stream = tokio::time::timeout(self.config.connect_timeout, Stream::connect(addr))
             .await
+            .map_err(|_| format!("timeout connecting to {addr}"))?
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
+        tracing::trace!("connected to {addr} on {}", stream.driver());
         let mut conn = Conn {
             stream,
             client: Client::new(&self.config.helo),
@@ -167,7 +170,14 @@ impl Pool {
             chunks: VecDeque::new(),
             last_used: Instant::now(),
         };
-        match conn.run_until_event(self.config.reply_timeout).await {
+        // What is left of the connect timeout bounds each wait for the greeting and the
+        // EHLO reply.
+        let left = self
+            .config
+            .connect_timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1));
+        match conn.run_until_event(left).await {
             ClientEvent::Ready => Ok(conn),
             ClientEvent::Closed { reason } => Err(format!("{addr}: {reason}")),
             ClientEvent::Delivered(_) => Err(format!("{addr}: unexpected delivery event")),
@@ -178,8 +188,7 @@ impl Pool {
 impl Conn {
     /// Without blocking: is the peer still there (no EOF, no unsolicited bytes)?
     fn is_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.is_alive()
     }
 
     /// Writes what the client wants sent and reads replies until it reports an event. A
@@ -191,15 +200,13 @@ impl Conn {
                 self.chunks.push_back(chunk);
             }
             if !self.chunks.is_empty() {
-                let write =
-                    tokio::time::timeout(timeout, write_chunks(&mut self.stream, &mut self.chunks))
-                        .await;
+                let write = self.stream.send_timed(&mut self.chunks, timeout).await;
                 // After a failed write the rest is never sent: the client is aborted.
                 self.chunks.clear();
                 match write {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => self.client.abort(&format!("write failed: {e}")),
-                    Err(_) => self.client.abort("timeout writing to the next hop"),
+                    Timed::Done(Ok(())) => {}
+                    Timed::Done(Err(e)) => self.client.abort(&format!("write failed: {e}")),
+                    Timed::TimedOut => self.client.abort("timeout writing to the next hop"),
                 }
             }
             if let Some(event) = self.client.poll_event() {
@@ -208,91 +215,22 @@ impl Conn {
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(4096);
             }
-            match tokio::time::timeout(timeout, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) => self.client.abort("connection closed by the next hop"),
-                Ok(Ok(_)) => {
+            let (read, buf) = self
+                .stream
+                .read_timed(std::mem::take(&mut self.buf), timeout)
+                .await;
+            self.buf = buf;
+            match read {
+                Timed::Done(Ok(0)) => self.client.abort("connection closed by the next hop"),
+                Timed::Done(Ok(_)) => {
                     let used = self.client.receive(&self.buf);
                     self.buf.advance(used);
                 }
-                Ok(Err(e)) => self.client.abort(&format!("read failed: {e}")),
-                Err(_) => self
+                Timed::Done(Err(e)) => self.client.abort(&format!("read failed: {e}")),
+                Timed::TimedOut => self
                     .client
                     .abort("timeout waiting for the next hop's reply"),
             }
         }
-    }
-}
-
-/// Writes every chunk with `writev`, up to 64 at a time: a pipelined RSET, MAIL, RCPTs
-/// and DATA leave in one segment, and the message's dot-stuffed slices go out straight
-/// from the spool's buffer, with no gathering copy.
-async fn write_chunks(stream: &mut TcpStream, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
-    /// Slices per `writev` (well under `IOV_MAX`, 1024 on Linux).
-    const SLICES: usize = 64;
-    while !chunks.is_empty() {
-        let mut slices = [IoSlice::new(&[]); SLICES];
-        let mut count = 0;
-        for (slot, chunk) in slices.iter_mut().zip(chunks.iter()) {
-            *slot = IoSlice::new(chunk);
-            count += 1;
-        }
-        let mut written = stream.write_vectored(&slices[..count]).await?;
-        if written == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "the next hop accepts no more bytes",
-            ));
-        }
-        // Drop what went out whole; the first chunk left is cut where the write ended.
-        while let Some(front) = chunks.front_mut() {
-            if written < front.len() {
-                front.advance(written);
-                break;
-            }
-            written -= front.len();
-            chunks.pop_front();
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// More chunks than one `writev` takes, and more bytes than the socket buffers hold,
-    /// so writes end mid-chunk: every byte must still arrive once, in order.
-    #[test]
-    fn write_chunks_survives_partial_writes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let reader = tokio::spawn(async move {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut got = Vec::new();
-                s.read_to_end(&mut got).await.unwrap();
-                got
-            });
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            let mut expected = Vec::new();
-            let mut chunks = VecDeque::new();
-            for i in 0..300u32 {
-                // Sizes from 1 byte to ~40 KiB, each chunk a distinct byte pattern.
-                let len = 1 + (i as usize * 7919) % 40_000;
-                let chunk: Vec<u8> = (0..len).map(|j| (i as usize + j) as u8).collect();
-                expected.extend_from_slice(&chunk);
-                chunks.push_back(Bytes::from(chunk));
-            }
-            write_chunks(&mut stream, &mut chunks).await.unwrap();
-            assert!(chunks.is_empty());
-            drop(stream);
-            let got = reader.await.unwrap();
-            assert_eq!(got.len(), expected.len());
-            assert!(got == expected, "bytes arrived changed or out of order");
-        });
     }
 }
