@@ -189,6 +189,29 @@ impl Client {
         assert_ehlo(&r, max_size);
     }
 
+    /// A whole mail transaction (after EHLO): `MAIL FROM:<from>` (must get 250 2.1.0),
+    /// `RCPT TO:<r>` for each of `rcpts` (250 2.1.5 each), `DATA` (354), then `data`
+    /// dot-stuffed and terminated. Returns the reply to the final dot, for the caller to
+    /// check (queued, refused, …).
+    #[track_caller]
+    pub fn transaction(&mut self, from: &str, rcpts: &[&str], data: &[u8]) -> Reply {
+        self.start_data(from, rcpts);
+        self.send(dot_stuff(data));
+        self.reply()
+    }
+
+    /// The first half of [`Client::transaction`]: MAIL, each RCPT and DATA, answered as
+    /// there; the caller sends the content next, its own way (in pieces, already stuffed,
+    /// or never finished).
+    #[track_caller]
+    pub fn start_data(&mut self, from: &str, rcpts: &[&str]) {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250, "2.1.0");
+        for r in rcpts {
+            self.expect(&format!("RCPT TO:<{r}>"), 250, "2.1.5");
+        }
+        self.expect("DATA", 354, "End");
+    }
+
     /// Reads one reply; panics on EOF, timeout or garbage.
     #[track_caller]
     pub fn reply(&mut self) -> Reply {
@@ -368,20 +391,6 @@ pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
     }
     out.extend_from_slice(b".\r\n");
     out
-}
-
-impl Client {
-    /// MAIL, RCPT each (all must get 250), DATA (354), the content; the final reply.
-    #[track_caller]
-    pub fn transaction(&mut self, from: &str, rcpts: &[&str], data: &[u8]) -> Reply {
-        self.expect(&format!("MAIL FROM:<{from}>"), 250, "2.1.0");
-        for r in rcpts {
-            self.expect(&format!("RCPT TO:<{r}>"), 250, "2.1.5");
-        }
-        self.expect("DATA", 354, "End");
-        self.send(dot_stuff(data));
-        self.reply()
-    }
 }
 
 /// Connects, EHLO, one transaction, QUIT; the reply after the data.
