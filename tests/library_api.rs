@@ -142,11 +142,13 @@ fn handler_decides_and_records(io: &str) {
     c.send(format!("{}.\r\n", message("refused", "not wanted")));
     c.reply().assert_is("554 5.6.0 content refused by handler");
     // The null sender and <Postmaster>.
-    c.expect("MAIL FROM:<>", 250, "2.1.0");
-    c.expect("RCPT TO:<Postmaster>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
-    c.send(format!("{}.\r\n", message("bounce", "a bounce")));
-    let bounce_id = c.reply().queued_id();
+    let bounce_id = c
+        .transaction(
+            "",
+            &["Postmaster"],
+            message("bounce", "a bounce").as_bytes(),
+        )
+        .queued_id();
     c.expect("QUIT", 221, "2.0.0");
     c.expect_eof();
 
@@ -256,9 +258,7 @@ fn a_handler_panicking_on_a_message_gives_its_memory_back(io: &str) {
     );
     let send_big = |c: &mut Client| {
         c.ehlo(200_000);
-        c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-        c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
-        c.expect("DATA", 354, "End");
+        c.start_data("a@b.test", &["c@d.test"]);
         c.send(format!("{body}.\r\n"));
     };
     let mut first = Client::connect(addr);

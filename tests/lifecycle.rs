@@ -32,9 +32,7 @@ fn shutting_down() -> String {
 fn mid_data(relay: &Relay) -> Client {
     let mut c = relay.connect();
     c.ehlo(DEFAULT_MAX_SIZE);
-    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
-    c.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
+    c.start_data("a@example.org", &["b@example.org"]);
     c.send("From: a@example.org\r\nSubject: in flight\r\n\r\nfirst half\r\n");
     c
 }

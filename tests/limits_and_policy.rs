@@ -53,9 +53,7 @@ fn timeouts(io: &str) {
     let b_since = Instant::now();
     let mut c = relay.connect();
     c.ehlo(common::DEFAULT_MAX_SIZE);
-    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
-    c.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
+    c.start_data("a@example.org", &["b@example.org"]);
     c.send("Subject: half\r\n\r\nhalf a mess");
     let c_since = Instant::now();
 
@@ -240,9 +238,7 @@ fn connection_caps(io: &str) {
             first.expect_eof();
         } else {
             first.ehlo(common::DEFAULT_MAX_SIZE);
-            first.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
-            first.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
-            first.expect("DATA", 354, "End");
+            first.start_data("a@example.org", &["b@example.org"]);
             first.send("Subject: gone\r\n\r\nhalf");
             drop(first);
         }
@@ -291,9 +287,7 @@ fn idle_after_a_message(io: &str) {
     for _ in 0..200 {
         let mut c = relay.connect();
         c.ehlo(common::DEFAULT_MAX_SIZE);
-        c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
-        c.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
-        c.expect("DATA", 354, "End");
+        c.start_data("a@example.org", &["b@example.org"]);
         c.send(&message);
         c.expect(".", 250, "2.0.0");
         open.push(c);
@@ -350,17 +344,16 @@ fn protocol_limits(io: &str) {
 
     // Content over the limit is refused after the terminator; the session goes on.
     for size in [1001, 5000] {
-        c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-        c.expect("RCPT TO:<r@example.org>", 250, "2.1.5");
-        c.expect("DATA", 354, "End");
+        c.start_data("a@b.test", &["r@example.org"]);
         c.send(format!("{}.\r\n", sized_message(size)));
         assert_eq!(c.reply().wire(), size_exceeded, "{size} bytes of content");
     }
-    c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-    c.expect("RCPT TO:<r@example.org>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
-    c.send(format!("{}.\r\n", message("small", "after the big ones")));
-    c.reply().queued_id();
+    c.transaction(
+        "a@b.test",
+        &["r@example.org"],
+        message("small", "after the big ones").as_bytes(),
+    )
+    .queued_id();
     c.expect("QUIT", 221, "2.0.0");
     c.expect_eof();
 
@@ -410,19 +403,19 @@ fn data_memory_budget(io: &str) {
     let (first, rest) = body.split_at(120_000);
     let mut a = relay.connect();
     a.ehlo(200_000);
-    start_data(&mut a);
+    a.start_data("a@b.test", &["c@d.test"]);
     a.send(first);
     // B arrives while A holds most of the budget.
     let mut b = relay.connect();
     b.ehlo(200_000);
-    start_data(&mut b);
+    b.start_data("a@b.test", &["c@d.test"]);
     b.send(format!("{body}MAIL FROM:<smuggled@b.test>\r\n.\r\n"));
     b.reply().assert(452, "4.3.1");
     b.expect("NOOP", 250, "2.0.0");
     // A finishes normally; then B's next large message fits.
     a.send(format!("{rest}.\r\n"));
     a.reply().queued_id();
-    start_data(&mut b);
+    b.start_data("a@b.test", &["c@d.test"]);
     b.send(format!("{body}.\r\n"));
     b.reply().queued_id();
     let totals = relay.stop();
@@ -440,13 +433,6 @@ fn sized_message(size: usize) -> String {
     }
     msg.push_str(&format!("{}\r\n", "y".repeat(left - 2)));
     msg
-}
-
-/// MAIL, RCPT and DATA, each answered as it must be: the client may send content next.
-fn start_data(c: &mut Client) {
-    c.expect("MAIL FROM:<a@b.test>", 250, "2.1.0");
-    c.expect("RCPT TO:<c@d.test>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
 }
 
 /// A relay whose messages may be 200,000 bytes, and all of them together too.
@@ -531,7 +517,7 @@ fn data_memory_budget_is_server_wide(io: &str) {
     // takes the server past the budget, whatever the order.
     for c in clients.iter_mut() {
         c.ehlo(200_000);
-        start_data(c);
+        c.start_data("a@b.test", &["c@d.test"]);
         c.send(first);
         wait_until_read(c);
     }
@@ -556,7 +542,7 @@ fn data_memory_budget_is_server_wide(io: &str) {
     );
     // The other has given its memory back: the refused one's message fits now.
     let c = &mut clients[refused[0]];
-    start_data(c);
+    c.start_data("a@b.test", &["c@d.test"]);
     c.send(format!("{body}.\r\n"));
     ids.push(c.reply().queued_id());
     // The queue ID carries its shard's number (bits 32-39): the two clients were on

@@ -14,7 +14,7 @@ mod common;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::{assert_ehlo, assert_sequence, message, wires, Client, Relay, DEFAULT_MAX_SIZE};
+use common::{assert_ehlo, assert_sequence, message, wires, Relay, DEFAULT_MAX_SIZE};
 
 io_tests!(smuggled_transactions_are_refused);
 
@@ -30,8 +30,14 @@ fn payload(fake: &str) -> (String, String) {
     (head, format!("{fake}{SMUGGLED}\r\n.\r\n"))
 }
 
+/// The clean message that follows each attempt.
+fn clean_message() -> String {
+    message("clean", "a clean message")
+}
+
+/// The clean message on the wire: nothing to stuff, and the terminator.
 fn clean() -> String {
-    format!("{}.\r\n", message("clean", "a clean message"))
+    format!("{}.\r\n", clean_message())
 }
 
 fn smuggled_transactions_are_refused(io: &str) {
@@ -86,9 +92,7 @@ fn one_write(relay: &Relay, fake: &str) {
 fn step_by_step(relay: &Relay, fake: &str) {
     let mut c = relay.connect();
     c.ehlo(DEFAULT_MAX_SIZE);
-    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
-    c.expect("RCPT TO:<b@example.org>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
+    c.start_data("a@example.org", &["b@example.org"]);
     let (head, rest) = payload(fake);
     let (cut1, cut2) = (1, fake.len() + SMUGGLED.len());
     c.send(format!("{head}{}", &rest[..cut1]));
@@ -110,15 +114,12 @@ fn step_by_step(relay: &Relay, fake: &str) {
         "fake {fake:?}: a reply after the 550 that is not NOOP's: {:?}",
         r.wire()
     );
-    transaction(&mut c);
+    c.transaction(
+        "c@example.org",
+        &["d@example.org"],
+        clean_message().as_bytes(),
+    )
+    .queued_id();
     c.expect("QUIT", 221, "2.0.0");
     c.expect_eof();
-}
-
-fn transaction(c: &mut Client) {
-    c.expect("MAIL FROM:<c@example.org>", 250, "2.1.0");
-    c.expect("RCPT TO:<d@example.org>", 250, "2.1.5");
-    c.expect("DATA", 354, "End");
-    c.send(clean());
-    c.reply().queued_id();
 }
