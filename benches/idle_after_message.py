@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Memory held by connections left idle after one message (PERF.md §6).
+"""Memory held by connections left idle after one message (benches/results/LAB_LOG.md §6).
 
 Opens N connections to a running `ringrelay serve --sink`, sends one message of SIZE
 bytes on each (EHLO, MAIL, RCPT, DATA, content, then waits for the 250), keeps them all

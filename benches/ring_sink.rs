@@ -2,7 +2,7 @@
 //! one hand-written io_uring event loop (the `io-uring` crate) instead of the
 //! `tokio_uring` runtime. It answers two questions of issue 6 that tokio-uring 0.5 cannot:
 //! what registered files and one-submit-per-operation cost or save, and how much of the
-//! front end's CPU the async runtime costs (PERF.md §11.8).
+//! front end's CPU the async runtime costs (benches/results/LAB_LOG.md §11.8).
 //!
 //! The SMTP work is the real one: the same sans-IO [`Session`], configuration and reply
 //! buffers as `serve --sink`. What the prototype leaves out (and the server pays for):

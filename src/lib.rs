@@ -1,22 +1,31 @@
 //! # ringrelay
 //!
 //! An SMTP relay engine for Linux: a sharded thread-per-core runtime on io_uring (with an
-//! epoll fallback), a sans-IO SMTP core, and, in later stages, a durable group-commit spool
-//! and pooled pipelined delivery. Its ancestor is Perl's Net::SMTP::Server, whose shape it
-//! keeps: a [`Server`] accepts connections, each runs one SMTP session, and a [`Handler`]
-//! gets each message's [`Envelope`] (FROM, TO, MSG).
+//! epoll fallback), a sans-IO SMTP core, a durable group-commit spool, and pooled,
+//! pipelined delivery. Its ancestor is Perl's Net::SMTP::Server, whose shape it keeps: a
+//! [`Server`] accepts connections, each runs one SMTP session, and a [`Handler`] gets each
+//! message's [`Envelope`] (FROM, TO, MSG).
+//!
+//! A relayed message moves forward only: inbound session → [`spool`] (`Spool::accept`:
+//! appended and synced before the 250) → [`qmgr`] (queued, attempted) → [`outbound`]
+//! (routed, delivered) → [`spool`] (`Spool::settle`: each recipient's outcome recorded).
 //!
 //! ## Map
-//! - [`smtp`]: the protocol without I/O — commands, paths, replies, the DATA scanner and
-//!   the server [`Session`] state machine.
-//! - [`server`]: [`Server`], [`Handler`] and [`ServerHandle`], the library API.
-//! - `runtime` (private): shards, listeners, the io_uring and epoll drivers, the
-//!   connection loop, buffer pools and connection caps.
+//! - [`smtp`]: the protocol without I/O — commands, paths, replies, the DATA scanner, the
+//!   server [`Session`] and the outbound client state machines.
+//! - [`handler`]: the [`Handler`] trait, what the inbound side calls.
+//! - [`server`]: [`Server`] and [`ServerHandle`], the library's front door.
+//! - `driver` (private): shards, listeners, the io_uring and epoll drivers, the
+//!   connection loop, outbound sockets, buffer pools and connection caps.
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`policy`]: relay access (who may relay where).
 //! - [`id`]: queue IDs, unique across shards and restarts.
-//! - [`spool`]: the durable spool (segments, group commit, recovery) and the queue.
-//! - [`relay`]: store and forward: the relay handler, routing, outbound pools, bounces.
+//! - [`spool`]: the durable spool's front door (accept, read, settle, finish, recover)
+//!   over its records, segments, group commit and lock; `queue` command support.
+//! - [`qmgr`]: the queue manager: the relay's handler, the queue, the delivery worker and
+//!   the attempt (outcomes to the spool, deferrals, bounces).
+//! - [`outbound`]: routing (static routes, smarthost, MX), DNS, connection pools and
+//!   bounce messages.
 //! - [`sink`]: the `serve --sink` handler, which counts and discards.
 #![warn(missing_docs)]
 

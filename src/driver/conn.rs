@@ -26,7 +26,7 @@ use crate::handler::Handler;
 use crate::smtp::{Reply, Session};
 
 /// Read size while reading commands: a command line is at most 512 octets, and idle
-/// connections are the common case (10,000 of them fit in ~57 MB RSS with 1 KiB; see PERF.md).
+/// connections are the common case (10,000 of them fit in ~57 MB RSS with 1 KiB, measured by benches/idle_connections.sh).
 const COMMAND_READ: usize = 1024;
 /// Read size at the start of DATA; it grows fourfold with each read that fills the
 /// buffer, up to [`DATA_READ`], so small messages never need a large buffer and large
@@ -87,7 +87,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
 ) {
     // Here rather than in the accept loop: a handler that panics then ends this task, not
     // the shard's accepting. A refusal is written by a task of its own, so this task has no
-    // state for it (a smaller task: PERF.md §6).
+    // state for it (a smaller task).
     if let Err(reply) = shard.handler.on_connect(peer) {
         super::shard::refuse(&shard, io, reply, Some(slot));
         return;
@@ -97,7 +97,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut open = shard.connection_opened();
     let mut phase = shard.phase.clone();
     // Boxed: the session is most of the connection task's size, and a smaller task fits a
-    // smaller allocator size class (10,000 idle connections: see PERF.md §6).
+    // smaller allocator size class (10,000 idle connections).
     let mut session = Box::new(Session::new(Arc::clone(&shard.session_config), peer));
     let mut hooks = ShardHooks::new(&shard, peer);
     let mut buf = shard.pool.take();
@@ -116,7 +116,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     loop {
         if session.has_output() {
             // The write is pinned here rather than inside `send_timed`: one level of
-            // future less in every connection's task (idle connections: PERF.md §6).
+            // future less in every connection's task (and so every idle connection smaller).
             let due = write_due(sleep.as_mut(), shard.command_timeout);
             let write = pin!(io.send_all(session.take_output()));
             if !finish_write(&io, write, sleep.as_mut(), due).await {
@@ -170,7 +170,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             sleep.as_mut().reset(wait_start + timeout);
         }
         // `take` rather than a move: `buf` then needs no drop flag, which the compiler would
-        // place badly in the connection task (a smaller task: PERF.md §6).
+        // place badly in the connection task (a smaller task).
         let mut read = pin!(io.read_more(std::mem::take(&mut buf)));
         let wake = wait_input(
             read.as_mut(),
@@ -210,7 +210,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                 // The read is still pending: write the 421 beside it, then shut the socket
                 // down so the read completes, and only then let go of the buffer. Boxed:
                 // this rare path would otherwise size every connection's task for a read
-                // and a write held at once (idle connections: PERF.md §6).
+                // and a write held at once (and so every idle connection smaller).
                 Box::pin(send_timed(
                     &io,
                     session.take_output(),
@@ -231,7 +231,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
 
 /// Waits for the pending `read`, the timeout at `due` or a request to shut down, whichever
 /// comes first. Its own function so that the connection task holds the wait's state only
-/// while waiting (a smaller task: PERF.md §6).
+/// while waiting (a smaller task).
 async fn wait_input<R: Future<Output = (io::Result<usize>, BytesMut)>>(
     mut read: Pin<&mut R>,
     mut sleep: Pin<&mut Sleep>,

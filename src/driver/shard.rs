@@ -90,7 +90,7 @@ impl<H: Handler> Shard<H> {
 /// DATA memory budget. Dropping it gives both back, so no exit path of a connection, a
 /// panicking handler's included, can leak either (a leaked share would be the whole
 /// server's, and would end in every large message being refused). One guard for both:
-/// each field in the connection's task costs every idle connection (PERF.md §6).
+/// each field in the connection's task costs every idle connection.
 pub(crate) struct OpenGuard<H: Handler> {
     shard: Rc<Shard<H>>,
     data_held: usize,

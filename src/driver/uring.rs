@@ -94,7 +94,7 @@ impl Transport for TcpStream {
 
     async fn send_all(&self, mut buf: BytesMut) -> (io::Result<()>, BytesMut) {
         // tokio-uring's `write_all` nests three futures that each keep the buffer; this loop
-        // keeps it once, which makes every connection's task smaller (PERF.md §6).
+        // keeps it once, which makes every connection's task smaller.
         let mut sent = 0;
         while sent < buf.len() {
             let (result, slice) = self.write(buf.slice(sent..)).submit().await;

@@ -26,7 +26,7 @@
 //! The window is slept on the blocking pool, not with tokio's timer: the timer counts in
 //! whole milliseconds, several times a typical window here.
 //!
-//! **The window is off by default.** Measured on the 2-vCPU VM of PERF.md (§4), it raised
+//! **The window is off by default.** Measured on a 2-vCPU VM (benches/group_commit.sh), it raised
 //! messages per sync about 1.5× but not throughput, and near saturation, where the CPU and
 //! not the disk is the bound, it added latency. The natural batching above already sizes
 //! the batch to the load (1.1 messages per sync at 1,000 msgs/s, 5.8 at 11,000). The window
@@ -46,7 +46,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::segment::ShardStore;
 
-/// Counters of the committer (for logs and PERF.md).
+/// Counters of the committer (for logs and the benches).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CommitStats {
     /// Syncs done.
