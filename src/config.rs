@@ -264,7 +264,7 @@ pub const MAX_RECIPIENTS: usize = 1_000_000;
 // so raising a limit cannot silently break it.
 const _: () = assert!(
     MAX_MESSAGE_SIZE + 1024 + MAX_RECIPIENTS * (2 + 320) + 2 + 320 + 64
-        <= crate::spool::record::MAX_PAYLOAD
+        <= crate::spool::MAX_PAYLOAD
 );
 
 impl Config {
@@ -345,7 +345,7 @@ impl Config {
                 ),
             );
         }
-        // A spool record holds at most 2 GiB (`spool::record::MAX_PAYLOAD`) for the message
+        // A spool record holds at most 2 GiB (`spool::MAX_PAYLOAD`) for the message
         // and its envelope; these bounds keep every message the server can accept within it,
         // so a 250 is never given for a message that recovery would refuse to read.
         if l.max_message_size > MAX_MESSAGE_SIZE {
@@ -593,7 +593,7 @@ max_queue_age_secs  = 432000
         assert!(e(&many).contains("limits.max_recipients"));
         // The largest message with the most recipients of the longest addresses fits.
         let envelope = MAX_RECIPIENTS * (2 + 320) + 2 + 320 + 64;
-        assert!(MAX_MESSAGE_SIZE + 1024 + envelope <= crate::spool::record::MAX_PAYLOAD);
+        assert!(MAX_MESSAGE_SIZE + 1024 + envelope <= crate::spool::MAX_PAYLOAD);
     }
 
     #[test]

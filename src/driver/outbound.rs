@@ -225,6 +225,18 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// Runs `test` on a runtime of `driver`'s kind, as a shard would.
+    fn run_on(driver: IoDriver, test: impl std::future::Future<Output = ()>) {
+        match driver {
+            IoDriver::Uring => tokio_uring::start(test),
+            IoDriver::Epoll => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(test),
+        }
+    }
+
     /// Many chunks, more bytes than the socket buffers hold, so writes end mid-chunk:
     /// every byte must still arrive once, in order, on both drivers.
     fn chunks_arrive_whole(driver: IoDriver) {
@@ -259,14 +271,7 @@ mod tests {
             assert!(chunks.is_empty());
             stream.close();
         };
-        match driver {
-            IoDriver::Uring => tokio_uring::start(run),
-            IoDriver::Epoll => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(run),
-        }
+        run_on(driver, run);
         let got = reader.join().expect("reader thread");
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes arrived changed or out of order");
@@ -311,14 +316,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert!(!second.is_alive());
         };
-        match driver {
-            IoDriver::Uring => tokio_uring::start(run),
-            IoDriver::Epoll => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(run),
-        }
+        run_on(driver, run);
         assert_eq!(peer.join().expect("peer"), 0);
     }
 

@@ -30,7 +30,7 @@ use crate::outbound::{Outbound, OutboundConfig};
 use crate::smtp::command::BodyType;
 use crate::smtp::{Envelope, Reply};
 use crate::spool::control::{self, Answer, Request};
-use crate::spool::{NewMessage, Spool, SpoolDir};
+use crate::spool::{AcceptError, NewMessage, Spool, SpoolDir};
 use queue::{Entry, Queue};
 
 /// Ready messages whose content a shard keeps in memory.
@@ -196,8 +196,8 @@ impl Handler for RelayHandler {
         let msg = accepted.map_err(|e| {
             tracing::warn!(shard = shard.index, "{e}; answering 451");
             Reply::local_error(match e {
-                crate::spool::AcceptError::Write(_) => "cannot write to the spool; try again later",
-                crate::spool::AcceptError::Sync(_) => "cannot sync the spool; try again later",
+                AcceptError::Write(_) => "cannot write to the spool; try again later",
+                AcceptError::Sync(_) => "cannot sync the spool; try again later",
             })
         })?;
         // A long ready queue (a slow next hop) must not pin every message in memory: past

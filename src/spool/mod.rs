@@ -39,7 +39,8 @@ use commit::GroupCommit;
 use lock::SpoolLock;
 use segment::{OpenSegment, Recovered, ShardStore};
 
-pub use record::{MessageRecord, RcptOutcome};
+pub use record::{RcptOutcome, MAX_PAYLOAD};
+use record::MessageRecord;
 pub use segment::Location;
 
 /// A message for [`Spool::accept`]: its envelope (taken over by the [`Queued`] it
