@@ -103,6 +103,9 @@ pub struct AbSwitches {
     pub one_sync_per_message: bool,
     /// `RINGRELAY_COMMIT_WINDOW=on`: hold syncs open for the adaptive commit window.
     pub commit_window: bool,
+    /// `RINGRELAY_OUTBOUND=tokio`: outbound connections of io_uring shards through tokio's
+    /// epoll reactor, as before they moved onto the ring.
+    pub outbound_tokio: bool,
 }
 
 /// `[limits]`
@@ -431,6 +434,7 @@ impl Config {
             plain_ring: is("RINGRELAY_URING_SETUP", "plain"),
             one_sync_per_message: is("RINGRELAY_GROUP_COMMIT", "off"),
             commit_window: is("RINGRELAY_COMMIT_WINDOW", "on"),
+            outbound_tokio: is("RINGRELAY_OUTBOUND", "tokio"),
         };
         warnings
     }

@@ -136,7 +136,7 @@ where
             data_budget: Arc::clone(&data_budget),
         };
         let make_handler = Arc::clone(&make_handler);
-        let plain_ring = config.ab.plain_ring;
+        let ab = config.ab;
         let cpu = if pin { cpus.get(index).copied() } else { None };
         let thread = std::thread::Builder::new()
             .name(format!("shard-{index}"))
@@ -153,7 +153,7 @@ where
                 let factory = Arc::clone(&make_handler);
                 let state = move || Shard::new(settings, factory(index));
                 let result = match io {
-                    IoDriver::Uring => uring::run(state, listeners, plain_ring),
+                    IoDriver::Uring => uring::run(state, listeners, ab),
                     IoDriver::Epoll => epoll::run(state, listeners),
                 };
                 if let Err(e) = &result {

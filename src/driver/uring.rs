@@ -15,6 +15,7 @@ use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::conn::{Acceptor, Transport};
 use super::shard::{self, Shard};
+use crate::config::AbSwitches;
 use crate::handler::Handler;
 
 /// Submission queue entries per ring (well under the 32768 the kernel allows).
@@ -24,10 +25,15 @@ const RING_ENTRIES: u32 = 1024;
 pub(crate) fn run<H: Handler>(
     shard_state: impl FnOnce() -> Rc<Shard<H>>,
     listeners: Vec<std::net::TcpListener>,
-    plain_ring: bool,
+    ab: AbSwitches,
 ) -> io::Result<()> {
-    let runtime = new_runtime(plain_ring)?;
-    super::outbound::enter(super::IoDriver::Uring);
+    let runtime = new_runtime(ab.plain_ring)?;
+    // Outbound connections on the ring too, unless an A/B run asks for tokio's reactor.
+    super::outbound::enter(if ab.outbound_tokio {
+        super::IoDriver::Epoll
+    } else {
+        super::IoDriver::Uring
+    });
     runtime.block_on(async move {
         let shard = shard_state();
         let acceptors = listeners.into_iter().map(TcpListener::from_std).collect();

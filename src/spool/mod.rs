@@ -39,8 +39,8 @@ use commit::GroupCommit;
 use lock::SpoolLock;
 use segment::{OpenSegment, Recovered, ShardStore};
 
-pub use record::{RcptOutcome, MAX_PAYLOAD};
 use record::MessageRecord;
+pub use record::{RcptOutcome, MAX_PAYLOAD};
 pub use segment::Location;
 
 /// A message for [`Spool::accept`]: its envelope (taken over by the [`Queued`] it
