@@ -10,6 +10,7 @@
 
 pub mod dns;
 pub mod dsn;
+pub mod mx;
 pub mod pool;
 pub mod route;
 
