@@ -21,10 +21,12 @@
 //! `Send`, and nothing is shared between shards. hickory-resolver does the DNS, with its own
 //! cache turned off so that this one is the only one.
 
+use std::borrow::Borrow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::Hash;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -150,13 +152,12 @@ pub struct MxResolver {
     /// Our names, lower case, no trailing dot.
     our_names: Vec<String>,
     dns: TokioResolver,
-    cache: RefCell<HashMap<String, Slot>>,
+    /// The final resolution per domain.
+    cache: SingleFlight<String, Resolution>,
     /// Address answers per MX host name, so domains sharing hosts share lookups.
     hosts: RefCell<HashMap<Name, (HostAnswer, Instant)>>,
-    sweep_at: Cell<usize>,
     rng: Cell<u64>,
     lookups: Cell<u64>,
-    cache_hits: Cell<u64>,
     queries: Cell<u64>,
 }
 
@@ -164,19 +165,10 @@ impl fmt::Debug for MxResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MxResolver")
             .field("config", &self.config)
-            .field("cached", &self.cache.borrow().len())
+            .field("cached", &self.cache.len())
             .field("stats", &self.stats())
             .finish()
     }
-}
-
-/// A cache slot: a result, or a lookup in progress that others may wait for.
-enum Slot {
-    Ready {
-        resolution: Resolution,
-        expires: Instant,
-    },
-    Pending(watch::Receiver<Option<Resolution>>),
 }
 
 impl MxResolver {
@@ -231,12 +223,10 @@ impl MxResolver {
             config,
             our_names,
             dns,
-            cache: RefCell::new(HashMap::new()),
+            cache: SingleFlight::new(),
             hosts: RefCell::new(HashMap::new()),
-            sweep_at: Cell::new(SWEEP_FLOOR),
             rng: Cell::new(seed()),
             lookups: Cell::new(0),
-            cache_hits: Cell::new(0),
             queries: Cell::new(0),
         })
     }
@@ -257,80 +247,22 @@ impl MxResolver {
         if key.starts_with('[') {
             return self.literal(&key);
         }
-        loop {
-            let waiting = match self.cache.borrow().get(&key) {
-                Some(Slot::Ready {
-                    resolution,
-                    expires,
-                }) if *expires > Instant::now() => {
-                    bump(&self.cache_hits);
-                    return resolution.clone();
-                }
-                Some(Slot::Pending(rx)) => Some(rx.clone()),
-                _ => None,
-            };
-            let Some(rx) = waiting else { break };
-            if let Some(resolution) = await_flight(rx).await {
-                bump(&self.cache_hits);
-                return resolution;
-            }
-            // The lookup we waited for was abandoned (its caller went away): start again.
-        }
-        self.lead(key).await
+        self.cache
+            .get_or_run(&key, Instant::now(), || async {
+                let (resolution, ttl) = self.lookup(&key).await;
+                let keep = (!ttl.is_zero()).then(|| Instant::now() + ttl);
+                (resolution, keep)
+            })
+            .await
     }
 
     /// Counters so far.
     pub fn stats(&self) -> ResolverStats {
         ResolverStats {
             lookups: self.lookups.get(),
-            cache_hits: self.cache_hits.get(),
+            cache_hits: self.cache.hits(),
             queries: self.queries.get(),
         }
-    }
-
-    /// Runs the lookup others wait for, and caches its result.
-    async fn lead(&self, key: String) -> Resolution {
-        let (tx, rx) = watch::channel(None);
-        self.cache
-            .borrow_mut()
-            .insert(key.clone(), Slot::Pending(rx));
-        let mut flight = Flight {
-            cache: &self.cache,
-            key: &key,
-            done: false,
-        };
-        let (resolution, ttl) = self.lookup(&key).await;
-        flight.done = true;
-        {
-            let mut cache = self.cache.borrow_mut();
-            if ttl.is_zero() {
-                cache.remove(&key);
-            } else {
-                cache.insert(
-                    key.clone(),
-                    Slot::Ready {
-                        resolution: resolution.clone(),
-                        expires: Instant::now() + ttl,
-                    },
-                );
-                self.maybe_sweep(&mut cache);
-            }
-        }
-        let _ = tx.send(Some(resolution.clone()));
-        resolution
-    }
-
-    /// Drops expired entries once the cache has doubled since the last sweep.
-    fn maybe_sweep(&self, cache: &mut HashMap<String, Slot>) {
-        if cache.len() < self.sweep_at.get() {
-            return;
-        }
-        let now = Instant::now();
-        cache.retain(|_, slot| match slot {
-            Slot::Ready { expires, .. } => *expires > now,
-            Slot::Pending(_) => true,
-        });
-        self.sweep_at.set((cache.len() * 2).max(SWEEP_FLOOR));
     }
 
     /// `[192.0.2.1]` or `[IPv6:…]`: that address, unless it is ours.
@@ -647,43 +579,191 @@ impl MxResolver {
     }
 }
 
-/// Takes the pending slot away if the leading lookup is abandoned before it finishes, so
-/// that waiters (and later calls) start their own.
-pub(crate) struct Flight<'a, S: InFlight> {
-    pub(crate) cache: &'a RefCell<HashMap<String, S>>,
-    pub(crate) key: &'a str,
-    pub(crate) done: bool,
+/// A per-shard cache in which one lookup per key runs at a time (single flight): a value
+/// is served while fresh; a caller that finds a lookup for its key in flight waits for that
+/// lookup's answer instead of starting its own; otherwise it runs the lookup itself and
+/// the others wait for it. The lookup says how long its answer may be served.
+///
+/// Single-threaded (`RefCell` inside, no borrow held across an `.await`): each shard owns
+/// its own. If the caller running a lookup is dropped before it answers (a timeout, a
+/// shutdown), its pending slot is taken away, and its waiters start over, one of them
+/// running the lookup anew.
+pub struct SingleFlight<K, V> {
+    slots: RefCell<HashMap<K, Slot<V>>>,
+    /// Expired entries are swept once the map has grown to this size.
+    sweep_at: Cell<usize>,
+    hits: Cell<u64>,
 }
 
-/// A cache slot that can say whether a lookup for it is still running (a single-flight
-/// cache's pending slot, which [`Flight`] removes if its lookup is abandoned).
-pub(crate) trait InFlight {
-    fn in_flight(&self) -> bool;
+/// A value and until when it may be served, or a lookup in flight that others may wait
+/// for (the sender is dropped without a value if that lookup is abandoned).
+enum Slot<V> {
+    Ready { value: V, expires: Instant },
+    Pending(watch::Receiver<Option<V>>),
 }
 
-impl InFlight for Slot {
-    fn in_flight(&self) -> bool {
-        matches!(self, Slot::Pending(_))
+impl<K, V> fmt::Debug for SingleFlight<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SingleFlight")
+            .field("entries", &self.len())
+            .field("hits", &self.hits.get())
+            .finish()
     }
 }
 
-impl<S: InFlight> Drop for Flight<'_, S> {
+impl<K, V> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            slots: RefCell::new(HashMap::new()),
+            sweep_at: Cell::new(SWEEP_FLOOR),
+            hits: Cell::new(0),
+        }
+    }
+}
+
+impl<K, V> SingleFlight<K, V> {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many calls were answered from the cache, or by joining a lookup in flight.
+    pub fn hits(&self) -> u64 {
+        self.hits.get()
+    }
+
+    /// Entries held (fresh, expired but not yet swept, or in flight).
+    pub fn len(&self) -> usize {
+        self.slots.try_borrow().map_or(0, |slots| slots.len())
+    }
+
+    /// No entries held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K: Clone + Eq + Hash, V: Clone> SingleFlight<K, V> {
+    /// The value for `key`: the cached one if it is still fresh at `now`; else the answer
+    /// of the lookup for `key` already in flight; else the answer of `run()`, which this
+    /// call runs while later calls for `key` wait for it. `run` gives its value and until
+    /// when the value may be served (`None`: not kept, the next call runs a lookup again).
+    pub async fn get_or_run<Q, F, Fut>(&self, key: &Q, now: Instant, run: F) -> V
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = (V, Option<Instant>)>,
+    {
+        loop {
+            let waiting = match self.slots.borrow().get(key) {
+                Some(Slot::Ready { value, expires }) if *expires > now => {
+                    bump(&self.hits);
+                    return value.clone();
+                }
+                Some(Slot::Pending(rx)) => Some(rx.clone()),
+                _ => None,
+            };
+            let Some(rx) = waiting else { break };
+            if let Some(value) = await_flight(rx).await {
+                bump(&self.hits);
+                return value;
+            }
+            // The lookup we waited for was abandoned (its caller went away): start again.
+        }
+        self.lead(key.to_owned(), now, run).await
+    }
+
+    /// Runs the lookup others wait for, and keeps its answer as long as it says.
+    async fn lead<F, Fut>(&self, key: K, now: Instant, run: F) -> V
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = (V, Option<Instant>)>,
+    {
+        let (tx, rx) = watch::channel(None);
+        self.slots
+            .borrow_mut()
+            .insert(key.clone(), Slot::Pending(rx));
+        let flight = Flight {
+            slots: &self.slots,
+            key: &key,
+            done: false,
+        };
+        // No borrow is held across the lookup: other callers use the cache meanwhile.
+        let (value, keep) = run().await;
+        flight.land();
+        {
+            let mut slots = self.slots.borrow_mut();
+            match keep {
+                Some(expires) => {
+                    slots.insert(
+                        key,
+                        Slot::Ready {
+                            value: value.clone(),
+                            expires,
+                        },
+                    );
+                    self.maybe_sweep(&mut slots, now);
+                }
+                None => {
+                    slots.remove(&key);
+                }
+            }
+        }
+        let _ = tx.send(Some(value.clone()));
+        value
+    }
+
+    /// Drops expired entries once the map has doubled since the last sweep.
+    fn maybe_sweep(&self, slots: &mut HashMap<K, Slot<V>>, now: Instant) {
+        if slots.len() < self.sweep_at.get() {
+            return;
+        }
+        slots.retain(|_, slot| match slot {
+            Slot::Ready { expires, .. } => *expires > now,
+            Slot::Pending(_) => true,
+        });
+        self.sweep_at.set((slots.len() * 2).max(SWEEP_FLOOR));
+    }
+
+    /// Forgets every entry (tests: make the next call look up again).
+    #[cfg(test)]
+    fn clear(&self) {
+        self.slots.borrow_mut().clear();
+    }
+}
+
+/// Takes the pending slot away if the leading lookup is abandoned before it finishes, so
+/// that waiters (and later calls) start their own.
+struct Flight<'a, K: Eq + Hash, V> {
+    slots: &'a RefCell<HashMap<K, Slot<V>>>,
+    key: &'a K,
+    done: bool,
+}
+
+impl<K: Eq + Hash, V> Flight<'_, K, V> {
+    /// The lookup finished: the slot is the leader's to fill.
+    fn land(mut self) {
+        self.done = true;
+    }
+}
+
+impl<K: Eq + Hash, V> Drop for Flight<'_, K, V> {
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        if let Ok(mut cache) = self.cache.try_borrow_mut() {
-            if cache.get(self.key).is_some_and(InFlight::in_flight) {
-                cache.remove(self.key);
+        if let Ok(mut slots) = self.slots.try_borrow_mut() {
+            if matches!(slots.get(self.key), Some(Slot::Pending(_))) {
+                slots.remove(self.key);
             }
         }
     }
 }
 
-/// Waits for the answer of a lookup another caller is running (a single-flight cache's
-/// pending slot): `None` if that lookup was abandoned before answering, and the waiter
-/// should start again.
-pub(crate) async fn await_flight<T: Clone>(mut rx: watch::Receiver<Option<T>>) -> Option<T> {
+/// Waits for the answer of a lookup another caller is running: `None` if that lookup was
+/// abandoned before answering, and the waiter should start again.
+async fn await_flight<T: Clone>(mut rx: watch::Receiver<Option<T>>) -> Option<T> {
     match rx.wait_for(Option::is_some).await {
         Ok(answer) => answer.clone(),
         Err(_) => None,
@@ -926,7 +1006,7 @@ mod tests {
         let mut a2_first = 0;
         for _ in 0..40 {
             // Fresh resolutions: the shuffle happens per lookup.
-            r.cache.borrow_mut().clear();
+            r.cache.clear();
             let t = targets(r.resolve("shuffle.test").await);
             assert_eq!(t.len(), 3, "{t:?}");
             assert_eq!(t[0].preference, 10);

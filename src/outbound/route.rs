@@ -2,9 +2,9 @@
 //! (`delivery.routes`, `--route`), else the smarthost, else MX routing ([`super::dns`]).
 //! A route given as a host *name* is resolved through the system resolver, and each
 //! shard keeps the answer for a minute ([`HopCache`]) instead of asking per delivery; while
-//! a lookup runs, other deliveries to the same hop wait for it rather than start their own.
+//! a lookup runs, other deliveries to the same hop wait for it rather than start their own
+//! ([`SingleFlight`]).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -12,9 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
-use super::dns::{await_flight, Flight, InFlight, MxResolver, Resolution, Target};
+use super::dns::{MxResolver, Resolution, SingleFlight, Target};
 
 use crate::config::Delivery;
 use crate::smtp::Reply;
@@ -49,24 +47,10 @@ pub const HOP_CACHE_TTL: Duration = Duration::from_secs(60);
 /// blocking pool.
 #[derive(Debug)]
 pub struct HopCache {
-    entries: RefCell<HashMap<String, Entry>>,
+    /// Answers by hop (`host:port`); only non-empty ones are kept.
+    answers: SingleFlight<String, SharedAnswer>,
     /// How long one lookup may take (`delivery.dns_timeout_secs`).
     timeout: Duration,
-}
-
-#[derive(Debug)]
-enum Entry {
-    /// A non-empty answer, good until the instant.
-    Fresh(Instant, Vec<SocketAddr>),
-    /// A lookup is running; askers wait for its answer here. The sender is dropped
-    /// without one if the delivery running the lookup goes away.
-    Pending(watch::Receiver<Option<SharedAnswer>>),
-}
-
-impl InFlight for Entry {
-    fn in_flight(&self) -> bool {
-        matches!(self, Entry::Pending(_))
-    }
 }
 
 /// A lookup's answer as its waiters share it: an error as its kind and text (`io::Error`
@@ -77,7 +61,7 @@ impl HopCache {
     /// A cache whose lookups give up after `timeout`.
     pub fn new(timeout: Duration) -> Self {
         HopCache {
-            entries: RefCell::default(),
+            answers: SingleFlight::new(),
             timeout,
         }
     }
@@ -105,52 +89,24 @@ impl HopCache {
         if let Ok(addr) = hop.0.parse::<SocketAddr>() {
             return Ok(vec![addr]);
         }
-        loop {
-            let waiting = match self.entries.borrow().get(&hop.0) {
-                Some(Entry::Fresh(expires, addrs)) if now < *expires => return Ok(addrs.clone()),
-                Some(Entry::Pending(rx)) => Some(rx.clone()),
-                _ => None,
-            };
-            let Some(rx) = waiting else { break };
-            if let Some(answer) = await_flight(rx).await {
-                return answer.map_err(|(kind, text)| io::Error::new(kind, text));
-            }
-            // The delivery running the lookup was dropped before its answer: ask again.
-        }
-        let (tx, rx) = watch::channel(None);
-        self.entries
-            .borrow_mut()
-            .insert(hop.0.clone(), Entry::Pending(rx));
-        let mut flight = Flight {
-            cache: &self.entries,
-            key: &hop.0,
-            done: false,
-        };
-        // No borrow is held across the lookup: other deliveries use the cache meanwhile.
-        let result = match tokio::time::timeout(self.timeout, lookup(hop.0.clone())).await {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("looking up {} took over {:?}", hop.0, self.timeout),
-            )),
-        };
-        flight.done = true;
-        match &result {
-            Ok(addrs) if !addrs.is_empty() => {
-                self.entries.borrow_mut().insert(
-                    hop.0.clone(),
-                    Entry::Fresh(now + HOP_CACHE_TTL, addrs.clone()),
-                );
-            }
-            _ => {
-                self.entries.borrow_mut().remove(&hop.0);
-            }
-        }
-        let _ = tx.send(Some(match &result {
-            Ok(addrs) => Ok(addrs.clone()),
-            Err(e) => Err((e.kind(), e.to_string())),
-        }));
-        result
+        let answer = self
+            .answers
+            .get_or_run(hop.0.as_str(), now, || async {
+                let result = match tokio::time::timeout(self.timeout, lookup(hop.0.clone())).await {
+                    Ok(result) => result,
+                    Err(_) => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("looking up {} took over {:?}", hop.0, self.timeout),
+                    )),
+                };
+                let keep = match &result {
+                    Ok(addrs) if !addrs.is_empty() => Some(now + HOP_CACHE_TTL),
+                    _ => None,
+                };
+                (result.map_err(|e| (e.kind(), e.to_string())), keep)
+            })
+            .await;
+        answer.map_err(|(kind, text)| io::Error::new(kind, text))
     }
 }
 
