@@ -10,6 +10,7 @@
 
 pub mod dns;
 pub mod dsn;
+pub mod mx;
 pub mod pool;
 pub mod route;
 
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::smtp::client::{ClientEvent, Outgoing, RcptOutcome};
 use crate::smtp::Reply;
-use dns::{MxResolver, ResolverConfig, Target};
+use dns::{MxResolver, ResolverConfig};
+use mx::Target;
 use pool::{Pool, PoolConfig};
 use route::{HopCache, Plan, Routes};
 

@@ -1,10 +1,12 @@
 //! Where a recipient's mail goes next: the static route for its domain
-//! (`delivery.routes`, `--route`), else the smarthost, else MX routing ([`super::dns`]).
+//! (`delivery.routes`, `--route`), else the smarthost, else MX routing ([`super::dns`]),
+//! and the SMTP reply a bounce or a deferral carries when MX routing finds nowhere to
+//! deliver ([`plan`]).
 //! A route given as a host *name* is resolved through the system resolver, and each
 //! shard keeps the answer for a minute ([`HopCache`]) instead of asking per delivery; while
-//! a lookup runs, other deliveries to the same hop wait for it rather than start their own.
+//! a lookup runs, other deliveries to the same hop wait for it rather than start their own
+//! ([`SingleFlight`]).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -12,9 +14,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
-use super::dns::{await_flight, Flight, InFlight, MxResolver, Resolution, Target};
+use super::dns::{MxResolver, SingleFlight};
+use super::mx::{self, Route, Target};
 
 use crate::config::Delivery;
 use crate::smtp::Reply;
@@ -49,24 +50,10 @@ pub const HOP_CACHE_TTL: Duration = Duration::from_secs(60);
 /// blocking pool.
 #[derive(Debug)]
 pub struct HopCache {
-    entries: RefCell<HashMap<String, Entry>>,
+    /// Answers by hop (`host:port`); only non-empty ones are kept.
+    answers: SingleFlight<String, SharedAnswer>,
     /// How long one lookup may take (`delivery.dns_timeout_secs`).
     timeout: Duration,
-}
-
-#[derive(Debug)]
-enum Entry {
-    /// A non-empty answer, good until the instant.
-    Fresh(Instant, Vec<SocketAddr>),
-    /// A lookup is running; askers wait for its answer here. The sender is dropped
-    /// without one if the delivery running the lookup goes away.
-    Pending(watch::Receiver<Option<SharedAnswer>>),
-}
-
-impl InFlight for Entry {
-    fn in_flight(&self) -> bool {
-        matches!(self, Entry::Pending(_))
-    }
 }
 
 /// A lookup's answer as its waiters share it: an error as its kind and text (`io::Error`
@@ -77,7 +64,7 @@ impl HopCache {
     /// A cache whose lookups give up after `timeout`.
     pub fn new(timeout: Duration) -> Self {
         HopCache {
-            entries: RefCell::default(),
+            answers: SingleFlight::new(),
             timeout,
         }
     }
@@ -105,52 +92,24 @@ impl HopCache {
         if let Ok(addr) = hop.0.parse::<SocketAddr>() {
             return Ok(vec![addr]);
         }
-        loop {
-            let waiting = match self.entries.borrow().get(&hop.0) {
-                Some(Entry::Fresh(expires, addrs)) if now < *expires => return Ok(addrs.clone()),
-                Some(Entry::Pending(rx)) => Some(rx.clone()),
-                _ => None,
-            };
-            let Some(rx) = waiting else { break };
-            if let Some(answer) = await_flight(rx).await {
-                return answer.map_err(|(kind, text)| io::Error::new(kind, text));
-            }
-            // The delivery running the lookup was dropped before its answer: ask again.
-        }
-        let (tx, rx) = watch::channel(None);
-        self.entries
-            .borrow_mut()
-            .insert(hop.0.clone(), Entry::Pending(rx));
-        let mut flight = Flight {
-            cache: &self.entries,
-            key: &hop.0,
-            done: false,
-        };
-        // No borrow is held across the lookup: other deliveries use the cache meanwhile.
-        let result = match tokio::time::timeout(self.timeout, lookup(hop.0.clone())).await {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("looking up {} took over {:?}", hop.0, self.timeout),
-            )),
-        };
-        flight.done = true;
-        match &result {
-            Ok(addrs) if !addrs.is_empty() => {
-                self.entries.borrow_mut().insert(
-                    hop.0.clone(),
-                    Entry::Fresh(now + HOP_CACHE_TTL, addrs.clone()),
-                );
-            }
-            _ => {
-                self.entries.borrow_mut().remove(&hop.0);
-            }
-        }
-        let _ = tx.send(Some(match &result {
-            Ok(addrs) => Ok(addrs.clone()),
-            Err(e) => Err((e.kind(), e.to_string())),
-        }));
-        result
+        let answer = self
+            .answers
+            .get_or_run(hop.0.as_str(), now, || async {
+                let result = match tokio::time::timeout(self.timeout, lookup(hop.0.clone())).await {
+                    Ok(result) => result,
+                    Err(_) => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("looking up {} took over {:?}", hop.0, self.timeout),
+                    )),
+                };
+                let keep = match &result {
+                    Ok(addrs) if !addrs.is_empty() => Some(now + HOP_CACHE_TTL),
+                    _ => None,
+                };
+                (result.map_err(|e| (e.kind(), e.to_string())), keep)
+            })
+            .await;
+        answer.map_err(|(kind, text)| io::Error::new(kind, text))
     }
 }
 
@@ -239,10 +198,38 @@ pub async fn plan(
             ),
         ));
     };
-    match resolver.resolve(domain).await {
-        Resolution::Deliver(targets) => Plan::Targets(targets),
-        Resolution::Bounce(reply) => Plan::Fail(reply),
-        Resolution::Defer(reply) => Plan::Defer(reply),
+    let route = resolver.resolve(domain).await;
+    if let Route::Deliver(targets) = route {
+        return Plan::Targets(targets);
+    }
+    // The replies name the domain as the resolver keyed it.
+    mx_plan(&mx::normalize(domain), route)
+}
+
+/// The plan for MX routing's outcome for `domain`: the addresses, or the reply to bounce
+/// (`5.1.2` bad destination, `5.1.10` null MX, `5.4.6` routing loop) or defer (`4.4.3`:
+/// DNS may be mended) with.
+fn mx_plan(domain: &str, route: Route) -> Plan {
+    let fail = |code, text: String| Plan::Fail(Reply::new(code, text));
+    let defer = |text: String| Plan::Defer(Reply::new(451, text));
+    match route {
+        Route::Deliver(targets) => Plan::Targets(targets),
+        Route::NoSuchDomain => fail(550, format!("5.1.2 {domain}: no such domain")),
+        Route::NoMxNoAddress => fail(550, format!("5.1.2 {domain}: no MX and no address records")),
+        Route::NullMx => fail(
+            556,
+            format!("5.1.10 {domain} does not accept mail (null MX)"),
+        ),
+        Route::Loop => fail(
+            550,
+            format!("5.4.6 {domain}: mail for it loops back to myself"),
+        ),
+        Route::BadLiteral => fail(550, format!("5.1.2 {domain}: not a valid address literal")),
+        Route::BadName => fail(550, format!("5.1.2 {domain}: not a valid domain name")),
+        Route::NoAddressForMx { missing } => defer(format!(
+            "4.4.3 {domain}: no address for any MX host: {missing}"
+        )),
+        Route::TempFail(why) => defer(format!("4.4.3 {domain}: temporary DNS failure: {why}")),
     }
 }
 
@@ -263,6 +250,102 @@ mod tests {
         let r = Routes::from_config(&d);
         assert_eq!(r.next_hop("other.test").unwrap().host(), "::1");
         assert_eq!(r.next_hop("example.test").unwrap().host(), "127.0.0.1");
+    }
+
+    #[test]
+    fn mx_outcomes_become_these_replies() {
+        let reply = |route| match mx_plan("d.test", route) {
+            Plan::Fail(r) => ("fail", r.code(), r.lines()[0].clone()),
+            Plan::Defer(r) => ("defer", r.code(), r.lines()[0].clone()),
+            Plan::Targets(t) => panic!("expected a reply, got {t:?}"),
+        };
+        let cases = [
+            (
+                Route::NoSuchDomain,
+                ("fail", 550, "5.1.2 d.test: no such domain"),
+            ),
+            (
+                Route::NoMxNoAddress,
+                ("fail", 550, "5.1.2 d.test: no MX and no address records"),
+            ),
+            (
+                Route::NullMx,
+                ("fail", 556, "5.1.10 d.test does not accept mail (null MX)"),
+            ),
+            (
+                Route::Loop,
+                (
+                    "fail",
+                    550,
+                    "5.4.6 d.test: mail for it loops back to myself",
+                ),
+            ),
+            (
+                Route::BadLiteral,
+                ("fail", 550, "5.1.2 d.test: not a valid address literal"),
+            ),
+            (
+                Route::BadName,
+                ("fail", 550, "5.1.2 d.test: not a valid domain name"),
+            ),
+            (
+                Route::NoAddressForMx {
+                    missing: "a.d.test (no such host), b.d.test (no address records)".into(),
+                },
+                (
+                    "defer",
+                    451,
+                    "4.4.3 d.test: no address for any MX host: a.d.test (no such host), \
+                     b.d.test (no address records)",
+                ),
+            ),
+            (
+                Route::TempFail("MX d.test: SERVFAIL".into()),
+                (
+                    "defer",
+                    451,
+                    "4.4.3 d.test: temporary DNS failure: MX d.test: SERVFAIL",
+                ),
+            ),
+        ];
+        for (route, (kind, code, text)) in cases {
+            assert_eq!(reply(route), (kind, code, text.to_string()));
+        }
+        let target = Target {
+            host: "mx.d.test".into(),
+            preference: 10,
+            addr: "192.0.2.1:25".parse().unwrap(),
+        };
+        assert!(matches!(
+            mx_plan("d.test", Route::Deliver(vec![target.clone()])),
+            Plan::Targets(t) if t == vec![target]
+        ));
+    }
+
+    #[tokio::test]
+    async fn replies_name_the_domain_as_the_resolver_keyed_it() {
+        // An address literal needs no DNS: nothing listens at the name server.
+        let resolver = MxResolver::new(super::super::dns::ResolverConfig {
+            nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        let hops = HopCache::new(Duration::from_secs(1));
+        let got = plan(
+            &Routes::default(),
+            &hops,
+            Some(&resolver),
+            " [NONSENSE]. ",
+            Instant::now(),
+        )
+        .await;
+        let Plan::Fail(reply) = got else {
+            panic!("expected Fail, got {got:?}")
+        };
+        assert_eq!(
+            (reply.code(), reply.lines()[0].as_str()),
+            (550, "5.1.2 [nonsense]: not a valid address literal")
+        );
     }
 
     #[test]
