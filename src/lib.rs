@@ -23,6 +23,7 @@
 pub mod config;
 pub mod id;
 pub mod policy;
+pub mod proxy;
 pub mod relay;
 mod runtime;
 pub mod server;
