@@ -12,6 +12,7 @@
 //! - [`reply`]: reply codes and text; [`received`]: our trace header;
 //!   [`envelope`]: what a finished transaction yields.
 
+pub mod auth;
 pub mod client;
 pub mod command;
 pub mod data;
