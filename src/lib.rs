@@ -22,6 +22,7 @@
 
 pub mod config;
 pub mod id;
+pub mod passwd;
 pub mod policy;
 pub mod proxy;
 pub mod relay;
