@@ -31,6 +31,7 @@ pub mod server;
 pub mod sink;
 pub mod smtp;
 pub mod spool;
+pub mod tls;
 
 pub use config::Config;
 pub use runtime::raise_open_file_limit;
