@@ -4,7 +4,8 @@
 //! the spool or the queue.
 //!
 //! - [`route`]: static routes, the smarthost, and [`route::plan`] (route or MX).
-//! - [`dns`]: MX routing over DNS (hickory-resolver) with a per-shard cache.
+//! - [`mx`]: the MX routing rules (RFC 5321 §5.1, RFC 7505), pure values in and out.
+//! - [`dns`]: MX routing over DNS (hickory-resolver) with per-shard single-flight caches.
 //! - [`pool`]: per-shard pools of open connections, on the shard's own I/O driver.
 //! - [`dsn`]: bounce messages (RFC 3464).
 

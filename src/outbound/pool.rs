@@ -4,7 +4,7 @@
 //! (the client sends RSET between them) and is closed after sitting idle.
 //!
 //! Connections run on the shard's own driver (io_uring, or epoll under the fallback:
-//! [`Stream`]), with the inbound side's rule for timeouts: an operation that runs out of
+//! `driver::outbound::Stream`), with the inbound side's rule for timeouts: an operation that runs out of
 //! time is ended by shutting the socket down, never dropped in flight. The protocol is the
 //! sans-IO [`Client`].
 
@@ -154,7 +154,7 @@ impl Pool {
     }
 
     /// Connects and waits for the greeting and the EHLO reply, within the connect
-    /// timeout. Only the TCP connect itself is cut off by dropping it (see [`Stream`]); the
+    /// timeout. Only the TCP connect itself is cut off by dropping it (see `Stream`); the
     /// replies are waited for with the socket's own timeout rule.
     async fn connect(&self, addr: SocketAddr) -> Result<Conn, String> {
         let start = Instant::now();

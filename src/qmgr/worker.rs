@@ -1,5 +1,5 @@
 //! One shard's delivery worker: starts an attempt for each message as it falls due (at
-//! most [`MAX_IN_FLIGHT`] at once), and once a second tidies the outbound pool and the
+//! most `MAX_IN_FLIGHT` at once), and once a second tidies the outbound pool and the
 //! spool's idle segment.
 
 use std::rc::Rc;

@@ -11,7 +11,9 @@
 //! - [`client`]: the outbound (delivery) state machine.
 //! - [`reply`]: reply codes and text; [`received`]: our trace header;
 //!   [`envelope`]: what a finished transaction yields.
+//! - [`auth`]: SASL PLAIN and LOGIN exchanges for SMTP AUTH (RFC 4954, RFC 4616).
 
+pub mod auth;
 pub mod client;
 pub mod command;
 pub mod data;
