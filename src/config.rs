@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::policy::{IpNet, RelayPolicy};
 use crate::smtp::command::valid_domain;
+use crate::tls::TlsLevel;
 
 /// Which I/O driver runs the shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -87,6 +88,10 @@ pub struct Config {
     pub spool: Spool,
     /// Outbound delivery.
     pub delivery: Delivery,
+    /// Inbound TLS (STARTTLS and implicit-TLS listeners).
+    pub tls: Tls,
+    /// SMTP AUTH for clients.
+    pub auth: Auth,
     /// Switches for A/B measurements; not in the file (see [`Config::apply_env`]).
     #[serde(skip)]
     pub ab: AbSwitches,
@@ -106,6 +111,40 @@ pub struct AbSwitches {
     /// `RINGRELAY_OUTBOUND=tokio`: outbound connections of io_uring shards through tokio's
     /// epoll reactor, as before they moved onto the ring.
     pub outbound_tokio: bool,
+}
+
+/// `[tls]`: inbound TLS. With a certificate and key, STARTTLS is offered on every listener.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain (leaf first); empty for no TLS.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// Listeners that speak TLS from the first byte (RFC 8314, usually port 465).
+    pub implicit_listen: Vec<SocketAddr>,
+}
+
+impl Tls {
+    /// True when a certificate and key are configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// `[auth]`: SMTP AUTH (PLAIN, LOGIN) for clients, offered only over TLS.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// `name:HASH` lines (`ringrelay passwd NAME`); empty for no AUTH.
+    pub users_file: PathBuf,
+}
+
+impl Auth {
+    /// True when a users file is configured.
+    pub fn enabled(&self) -> bool {
+        !self.users_file.as_os_str().is_empty()
+    }
 }
 
 /// `[limits]`
@@ -175,6 +214,30 @@ pub struct Delivery {
     pub dns_max_ttl_secs: u64,
     /// A DNS query unanswered after this many seconds is a temporary failure.
     pub dns_timeout_secs: u64,
+    /// Outbound TLS: `none`, `may`, `encrypt` or `verify` (Postfix's
+    /// `smtp_tls_security_level`).
+    pub tls: String,
+    /// Per next-hop domain: a TLS level other than `tls`.
+    pub tls_policy: BTreeMap<String, String>,
+    /// More trust anchors (PEM) for `verify`, beside the bundled roots.
+    pub tls_ca_file: PathBuf,
+    /// AUTH user for the smarthost (only over TLS); empty for none.
+    pub smarthost_user: String,
+    /// File holding the smarthost password (its first line).
+    pub smarthost_password_file: PathBuf,
+}
+
+impl Delivery {
+    /// The outbound TLS level for mail to `domain` (the per-domain policy, else `tls`).
+    /// The configuration was validated, so every level parses.
+    pub fn tls_level(&self, domain: &str) -> TlsLevel {
+        let word = self
+            .tls_policy
+            .get(domain)
+            .or_else(|| self.tls_policy.get(&domain.to_ascii_lowercase()))
+            .unwrap_or(&self.tls);
+        TlsLevel::parse(word).unwrap_or(TlsLevel::May)
+    }
 }
 
 impl Default for Config {
@@ -189,6 +252,8 @@ impl Default for Config {
             relay: Relay::default(),
             spool: Spool::default(),
             delivery: Delivery::default(),
+            tls: Tls::default(),
+            auth: Auth::default(),
             ab: AbSwitches::default(),
         }
     }
@@ -240,6 +305,11 @@ impl Default for Delivery {
             dns_min_ttl_secs: 1,
             dns_max_ttl_secs: 86_400,
             dns_timeout_secs: 10,
+            tls: "may".into(),
+            tls_policy: BTreeMap::new(),
+            tls_ca_file: PathBuf::new(),
+            smarthost_user: String::new(),
+            smarthost_password_file: PathBuf::new(),
         }
     }
 }
@@ -414,6 +484,111 @@ impl Config {
                 "delivery.retry_schedule_secs",
                 "needs at least one interval, each at least 1".into(),
             );
+        }
+        self.validate_tls()
+    }
+
+    /// The TLS and AUTH keys, without reading any file (see [`Config::check_files`]).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        let t = &self.tls;
+        match (
+            t.cert_file.as_os_str().is_empty(),
+            t.key_file.as_os_str().is_empty(),
+        ) {
+            (true, false) => return err("tls.cert_file", "is needed with tls.key_file".into()),
+            (false, true) => return err("tls.key_file", "is needed with tls.cert_file".into()),
+            _ => {}
+        }
+        if !t.implicit_listen.is_empty() && !t.enabled() {
+            return err(
+                "tls.implicit_listen",
+                "needs tls.cert_file and tls.key_file".into(),
+            );
+        }
+        for addr in &t.implicit_listen {
+            if self.listen.contains(addr) {
+                return err(
+                    "tls.implicit_listen",
+                    format!("{addr} is also in listen (one address, one kind of listener)"),
+                );
+            }
+        }
+        if self.auth.enabled() && !t.enabled() {
+            return err(
+                "auth.users_file",
+                "needs [tls] cert_file and key_file: AUTH is offered only over TLS".into(),
+            );
+        }
+        let d = &self.delivery;
+        if TlsLevel::parse(&d.tls).is_none() {
+            return err(
+                "delivery.tls",
+                format!("{:?} is not a level (none, may, encrypt or verify)", d.tls),
+            );
+        }
+        for (domain, level) in &d.tls_policy {
+            if !valid_domain(domain) {
+                return err("delivery.tls_policy", format!("{domain:?} is not a domain"));
+            }
+            if TlsLevel::parse(level).is_none() {
+                return err(
+                    &format!("delivery.tls_policy.{domain}"),
+                    format!("{level:?} is not a level (none, may, encrypt or verify)"),
+                );
+            }
+        }
+        if !d.smarthost_user.is_empty() {
+            if d.smarthost.is_empty() {
+                return err("delivery.smarthost_user", "needs delivery.smarthost".into());
+            }
+            if d.smarthost_password_file.as_os_str().is_empty() {
+                return err(
+                    "delivery.smarthost_user",
+                    "needs delivery.smarthost_password_file".into(),
+                );
+            }
+            if d.tls == "none" {
+                return err(
+                    "delivery.smarthost_user",
+                    "AUTH goes only over TLS, and delivery.tls is none".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the files the configuration names (TLS certificate and key, AUTH users, the
+    /// extra CA file, the smarthost password) and checks that each is usable, as `serve`
+    /// does at start and `check-config` does on request. Errors name the key and the file.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let t = &self.tls;
+        if t.enabled() {
+            crate::tls::server_config(&t.cert_file, &t.key_file)
+                .map_err(|e| ConfigError(format!("tls.cert_file/tls.key_file: {e}")))?;
+        }
+        if self.auth.enabled() {
+            crate::passwd::Users::load(&self.auth.users_file)
+                .map_err(|e| ConfigError(format!("auth.users_file: {e}")))?;
+        }
+        let d = &self.delivery;
+        if !d.tls_ca_file.as_os_str().is_empty() {
+            crate::tls::client_config(TlsLevel::Verify, Some(&d.tls_ca_file))
+                .map_err(|e| ConfigError(format!("delivery.tls_ca_file: {e}")))?;
+        }
+        if !d.smarthost_password_file.as_os_str().is_empty() {
+            let text = std::fs::read_to_string(&d.smarthost_password_file).map_err(|e| {
+                ConfigError(format!(
+                    "delivery.smarthost_password_file: {}: cannot read: {e}",
+                    d.smarthost_password_file.display()
+                ))
+            })?;
+            if text.lines().next().unwrap_or("").is_empty() {
+                return Err(ConfigError(format!(
+                    "delivery.smarthost_password_file: {}: the first line (the password) is empty",
+                    d.smarthost_password_file.display()
+                )));
+            }
         }
         Ok(())
     }
