@@ -47,6 +47,24 @@ pub fn termination_signals(
     Ok((i, t))
 }
 
+/// Makes sure an output file can be written before any work starts, so that a run is never
+/// wasted on a typo in a path: opens it for writing (creating it if needed, truncating
+/// nothing) and removes it again if it did not exist before. `flag` names the option in the
+/// error message.
+pub fn check_writable(flag: &str, path: &Path) -> Result<(), Failure> {
+    let existed = path.symlink_metadata().is_ok();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Failure::Runtime(format!("cannot write {flag} {}: {e}", path.display())))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// Writes a report as pretty JSON.
 pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), Failure> {
     let mut s = serde_json::to_string_pretty(v)

@@ -125,6 +125,9 @@ pub struct SendStats {
     /// Accepted messages: from the end of the content to the reply (the 250).
     pub end_of_data: Latency,
     pub lag: Latency,
+    /// Failed connection attempts by reason, in the server's words where it gave some
+    /// (`greeting 421 4.7.0 ...`, `connect: Connection refused ...`).
+    pub conn_failures: BTreeMap<String, u64>,
 }
 
 impl Default for SendStats {
@@ -147,11 +150,32 @@ impl Default for SendStats {
             txn: Latency::default(),
             end_of_data: Latency::default(),
             lag: Latency::default(),
+            conn_failures: BTreeMap::new(),
         }
     }
 }
 
+/// Distinct connection failure reasons kept; the rest are counted under `OTHER_REASONS`, so
+/// a server that puts a counter or a time in its refusals cannot grow the report without end.
+const MAX_REASONS: usize = 64;
+const OTHER_REASONS: &str = "(other reasons)";
+
+fn count_reason(map: &mut BTreeMap<String, u64>, reason: &str, n: u64) {
+    if let Some(c) = map.get_mut(reason) {
+        *c += n;
+    } else if map.len() < MAX_REASONS {
+        map.insert(reason.to_string(), n);
+    } else {
+        *map.entry(OTHER_REASONS.to_string()).or_default() += n;
+    }
+}
+
 impl SendStats {
+    /// Counts one failed connection attempt under its reason.
+    pub fn conn_failure(&mut self, reason: &str) {
+        count_reason(&mut self.conn_failures, reason, 1);
+    }
+
     pub fn code(&mut self, code: u16) {
         if let Some(c) = self.codes.get_mut(usize::from(code)) {
             *c += 1;
@@ -178,6 +202,9 @@ impl SendStats {
         self.txn.merge(&o.txn);
         self.end_of_data.merge(&o.end_of_data);
         self.lag.merge(&o.lag);
+        for (r, &n) in &o.conn_failures {
+            count_reason(&mut self.conn_failures, r, n);
+        }
     }
 }
 
@@ -269,6 +296,8 @@ pub struct SendReport {
     pub messages: SendMessages,
     pub reply_codes: BTreeMap<String, u64>,
     pub errors: ErrorCounts,
+    /// Failed connection attempts by reason, with the server's text.
+    pub connection_failures: BTreeMap<String, u64>,
     pub connections: SendConnections,
     pub recipients: Recipients,
     pub bytes_accepted: u64,
@@ -329,6 +358,7 @@ impl SendReport {
             },
             reply_codes,
             errors: s.errors,
+            connection_failures: s.conn_failures.clone(),
             connections: SendConnections {
                 opened: s.conns_opened,
                 failed: s.errors.connect,
@@ -392,6 +422,17 @@ impl SendReport {
             "  errors: connect={} greeting={} timeout={} closed={} io={} protocol={}; connections opened={}",
             e.connect, e.greeting, e.timeout, e.closed, e.io, e.protocol, self.connections.opened
         );
+        if !self.connection_failures.is_empty() {
+            let mut by_count: Vec<(&String, &u64)> = self.connection_failures.iter().collect();
+            by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let _ = writeln!(o, "  connection failures:");
+            for (reason, n) in by_count.iter().take(10) {
+                let _ = writeln!(o, "    {n:>8} x {reason}");
+            }
+            if by_count.len() > 10 {
+                let _ = writeln!(o, "    ... {} more reasons in --json", by_count.len() - 10);
+            }
+        }
         let _ = writeln!(
             o,
             "  latency ms        p50      p90      p99    p99.9      max    count"

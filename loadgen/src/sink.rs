@@ -136,6 +136,10 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
         .transpose()
         .map_err(Failure::Usage)?;
 
+    if let Some(p) = &a.json {
+        crate::check_writable("--json", p)?;
+    }
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

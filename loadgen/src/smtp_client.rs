@@ -5,8 +5,7 @@
 use crate::message::{push_u64, Built, MessageBuilder};
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug)]
 pub enum ClientError {
@@ -68,8 +67,10 @@ impl RcptTally {
 /// Read buffer: replies are short, but a multi-line EHLO can be a few hundred bytes.
 const RBUF: usize = 8 * 1024;
 
-pub struct SmtpClient {
-    stream: TcpStream,
+/// One client connection over a plain TCP stream or, after STARTTLS, a TLS one; generic so
+/// that the plain path compiles to exactly what it would be without TLS.
+pub struct SmtpClient<S> {
+    stream: S,
     rbuf: Box<[u8]>,
     rstart: usize,
     rend: usize,
@@ -87,8 +88,30 @@ fn is_2xx(c: u16) -> bool {
     (200..300).contains(&c)
 }
 
-impl SmtpClient {
-    pub fn new(stream: TcpStream) -> SmtpClient {
+/// Longest reply text kept for a report: enough for any real server's explanation, and a
+/// bound on what a hostile one can make us store.
+pub const TEXT_MAX: usize = 200;
+
+/// Appends one reply line's text to `out`: lines are joined with a space, bytes outside
+/// printable ASCII become `?`, and the whole stops at `TEXT_MAX` bytes.
+fn push_text(out: &mut String, line: &[u8]) {
+    if out.len() >= TEXT_MAX {
+        return;
+    }
+    if !out.is_empty() {
+        out.push(' ');
+    }
+    for &b in line.iter().take(TEXT_MAX - out.len()) {
+        out.push(if (0x20..0x7f).contains(&b) {
+            char::from(b)
+        } else {
+            '?'
+        });
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
+    pub fn new(stream: S) -> SmtpClient<S> {
         SmtpClient {
             stream,
             rbuf: vec![0u8; RBUF].into_boxed_slice(),
@@ -158,27 +181,38 @@ impl SmtpClient {
         self.reply_with(|_| {}).await
     }
 
+    /// Reads one reply and keeps its text (lines joined by spaces, at most `TEXT_MAX` bytes,
+    /// control bytes replaced), for replies a report shows to the operator. Not for the
+    /// per-message path, which only needs codes.
+    pub async fn reply_text(&mut self) -> Result<(u16, String), ClientError> {
+        let mut text = String::new();
+        let code = self.reply_with(|l| push_text(&mut text, l)).await?;
+        Ok((code, text))
+    }
+
     async fn send(&mut self) -> Result<(), ClientError> {
         self.stream.write_all(&self.wbuf).await?;
         self.wbuf.clear();
         Ok(())
     }
 
-    /// Reads the greeting. Returns its code (220 expected).
-    pub async fn greeting(&mut self) -> Result<u16, ClientError> {
-        self.reply().await
+    /// Reads the greeting. Returns its code (220 expected) and text.
+    pub async fn greeting(&mut self) -> Result<(u16, String), ClientError> {
+        self.reply_text().await
     }
 
-    /// EHLO, falling back to HELO when refused. Returns the final code.
-    pub async fn hello(&mut self, name: &str) -> Result<u16, ClientError> {
+    /// EHLO, falling back to HELO when refused. Returns the final code and its text.
+    pub async fn hello(&mut self, name: &str) -> Result<(u16, String), ClientError> {
         self.wbuf.extend_from_slice(b"EHLO ");
         self.wbuf.extend_from_slice(name.as_bytes());
         self.wbuf.extend_from_slice(b"\r\n");
         self.send().await?;
         let (mut pipe, mut size) = (false, false);
+        let mut text = String::new();
         let code = self
-            .reply_with(|text| {
-                let kw = text.split(|&c| c == b' ').next().unwrap_or(&[]);
+            .reply_with(|line| {
+                push_text(&mut text, line);
+                let kw = line.split(|&c| c == b' ').next().unwrap_or(&[]);
                 if kw.eq_ignore_ascii_case(b"PIPELINING") {
                     pipe = true;
                 } else if kw.eq_ignore_ascii_case(b"SIZE") {
@@ -189,13 +223,13 @@ impl SmtpClient {
         if is_2xx(code) {
             self.pipelining = pipe;
             self.size_ext = size;
-            return Ok(code);
+            return Ok((code, text));
         }
         self.wbuf.extend_from_slice(b"HELO ");
         self.wbuf.extend_from_slice(name.as_bytes());
         self.wbuf.extend_from_slice(b"\r\n");
         self.send().await?;
-        self.reply().await
+        self.reply_text().await
     }
 
     fn push_mail(&mut self, from: &str, size: usize) {
