@@ -11,6 +11,7 @@ mod send;
 mod sink;
 mod smtp_client;
 mod smtp_server;
+mod tls;
 
 use clap::Parser;
 use std::path::Path;

@@ -1,12 +1,13 @@
 //! `loadgen send`: the load plan (closed loop, or an open-loop schedule that measures from each
-//! message's intended start), the connection workers that survive resets by reconnecting,
-//! sender threads, the progress bar and the final report.
+//! message's intended start), the connection workers that survive resets and refusals by
+//! reconnecting, connection set-up (greeting, EHLO, STARTTLS, AUTH), sender threads, the
+//! progress bar and the final report.
 
 use crate::cli::SendArgs;
 use crate::manifest::ManifestWriter;
 use crate::message::{rfc5322_date, MessageBuilder, MessageSpec, MsgId};
 use crate::report::{ManifestInfo, Schedule, SendConfigReport, SendReport, SendStats};
-use crate::smtp_client::{ClientError, RcptTally, SmtpClient, TxnResult};
+use crate::smtp_client::{auth_plain_blob, ClientError, RcptTally, SmtpClient, TxnResult};
 use crate::Failure;
 use std::cell::RefCell;
 use std::io::IsTerminal;
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 /// Default message count when neither --messages nor --duration is given.
 const DEFAULT_MESSAGES: u64 = 1000;
@@ -188,6 +191,10 @@ struct Cfg {
     pipelining: bool,
     new_conn: bool,
     spec: MessageSpec,
+    /// `--starttls`: how to connect and the name to expect in the certificate.
+    tls: Option<(TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    /// `--auth`: the AUTH PLAIN initial response.
+    auth: Option<String>,
 }
 
 fn count_error(s: &mut SendStats, e: &ClientError) {
@@ -224,11 +231,15 @@ struct OpenFailure {
     message: String,
 }
 
-/// Where opening a connection got to, for naming a timeout.
-#[derive(Clone, Copy)]
+/// Where opening a connection got to: names a failure and picks the counter it goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Greeting,
     Hello,
+    StartTls,
+    Handshake,
+    HelloTls,
+    Auth,
 }
 
 impl Stage {
@@ -236,12 +247,22 @@ impl Stage {
         match self {
             Stage::Greeting => "greeting",
             Stage::Hello => "EHLO/HELO",
+            Stage::StartTls => "STARTTLS",
+            Stage::Handshake => "TLS handshake",
+            Stage::HelloTls => "EHLO/HELO after STARTTLS",
+            Stage::Auth => "AUTH",
         }
     }
 }
 
+/// A connection ready for transactions: plain, or inside TLS after STARTTLS.
+enum Opened {
+    Plain(SmtpClient<TcpStream>),
+    Tls(Box<SmtpClient<TlsStream<TcpStream>>>),
+}
+
 /// Opens a connection and gets it to the point where a transaction can start.
-async fn open(cfg: &Cfg, stats: &RefCell<SendStats>) -> Result<SmtpClient<TcpStream>, OpenFailure> {
+async fn open(cfg: &Cfg, stats: &RefCell<SendStats>) -> Result<Opened, OpenFailure> {
     let t = Instant::now();
     let stream = match timeout(cfg.timeout, TcpStream::connect(cfg.addr)).await {
         Ok(Ok(s)) => Ok(s),
@@ -262,33 +283,121 @@ async fn open(cfg: &Cfg, stats: &RefCell<SendStats>) -> Result<SmtpClient<TcpStr
         s.conns_opened += 1;
     }
     let _ = stream.set_nodelay(true);
-    let mut c = SmtpClient::new(stream);
     let mut stage = Stage::Greeting;
-    let greeted = timeout(cfg.timeout, async {
-        let (g, text) = c.greeting().await?;
-        stats.borrow_mut().banner.record(connected.elapsed());
-        if g != 220 {
-            return Ok(Err(format!("greeting {g} {text}")));
-        }
-        stage = Stage::Hello;
-        let (h, text) = c.hello(&cfg.helo).await?;
-        if !(200..300).contains(&h) {
-            return Ok(Err(format!("EHLO/HELO {h} {text}")));
-        }
-        Ok::<_, ClientError>(Ok(()))
-    })
+    let r = timeout(
+        cfg.timeout,
+        setup(cfg, stats, SmtpClient::new(stream), connected, &mut stage),
+    )
     .await;
-    let reason = match greeted {
-        Ok(Ok(Ok(()))) => return Ok(c),
-        Ok(Ok(Err(why))) => why,
-        Ok(Err(e)) => format!("{}: {e}", stage.name()),
+    let reason = match r {
+        Ok(Ok(c)) => return Ok(c),
+        Ok(Err(why)) => why,
         Err(_) => format!("{}: timed out", stage.name()),
     };
-    stats.borrow_mut().errors.greeting += 1;
+    let mut s = stats.borrow_mut();
+    match stage {
+        Stage::Greeting | Stage::Hello | Stage::HelloTls => s.errors.greeting += 1,
+        Stage::StartTls => s.errors.tls += 1,
+        Stage::Handshake => {
+            s.errors.tls += 1;
+            s.tls_failures += 1;
+        }
+        Stage::Auth => {
+            s.errors.auth += 1;
+            s.auth_failed += 1;
+        }
+    }
     Err(OpenFailure {
         message: format!("{}: {reason}", cfg.target),
         reason,
     })
+}
+
+/// Greeting, EHLO, and with the options STARTTLS, the handshake, EHLO again and AUTH. An
+/// error is the reason in the server's words; `stage` says how far it got.
+async fn setup(
+    cfg: &Cfg,
+    stats: &RefCell<SendStats>,
+    mut c: SmtpClient<TcpStream>,
+    connected: Instant,
+    stage: &mut Stage,
+) -> Result<Opened, String> {
+    let (g, text) = c
+        .greeting()
+        .await
+        .map_err(|e| format!("{}: {e}", Stage::Greeting.name()))?;
+    stats.borrow_mut().banner.record(connected.elapsed());
+    if g != 220 {
+        return Err(format!("greeting {g} {text}"));
+    }
+    *stage = Stage::Hello;
+    let (h, text) = c
+        .hello(&cfg.helo)
+        .await
+        .map_err(|e| format!("{}: {e}", Stage::Hello.name()))?;
+    if !(200..300).contains(&h) {
+        return Err(format!("EHLO/HELO {h} {text}"));
+    }
+    let Some((connector, name)) = &cfg.tls else {
+        if let Some(blob) = &cfg.auth {
+            *stage = Stage::Auth;
+            authenticate(&mut c, blob, stats).await?;
+        }
+        return Ok(Opened::Plain(c));
+    };
+    *stage = Stage::StartTls;
+    if !c.starttls {
+        let server = text.split(' ').next().unwrap_or_default();
+        return Err(format!("STARTTLS not offered in EHLO by {server}"));
+    }
+    let (code, text) = c
+        .starttls_command()
+        .await
+        .map_err(|e| format!("{}: {e}", Stage::StartTls.name()))?;
+    if code != 220 {
+        return Err(format!("STARTTLS {code} {text}"));
+    }
+    *stage = Stage::Handshake;
+    let t = Instant::now();
+    let stream = connector
+        .connect(name.clone(), c.into_stream())
+        .await
+        .map_err(|e| format!("{}: {e}", Stage::Handshake.name()))?;
+    {
+        let mut s = stats.borrow_mut();
+        s.tls_sessions += 1;
+        s.tls_handshake.record(t.elapsed());
+    }
+    let mut c = SmtpClient::new(stream);
+    *stage = Stage::HelloTls;
+    let (h, text) = c
+        .hello(&cfg.helo)
+        .await
+        .map_err(|e| format!("{}: {e}", Stage::HelloTls.name()))?;
+    if !(200..300).contains(&h) {
+        return Err(format!("EHLO/HELO after STARTTLS {h} {text}"));
+    }
+    if let Some(blob) = &cfg.auth {
+        *stage = Stage::Auth;
+        authenticate(&mut c, blob, stats).await?;
+    }
+    Ok(Opened::Tls(Box::new(c)))
+}
+
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut SmtpClient<S>,
+    blob: &str,
+    stats: &RefCell<SendStats>,
+) -> Result<(), String> {
+    let (code, text) = c
+        .auth_plain(blob)
+        .await
+        .map_err(|e| format!("{}: {e}", Stage::Auth.name()))?;
+    if code != 235 {
+        return Err(format!("AUTH {code} {text}"));
+    }
+    stats.borrow_mut().auth_ok += 1;
+    Ok(())
 }
 
 /// What one connection slot keeps across its connections.
@@ -377,7 +486,11 @@ async fn connection(
         }
         failing_since = None;
         backoff = BACKOFF.0;
-        match messages(&mut slot, client, ticket).await {
+        let next = match client {
+            Opened::Plain(c) => messages(&mut slot, c, ticket).await,
+            Opened::Tls(c) => messages(&mut slot, *c, ticket).await,
+        };
+        match next {
             Next::Reconnect => {}
             Next::Done => return,
         }
@@ -603,6 +716,24 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
     let rcpts =
         usize::try_from(a.rcpts).map_err(|_| Failure::Usage("--rcpts is too large".into()))?;
 
+    let auth = match &a.auth {
+        Some(up) => {
+            let (user, pass) = up
+                .split_once(':')
+                .filter(|(u, _)| !u.is_empty())
+                .ok_or_else(|| Failure::Usage("--auth must be USER:PASS".into()))?;
+            Some((user.to_string(), auth_plain_blob(user, pass)))
+        }
+        None => None,
+    };
+    let tls = if a.starttls {
+        let config =
+            crate::tls::client_config(a.tls_verify, a.tls_ca.as_deref()).map_err(Failure::Usage)?;
+        let name = crate::tls::server_name(&a.target).map_err(Failure::Usage)?;
+        Some((TlsConnector::from(config), name))
+    } else {
+        None
+    };
     // Every output is checked (the manifest is even created) before the first connection, so
     // a mistyped path fails in a moment instead of after the whole load.
     if let Some(p) = &a.json {
@@ -625,6 +756,8 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
         give_up: Duration::from_secs_f64(a.give_up_after),
         pipelining: a.pipelining,
         new_conn: a.new_connection_per_message,
+        tls,
+        auth: auth.as_ref().map(|(_, blob)| blob.clone()),
         spec: MessageSpec {
             run,
             from: a.from.clone(),
@@ -764,6 +897,9 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
             domains,
             pipelining: a.pipelining,
             new_connection_per_message: a.new_connection_per_message,
+            starttls: a.starttls,
+            tls_verify: a.tls_verify || a.tls_ca.is_some(),
+            auth_user: auth.map(|(user, _)| user),
         },
         elapsed,
         schedule,
