@@ -330,3 +330,51 @@ fn fake_session(s: std::net::TcpStream, auth: Option<&str>, c: &FakeCounts) -> s
     }
     Ok(())
 }
+
+/// Certificates made for a test: a CA, and a leaf for `localhost` and 127.0.0.1 signed by it.
+pub struct TestCerts {
+    /// The CA certificate (PEM), for a client that verifies.
+    pub ca: PathBuf,
+    /// The leaf followed by the CA (PEM), for `sink --tls-cert`.
+    pub chain: PathBuf,
+    /// The leaf's private key (PKCS#8 PEM), for `sink --tls-key`.
+    pub key: PathBuf,
+}
+
+/// Makes a fresh CA and leaf with rcgen and writes them into `dir`.
+pub fn make_certs(dir: &Scratch) -> TestCerts {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "loadgen test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("leaf params");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    // Strict X.509 checkers (OpenSSL's, in newer Pythons) want the issuer's key id.
+    leaf.use_authority_key_identifier_extension = true;
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf certificate");
+    let certs = TestCerts {
+        ca: dir.path("ca.pem"),
+        chain: dir.path("chain.pem"),
+        key: dir.path("key.pem"),
+    };
+    std::fs::write(&certs.ca, ca_cert.pem()).expect("write ca.pem");
+    std::fs::write(&certs.chain, leaf_cert.pem() + &ca_cert.pem()).expect("write chain.pem");
+    std::fs::write(&certs.key, leaf_key.serialize_pem()).expect("write key.pem");
+    certs
+}
