@@ -114,6 +114,19 @@ pub struct SendArgs {
     /// Never show the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// After EHLO, STARTTLS and EHLO again; certificates are not checked unless --tls-verify.
+    #[arg(long)]
+    pub starttls: bool,
+    /// With --starttls: check the server certificate against the Mozilla roots (and --tls-ca)
+    /// and the host name of --target.
+    #[arg(long, requires = "starttls")]
+    pub tls_verify: bool,
+    /// With --starttls: PEM file of more trusted certificates; implies --tls-verify.
+    #[arg(long, value_name = "FILE", requires = "starttls")]
+    pub tls_ca: Option<PathBuf>,
+    /// Authenticate every connection with AUTH PLAIN (after TLS with --starttls).
+    #[arg(long, value_name = "USER:PASS")]
+    pub auth: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -157,4 +170,10 @@ pub struct SinkArgs {
     /// Advertised SIZE limit; larger messages get 552 (default 100m).
     #[arg(long, value_name = "BYTES")]
     pub max_size: Option<String>,
+    /// PEM certificate chain (leaf first); with --tls-key, STARTTLS is offered.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }

@@ -11,6 +11,7 @@ mod send;
 mod sink;
 mod smtp_client;
 mod smtp_server;
+mod tls;
 
 use clap::Parser;
 use std::path::Path;
@@ -45,6 +46,24 @@ pub fn termination_signals(
     let t = signal(SignalKind::terminate())
         .map_err(|e| Failure::Runtime(format!("cannot handle SIGTERM: {e}")))?;
     Ok((i, t))
+}
+
+/// Makes sure an output file can be written before any work starts, so that a run is never
+/// wasted on a typo in a path: opens it for writing (creating it if needed, truncating
+/// nothing) and removes it again if it did not exist before. `flag` names the option in the
+/// error message.
+pub fn check_writable(flag: &str, path: &Path) -> Result<(), Failure> {
+    let existed = path.symlink_metadata().is_ok();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Failure::Runtime(format!("cannot write {flag} {}: {e}", path.display())))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
 }
 
 /// Writes a report as pretty JSON.

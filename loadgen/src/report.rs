@@ -90,6 +90,10 @@ pub struct ErrorCounts {
     pub io: u64,
     /// A reply that is not SMTP (bad code, overlong line, inconsistent multi-line reply).
     pub protocol: u64,
+    /// STARTTLS not offered or refused, or the TLS handshake failed.
+    pub tls: u64,
+    /// AUTH refused (or failed).
+    pub auth: u64,
 }
 
 impl ErrorCounts {
@@ -100,6 +104,8 @@ impl ErrorCounts {
         self.closed += o.closed;
         self.io += o.io;
         self.protocol += o.protocol;
+        self.tls += o.tls;
+        self.auth += o.auth;
     }
 }
 
@@ -125,6 +131,15 @@ pub struct SendStats {
     /// Accepted messages: from the end of the content to the reply (the 250).
     pub end_of_data: Latency,
     pub lag: Latency,
+    /// Failed connection attempts by reason, in the server's words where it gave some
+    /// (`greeting 421 4.7.0 ...`, `connect: Connection refused ...`).
+    pub conn_failures: BTreeMap<String, u64>,
+    pub tls_sessions: u64,
+    /// TLS handshakes that failed (not STARTTLS refusals).
+    pub tls_failures: u64,
+    pub tls_handshake: Latency,
+    pub auth_ok: u64,
+    pub auth_failed: u64,
 }
 
 impl Default for SendStats {
@@ -147,11 +162,37 @@ impl Default for SendStats {
             txn: Latency::default(),
             end_of_data: Latency::default(),
             lag: Latency::default(),
+            conn_failures: BTreeMap::new(),
+            tls_sessions: 0,
+            tls_failures: 0,
+            tls_handshake: Latency::default(),
+            auth_ok: 0,
+            auth_failed: 0,
         }
     }
 }
 
+/// Distinct connection failure reasons kept; the rest are counted under `OTHER_REASONS`, so
+/// a server that puts a counter or a time in its refusals cannot grow the report without end.
+const MAX_REASONS: usize = 64;
+const OTHER_REASONS: &str = "(other reasons)";
+
+fn count_reason(map: &mut BTreeMap<String, u64>, reason: &str, n: u64) {
+    if let Some(c) = map.get_mut(reason) {
+        *c += n;
+    } else if map.len() < MAX_REASONS {
+        map.insert(reason.to_string(), n);
+    } else {
+        *map.entry(OTHER_REASONS.to_string()).or_default() += n;
+    }
+}
+
 impl SendStats {
+    /// Counts one failed connection attempt under its reason.
+    pub fn conn_failure(&mut self, reason: &str) {
+        count_reason(&mut self.conn_failures, reason, 1);
+    }
+
     pub fn code(&mut self, code: u16) {
         if let Some(c) = self.codes.get_mut(usize::from(code)) {
             *c += 1;
@@ -178,6 +219,14 @@ impl SendStats {
         self.txn.merge(&o.txn);
         self.end_of_data.merge(&o.end_of_data);
         self.lag.merge(&o.lag);
+        for (r, &n) in &o.conn_failures {
+            count_reason(&mut self.conn_failures, r, n);
+        }
+        self.tls_sessions += o.tls_sessions;
+        self.tls_failures += o.tls_failures;
+        self.tls_handshake.merge(&o.tls_handshake);
+        self.auth_ok += o.auth_ok;
+        self.auth_failed += o.auth_failed;
     }
 }
 
@@ -194,6 +243,19 @@ pub struct SendConfigReport {
     pub domains: Vec<String>,
     pub pipelining: bool,
     pub new_connection_per_message: bool,
+    pub starttls: bool,
+    /// Certificates checked (`--tls-verify` or `--tls-ca`).
+    pub tls_verify: bool,
+    pub auth_user: Option<String>,
+}
+
+/// AUTH results of a `send --auth` run.
+#[derive(Serialize, Debug)]
+pub struct AuthReport {
+    /// Connections that got 235.
+    pub succeeded: u64,
+    /// Connections whose AUTH got anything else (reasons in `connection_failures`).
+    pub failed: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -269,6 +331,8 @@ pub struct SendReport {
     pub messages: SendMessages,
     pub reply_codes: BTreeMap<String, u64>,
     pub errors: ErrorCounts,
+    /// Failed connection attempts by reason, with the server's text.
+    pub connection_failures: BTreeMap<String, u64>,
     pub connections: SendConnections,
     pub recipients: Recipients,
     pub bytes_accepted: u64,
@@ -276,6 +340,10 @@ pub struct SendReport {
     pub latency_us: SendLatency,
     pub schedule: Option<Schedule>,
     pub manifest: Option<ManifestInfo>,
+    /// Present with `--starttls`.
+    pub tls: Option<TlsReport>,
+    /// Present with `--auth`.
+    pub auth: Option<AuthReport>,
 }
 
 fn per_s(n: u64, secs: f64) -> f64 {
@@ -317,7 +385,6 @@ impl SendReport {
             run_id,
             target,
             stop_reason,
-            config,
             elapsed_s: r3(secs),
             messages: SendMessages {
                 sent: s.sent,
@@ -329,6 +396,7 @@ impl SendReport {
             },
             reply_codes,
             errors: s.errors,
+            connection_failures: s.conn_failures.clone(),
             connections: SendConnections {
                 opened: s.conns_opened,
                 failed: s.errors.connect,
@@ -354,6 +422,16 @@ impl SendReport {
                 transaction: s.txn.summary(),
                 end_of_data: s.end_of_data.summary(),
             },
+            tls: config.starttls.then(|| TlsReport {
+                sessions: s.tls_sessions,
+                handshake_failures: s.tls_failures,
+                handshake_us: s.tls_handshake.summary(),
+            }),
+            auth: config.auth_user.is_some().then_some(AuthReport {
+                succeeded: s.auth_ok,
+                failed: s.auth_failed,
+            }),
+            config,
             schedule,
             manifest,
         }
@@ -389,9 +467,26 @@ impl SendReport {
         let e = &self.errors;
         let _ = writeln!(
             o,
-            "  errors: connect={} greeting={} timeout={} closed={} io={} protocol={}; connections opened={}",
-            e.connect, e.greeting, e.timeout, e.closed, e.io, e.protocol, self.connections.opened
+            "  errors: connect={} greeting={} tls={} auth={} timeout={} closed={} io={} protocol={}; connections opened={}",
+            e.connect, e.greeting, e.tls, e.auth, e.timeout, e.closed, e.io, e.protocol, self.connections.opened
         );
+        if let Some(t) = &self.tls {
+            let _ = writeln!(o, "{}", t.human());
+        }
+        if let Some(a) = &self.auth {
+            let _ = writeln!(o, "  auth: {} succeeded, {} failed", a.succeeded, a.failed);
+        }
+        if !self.connection_failures.is_empty() {
+            let mut by_count: Vec<(&String, &u64)> = self.connection_failures.iter().collect();
+            by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let _ = writeln!(o, "  connection failures:");
+            for (reason, n) in by_count.iter().take(10) {
+                let _ = writeln!(o, "    {n:>8} x {reason}");
+            }
+            if by_count.len() > 10 {
+                let _ = writeln!(o, "    ... {} more reasons in --json", by_count.len() - 10);
+            }
+        }
         let _ = writeln!(
             o,
             "  latency ms        p50      p90      p99    p99.9      max    count"
@@ -451,6 +546,10 @@ pub struct SinkStats {
     pub bad_commands: u64,
     pub first: Option<Instant>,
     pub last: Option<Instant>,
+    /// STARTTLS handshakes that completed, and those that failed or timed out.
+    pub tls_sessions: u64,
+    pub tls_failures: u64,
+    pub tls_handshake: Latency,
 }
 
 impl Default for SinkStats {
@@ -472,6 +571,9 @@ impl Default for SinkStats {
             bad_commands: 0,
             first: None,
             last: None,
+            tls_sessions: 0,
+            tls_failures: 0,
+            tls_handshake: Latency::default(),
         }
     }
 }
@@ -497,6 +599,9 @@ impl SinkStats {
             (a, b) => a.or(b),
         };
         self.last = self.last.max(o.last);
+        self.tls_sessions += o.tls_sessions;
+        self.tls_failures += o.tls_failures;
+        self.tls_handshake.merge(&o.tls_handshake);
     }
 }
 
@@ -542,6 +647,32 @@ pub struct Faults {
     pub delay_ms: u64,
 }
 
+/// TLS sessions of a run (`send --starttls`, or a sink with a certificate).
+#[derive(Serialize, Debug)]
+pub struct TlsReport {
+    /// Handshakes completed.
+    pub sessions: u64,
+    /// Handshakes that failed or timed out.
+    pub handshake_failures: u64,
+    /// Handshake duration, completed handshakes only, µs.
+    pub handshake_us: LatencySummary,
+}
+
+impl TlsReport {
+    fn human(&self) -> String {
+        let h = &self.handshake_us;
+        let ms = |v: u64| v as f64 / 1000.0;
+        format!(
+            "  tls: {} sessions, {} handshake failures; handshake ms p50 {:.3} p99 {:.3} max {:.3}",
+            self.sessions,
+            self.handshake_failures,
+            ms(h.p50),
+            ms(h.p99),
+            ms(h.max)
+        )
+    }
+}
+
 /// The `sink --json` document (schema in README.md).
 #[derive(Serialize, Debug)]
 pub struct SinkReport {
@@ -559,6 +690,8 @@ pub struct SinkReport {
     pub pipelined_groups: u64,
     pub bad_commands: u64,
     pub faults: Faults,
+    /// Present when the sink offers STARTTLS.
+    pub tls: Option<TlsReport>,
     pub manifest: Option<crate::manifest::ManifestCheck>,
 }
 
@@ -572,6 +705,7 @@ impl SinkReport {
         stop_reason: String,
         elapsed: Duration,
         faults: Faults,
+        tls: bool,
         manifest: Option<crate::manifest::ManifestCheck>,
     ) -> SinkReport {
         let active = match (s.first, s.last) {
@@ -627,6 +761,11 @@ impl SinkReport {
             pipelined_groups: s.pipelined_groups,
             bad_commands: s.bad_commands,
             faults,
+            tls: tls.then(|| TlsReport {
+                sessions: s.tls_sessions,
+                handshake_failures: s.tls_failures,
+                handshake_us: s.tls_handshake.summary(),
+            }),
             manifest,
         }
     }
@@ -660,6 +799,9 @@ impl SinkReport {
             self.pipelined_groups,
             self.bad_commands
         );
+        if let Some(t) = &self.tls {
+            let _ = writeln!(o, "{}", t.human());
+        }
         if let Some(mc) = &self.manifest {
             let _ = writeln!(
                 o,

@@ -136,6 +136,14 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
         .transpose()
         .map_err(Failure::Usage)?;
 
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::server_config(c, k).map_err(Failure::Usage)?),
+        _ => None,
+    };
+    if let Some(p) = &a.json {
+        crate::check_writable("--json", p)?;
+    }
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -154,6 +162,7 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
         delay: (a.delay_ms > 0).then(|| Duration::from_millis(a.delay_ms)),
         max_size: max_size.map_or(100 << 20, |v| v as u64),
         expect: a.expect,
+        tls: tls.clone(),
     }));
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
@@ -224,6 +233,7 @@ pub fn run(a: SinkArgs) -> Result<i32, Failure> {
             stage: a.fail_stage.name().to_string(),
             delay_ms: a.delay_ms,
         },
+        tls.is_some(),
         manifest,
     );
     print!("{}", report.human());

@@ -1,12 +1,12 @@
-//! The sending side of one SMTP connection: greeting, EHLO (with HELO fallback), one message
-//! transaction either one command per round trip or pipelined, RSET and QUIT. Replies are
-//! parsed strictly; anything that is not SMTP is a `ClientError`, never a panic.
+//! The sending side of one SMTP connection: greeting, EHLO (with HELO fallback), STARTTLS
+//! (RFC 3207) and AUTH PLAIN (RFC 4616, RFC 4954), one message transaction either one command
+//! per round trip or pipelined, RSET and QUIT. Replies are parsed strictly; anything that is
+//! not SMTP is a `ClientError`, never a panic.
 
 use crate::message::{push_u64, Built, MessageBuilder};
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug)]
 pub enum ClientError {
@@ -68,8 +68,10 @@ impl RcptTally {
 /// Read buffer: replies are short, but a multi-line EHLO can be a few hundred bytes.
 const RBUF: usize = 8 * 1024;
 
-pub struct SmtpClient {
-    stream: TcpStream,
+/// One client connection over a plain TCP stream or, after STARTTLS, a TLS one; generic so
+/// that the plain path compiles to exactly what it would be without TLS.
+pub struct SmtpClient<S> {
+    stream: S,
     rbuf: Box<[u8]>,
     rstart: usize,
     rend: usize,
@@ -78,6 +80,8 @@ pub struct SmtpClient {
     pub pipelining: bool,
     /// The server advertised SIZE, so MAIL carries SIZE=.
     pub size_ext: bool,
+    /// The server advertised STARTTLS.
+    pub starttls: bool,
     /// Of the last transaction that got a reply to its content: the time from the end of
     /// the content (terminator written) to that reply.
     pub end_of_data_to_reply: Option<std::time::Duration>,
@@ -87,8 +91,63 @@ fn is_2xx(c: u16) -> bool {
     (200..300).contains(&c)
 }
 
-impl SmtpClient {
-    pub fn new(stream: TcpStream) -> SmtpClient {
+/// The AUTH PLAIN initial response for `user` and `pass` (RFC 4616): base64 of
+/// `NUL user NUL pass`, with no authorization identity.
+pub fn auth_plain_blob(user: &str, pass: &str) -> String {
+    let mut raw = Vec::with_capacity(user.len() + pass.len() + 2);
+    raw.push(0);
+    raw.extend_from_slice(user.as_bytes());
+    raw.push(0);
+    raw.extend_from_slice(pass.as_bytes());
+    base64(&raw)
+}
+
+/// Standard base64 (RFC 4648 section 4) with padding.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Longest reply text kept for a report: enough for any real server's explanation, and a
+/// bound on what a hostile one can make us store.
+pub const TEXT_MAX: usize = 200;
+
+/// Appends one reply line's text to `out`: lines are joined with a space, bytes outside
+/// printable ASCII become `?`, and the whole stops at `TEXT_MAX` bytes.
+fn push_text(out: &mut String, line: &[u8]) {
+    if out.len() >= TEXT_MAX {
+        return;
+    }
+    if !out.is_empty() {
+        out.push(' ');
+    }
+    for &b in line.iter().take(TEXT_MAX - out.len()) {
+        out.push(if (0x20..0x7f).contains(&b) {
+            char::from(b)
+        } else {
+            '?'
+        });
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
+    pub fn new(stream: S) -> SmtpClient<S> {
         SmtpClient {
             stream,
             rbuf: vec![0u8; RBUF].into_boxed_slice(),
@@ -97,6 +156,7 @@ impl SmtpClient {
             wbuf: Vec::with_capacity(512),
             pipelining: false,
             size_ext: false,
+            starttls: false,
             end_of_data_to_reply: None,
         }
     }
@@ -158,44 +218,94 @@ impl SmtpClient {
         self.reply_with(|_| {}).await
     }
 
+    /// Reads one reply and keeps its text (lines joined by spaces, at most `TEXT_MAX` bytes,
+    /// control bytes replaced), for replies a report shows to the operator. Not for the
+    /// per-message path, which only needs codes.
+    pub async fn reply_text(&mut self) -> Result<(u16, String), ClientError> {
+        let mut text = String::new();
+        let code = self.reply_with(|l| push_text(&mut text, l)).await?;
+        Ok((code, text))
+    }
+
     async fn send(&mut self) -> Result<(), ClientError> {
         self.stream.write_all(&self.wbuf).await?;
         self.wbuf.clear();
         Ok(())
     }
 
-    /// Reads the greeting. Returns its code (220 expected).
-    pub async fn greeting(&mut self) -> Result<u16, ClientError> {
-        self.reply().await
+    /// Reads the greeting. Returns its code (220 expected) and text.
+    pub async fn greeting(&mut self) -> Result<(u16, String), ClientError> {
+        self.reply_text().await
     }
 
-    /// EHLO, falling back to HELO when refused. Returns the final code.
-    pub async fn hello(&mut self, name: &str) -> Result<u16, ClientError> {
+    /// EHLO, falling back to HELO when refused. Returns the final code and its text.
+    pub async fn hello(&mut self, name: &str) -> Result<(u16, String), ClientError> {
         self.wbuf.extend_from_slice(b"EHLO ");
         self.wbuf.extend_from_slice(name.as_bytes());
         self.wbuf.extend_from_slice(b"\r\n");
         self.send().await?;
-        let (mut pipe, mut size) = (false, false);
+        let (mut pipe, mut size, mut tls) = (false, false, false);
+        let mut text = String::new();
         let code = self
-            .reply_with(|text| {
-                let kw = text.split(|&c| c == b' ').next().unwrap_or(&[]);
+            .reply_with(|line| {
+                push_text(&mut text, line);
+                let kw = line.split(|&c| c == b' ').next().unwrap_or(&[]);
                 if kw.eq_ignore_ascii_case(b"PIPELINING") {
                     pipe = true;
                 } else if kw.eq_ignore_ascii_case(b"SIZE") {
                     size = true;
+                } else if kw.eq_ignore_ascii_case(b"STARTTLS") {
+                    tls = true;
                 }
             })
             .await?;
         if is_2xx(code) {
             self.pipelining = pipe;
             self.size_ext = size;
-            return Ok(code);
+            self.starttls = tls;
+            return Ok((code, text));
         }
         self.wbuf.extend_from_slice(b"HELO ");
         self.wbuf.extend_from_slice(name.as_bytes());
         self.wbuf.extend_from_slice(b"\r\n");
         self.send().await?;
-        self.reply().await
+        self.reply_text().await
+    }
+
+    /// Sends STARTTLS and reads the reply (220 expected). Anything the server sent after
+    /// that reply is dropped: only what arrives through TLS may be believed (the client's
+    /// side of CVE-2011-0411).
+    pub async fn starttls_command(&mut self) -> Result<(u16, String), ClientError> {
+        self.wbuf.extend_from_slice(b"STARTTLS\r\n");
+        self.send().await?;
+        let r = self.reply_text().await?;
+        self.rstart = 0;
+        self.rend = 0;
+        Ok(r)
+    }
+
+    /// The stream, for the TLS handshake after a 220 to STARTTLS.
+    pub fn into_stream(self) -> S {
+        self.stream
+    }
+
+    /// AUTH PLAIN with an initial response (`blob`, from `auth_plain_blob`). Returns the reply
+    /// (235 means authenticated).
+    pub async fn auth_plain(&mut self, blob: &str) -> Result<(u16, String), ClientError> {
+        self.wbuf.extend_from_slice(b"AUTH PLAIN ");
+        self.wbuf.extend_from_slice(blob.as_bytes());
+        self.wbuf.extend_from_slice(b"\r\n");
+        self.send().await?;
+        let (code, text) = self.reply_text().await?;
+        if code == 334 {
+            // A server that ignores the initial response asks for it; cancel rather than send
+            // the credentials twice in one conversation.
+            self.wbuf.extend_from_slice(b"*\r\n");
+            self.send().await?;
+            let (c, t) = self.reply_text().await?;
+            return Ok((c, format!("{t} (after an unexpected 334 {text})")));
+        }
+        Ok((code, text))
     }
 
     fn push_mail(&mut self, from: &str, size: usize) {
@@ -339,5 +449,41 @@ impl SmtpClient {
             self.reply().await
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (raw, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(raw.as_bytes()), enc);
+        }
+        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    #[test]
+    fn auth_plain_blob_is_nul_user_nul_pass() {
+        assert_eq!(auth_plain_blob("user", "pass"), "AHVzZXIAcGFzcw==");
+    }
+
+    #[test]
+    fn reply_text_is_bounded_and_printable() {
+        let mut t = String::new();
+        push_text(&mut t, b"4.7.0 too\x01many");
+        push_text(&mut t, b"second line");
+        assert_eq!(t, "4.7.0 too?many second line");
+        push_text(&mut t, &[b'x'; 500]);
+        assert_eq!(t.len(), TEXT_MAX);
     }
 }

@@ -1,6 +1,7 @@
 //! The sink's SMTP server side: one connection's ESMTP dialogue (PIPELINING, SIZE, 8BITMIME,
-//! ENHANCEDSTATUSCODES), fault injection, and handing each message's verdict to the counters.
-//! Replies are batched until the input is exhausted, which is what makes pipelining cheap.
+//! ENHANCEDSTATUSCODES, and STARTTLS per RFC 3207 when given a certificate), fault injection,
+//! and handing each message's verdict to the counters. Replies are batched until the input is
+//! exhausted, which is what makes pipelining cheap.
 
 use crate::data_scan::{DataScan, Verdict};
 use crate::ids::IdRegistry;
@@ -9,10 +10,12 @@ use crate::report::SinkStats;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 
 /// Where injected failures are answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -42,6 +45,8 @@ pub struct ServerConfig {
     pub delay: Option<Duration>,
     pub max_size: u64,
     pub expect: Option<u64>,
+    /// With a certificate: STARTTLS is offered.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// State shared by every sink thread.
@@ -54,7 +59,10 @@ pub struct ServerShared {
     pub expect_reached: Notify,
     banner: Vec<u8>,
     ehlo: Vec<u8>,
+    /// The EHLO reply inside TLS: STARTTLS is no longer offered.
+    ehlo_tls: Vec<u8>,
     helo: Vec<u8>,
+    tls: Option<TlsAcceptor>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,12 +76,21 @@ impl ServerShared {
     pub fn new(cfg: ServerConfig) -> ServerShared {
         let h = &cfg.hostname;
         let banner = format!("220 {h} ESMTP loadgen sink\r\n").into_bytes();
-        let ehlo = format!(
-            "250-{h}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n",
-            cfg.max_size
-        )
-        .into_bytes();
+        let ehlo_with = |starttls: &str| {
+            format!(
+                "250-{h}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n{starttls}250 ENHANCEDSTATUSCODES\r\n",
+                cfg.max_size
+            )
+            .into_bytes()
+        };
+        let ehlo_tls = ehlo_with("");
+        let ehlo = if cfg.tls.is_some() {
+            ehlo_with("250-STARTTLS\r\n")
+        } else {
+            ehlo_tls.clone()
+        };
         let helo = format!("250 {h}\r\n").into_bytes();
+        let tls = cfg.tls.clone().map(TlsAcceptor::from);
         ServerShared {
             cfg,
             ids: IdRegistry::default(),
@@ -82,7 +99,9 @@ impl ServerShared {
             expect_reached: Notify::new(),
             banner,
             ehlo,
+            ehlo_tls,
             helo,
+            tls,
         }
     }
 
@@ -148,6 +167,15 @@ struct Conn<'a> {
     /// In command mode, an overlong line is being discarded up to its newline.
     skip_line: bool,
     quit: bool,
+    tls: TlsState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    Plain,
+    /// STARTTLS was answered 220: the handshake comes next, nothing else is read.
+    Starting,
+    Active,
 }
 
 /// Serves one connection until the client quits or the connection fails. Nothing the client
@@ -177,15 +205,61 @@ pub async fn serve(
         scan: DataScan::default(),
         skip_line: false,
         quit: false,
+        tls: TlsState::Plain,
     };
     c.out.extend_from_slice(&sh.banner);
     let mut buf = vec![0u8; BUF];
+    session(&mut stream, &mut c, &mut buf, &stats, &mut guard).await;
+    if c.tls != TlsState::Starting {
+        return;
+    }
+    // STARTTLS was answered 220. Whatever the client sent after the command is still in
+    // `buf` and is dropped with it: only bytes read through TLS count (CVE-2011-0411).
+    let Some(acceptor) = sh.tls.clone() else {
+        return;
+    };
+    let t = Instant::now();
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+    let mut tls = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) | Err(_) => {
+            stats.borrow_mut().tls_failures += 1;
+            return;
+        }
+    };
+    {
+        let mut st = stats.borrow_mut();
+        st.tls_sessions += 1;
+        st.tls_handshake.record(t.elapsed());
+    }
+    // A fresh SMTP session: the client must say EHLO again (RFC 3207 section 4.2).
+    c.tls = TlsState::Active;
+    c.mode = Mode::Command;
+    c.skip_line = false;
+    c.reset_txn();
+    session(&mut tls, &mut c, &mut buf, &stats, &mut guard).await;
+    let _ = tls.shutdown().await;
+}
+
+/// How long the sink waits for a client's TLS handshake after its 220 to STARTTLS.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the SMTP dialogue over one stream (plain, or TLS after STARTTLS) until the client
+/// quits, the connection fails, or STARTTLS was accepted (then `c.tls` is `Starting` and the
+/// 220 has been written). Generic, so the plain path is compiled as if TLS did not exist.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    c: &mut Conn<'_>,
+    buf: &mut [u8],
+    stats: &RefCell<SinkStats>,
+    guard: &mut ConnGuard,
+) {
     let (mut start, mut end) = (0usize, 0usize);
     loop {
         let mut cmds = 0u32;
         {
             let mut st = stats.borrow_mut();
-            while !c.quit {
+            while !c.quit && c.tls != TlsState::Starting {
                 if c.mode == Mode::Data {
                     let (n, done) = c.scan.feed(&buf[start..end], end - start == BUF);
                     start += n;
@@ -225,7 +299,7 @@ pub async fn serve(
             }
         }
         if !c.out.is_empty() {
-            if let Some(d) = sh.cfg.delay {
+            if let Some(d) = c.sh.cfg.delay {
                 tokio::time::sleep(d).await;
             }
             if stream.write_all(&c.out).await.is_err() {
@@ -233,7 +307,11 @@ pub async fn serve(
             }
             c.out.clear();
         }
-        if c.quit {
+        if c.quit || c.tls == TlsState::Starting {
+            if c.quit {
+                // Over TLS this sends close_notify; over TCP it is a no-op flush.
+                let _ = stream.flush().await;
+            }
             return;
         }
         if start == end {
@@ -294,7 +372,12 @@ impl Conn<'_> {
         match &verb {
             b"EHLO" => {
                 self.reset_txn();
-                self.out.extend_from_slice(&self.sh.ehlo);
+                let ehlo = if self.tls == TlsState::Active {
+                    &self.sh.ehlo_tls
+                } else {
+                    &self.sh.ehlo
+                };
+                self.out.extend_from_slice(ehlo);
             }
             b"HELO" => {
                 self.reset_txn();
@@ -365,6 +448,18 @@ impl Conn<'_> {
                 self.reply(b"221 2.0.0 Bye\r\n");
                 self.quit = true;
             }
+            b"STAR" if self.sh.tls.is_some() && has_prefix_ci(l, b"STARTTLS") => {
+                if !l[8..].iter().all(|&b| b == b' ') {
+                    st.bad_commands += 1;
+                    self.reply(b"501 5.5.4 Syntax: STARTTLS\r\n");
+                } else if self.tls == TlsState::Active {
+                    st.bad_commands += 1;
+                    self.reply(b"503 5.5.1 Error: TLS already active\r\n");
+                } else {
+                    self.reply(b"220 2.0.0 Ready to start TLS\r\n");
+                    self.tls = TlsState::Starting;
+                }
+            }
             b"VRFY" => self.reply(b"252 2.0.0 Cannot VRFY user\r\n"),
             b"HELP" => self.reply(b"214 2.0.0 loadgen sink\r\n"),
             _ => {
@@ -434,5 +529,141 @@ impl Conn<'_> {
             + 1;
         push_u64(&mut self.out, n);
         self.reply(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    fn shared(tls: bool) -> Arc<ServerShared> {
+        let tls = tls.then(|| {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+                .expect("certificate");
+            let key =
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+            crate::tls::server_config_from(vec![ck.cert.der().clone()], key).expect("config")
+        });
+        Arc::new(ServerShared::new(ServerConfig {
+            hostname: "sink.test".into(),
+            tempfail: 0.0,
+            permfail: 0.0,
+            stage: FailStage::Data,
+            delay: None,
+            max_size: 1 << 20,
+            expect: None,
+            tls,
+        }))
+    }
+
+    /// Reads one whole reply a byte at a time, so nothing after it is consumed.
+    async fn reply<S: AsyncRead + Unpin>(s: &mut S) -> String {
+        let mut all = Vec::new();
+        let mut line_start = 0;
+        loop {
+            let b = s.read_u8().await.expect("reply byte");
+            all.push(b);
+            if b == b'\n' {
+                let line = &all[line_start..];
+                if line.get(3) == Some(&b' ') {
+                    return String::from_utf8_lossy(&all).into_owned();
+                }
+                line_start = all.len();
+            }
+        }
+    }
+
+    /// Runs a client against one sink connection on loopback; returns what the sink counted.
+    fn with_sink<F, Fut>(tls: bool, client: F) -> SinkStats
+    where
+        F: FnOnce(TcpStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        let stats = Rc::new(RefCell::new(SinkStats::default()));
+        local.block_on(&rt, async {
+            let sh = shared(tls);
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let st = stats.clone();
+            let server = tokio::task::spawn_local(async move {
+                let (s, _) = l.accept().await.expect("accept");
+                serve(s, &sh, st, Rc::new(Cell::new(0))).await;
+            });
+            client(TcpStream::connect(addr).await.expect("connect")).await;
+            server.await.expect("server task");
+        });
+        let s = std::mem::take(&mut *stats.borrow_mut());
+        s
+    }
+
+    #[test]
+    fn starttls_drops_pipelined_bytes_and_starts_a_fresh_session() {
+        let st = with_sink(true, |mut c| async move {
+            assert!(reply(&mut c).await.starts_with("220 "));
+            // A MAIL pipelined behind STARTTLS (CVE-2011-0411): it must be neither
+            // answered in the clear nor taken as the first bytes of the handshake.
+            c.write_all(b"EHLO t\r\nSTARTTLS\r\nMAIL FROM:<evil@x.test>\r\n")
+                .await
+                .expect("write");
+            assert!(reply(&mut c).await.contains("250-STARTTLS\r\n"));
+            assert_eq!(reply(&mut c).await, "220 2.0.0 Ready to start TLS\r\n");
+            let cfg = crate::tls::client_config(false, None).expect("client config");
+            let name = ServerName::try_from("localhost").expect("name");
+            let mut t = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, c)
+                .await
+                .expect("handshake");
+            t.write_all(b"RCPT TO:<a@b.test>\r\nEHLO t\r\nSTARTTLS\r\nQUIT\r\n")
+                .await
+                .expect("write");
+            // No transaction survived: the pipelined MAIL was dropped.
+            assert!(reply(&mut t)
+                .await
+                .starts_with("503 5.5.1 Error: need MAIL"));
+            let ehlo = reply(&mut t).await;
+            assert!(ehlo.starts_with("250-sink.test") && !ehlo.contains("STARTTLS"));
+            assert!(reply(&mut t)
+                .await
+                .starts_with("503 5.5.1 Error: TLS already active"));
+            assert!(reply(&mut t).await.starts_with("221 "));
+        });
+        assert_eq!((st.tls_sessions, st.tls_failures), (1, 0));
+        assert_eq!(st.tls_handshake.summary().count, 1);
+    }
+
+    #[test]
+    fn without_a_certificate_starttls_is_neither_offered_nor_accepted() {
+        let st = with_sink(false, |mut c| async move {
+            assert!(reply(&mut c).await.starts_with("220 "));
+            c.write_all(b"EHLO t\r\nSTARTTLS\r\nQUIT\r\n")
+                .await
+                .expect("write");
+            assert!(!reply(&mut c).await.contains("STARTTLS"));
+            assert!(reply(&mut c).await.starts_with("502 "));
+            assert!(reply(&mut c).await.starts_with("221 "));
+        });
+        assert_eq!(st.tls_sessions, 0);
+    }
+
+    #[test]
+    fn a_failed_handshake_is_counted() {
+        let st = with_sink(true, |mut c| async move {
+            assert!(reply(&mut c).await.starts_with("220 "));
+            c.write_all(b"STARTTLS\r\n").await.expect("write");
+            assert!(reply(&mut c).await.starts_with("220 "));
+            c.write_all(b"this is not a ClientHello\r\n")
+                .await
+                .expect("write");
+            let _ = c.shutdown().await;
+        });
+        assert_eq!((st.tls_sessions, st.tls_failures), (0, 1));
     }
 }

@@ -203,3 +203,46 @@ fn a_server_that_is_not_smtp_is_a_one_line_failure() {
     one_line_error(&o, 1);
     assert!(o.stderr.contains("protocol error"), "{}", o.stderr);
 }
+
+#[test]
+fn unwritable_outputs_fail_before_any_connection() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let t = l.local_addr().unwrap().to_string();
+    let dir = Scratch::new("unwritable");
+    let missing = dir.path("no-such-dir/x.json");
+    let missing = missing.to_str().unwrap();
+    let a_dir = dir.0.to_str().unwrap();
+    for (flag, path) in [
+        ("--json", missing),
+        ("--manifest", missing),
+        ("--json", a_dir),
+    ] {
+        let o = loadgen(&[
+            "send",
+            "--no-progress",
+            "--target",
+            &t,
+            "--messages",
+            "5",
+            flag,
+            path,
+        ]);
+        one_line_error(&o, 1);
+        assert!(
+            o.stderr.contains(flag) && o.stderr.contains(path),
+            "{}",
+            o.stderr
+        );
+    }
+    // The kernel completes a handshake even before accept(); nothing may be queued.
+    match l.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("send connected before checking its outputs: {other:?}"),
+    }
+
+    let o = loadgen(&["sink", "--listen", "127.0.0.1:0", "--json", missing]);
+    one_line_error(&o, 1);
+    assert!(o.stdout.is_empty(), "sink started: {}", o.stdout);
+    assert!(!dir.path("no-such-dir").exists());
+}

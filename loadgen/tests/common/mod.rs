@@ -3,11 +3,12 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
@@ -227,4 +228,153 @@ pub fn wait_listening(addr: &str, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// What a `FakeSmtp` counted.
+#[derive(Default)]
+pub struct FakeCounts {
+    pub connections: AtomicU64,
+    /// Sessions open now (greeted and not yet ended).
+    pub open: AtomicU64,
+    pub refused: AtomicU64,
+    pub messages: AtomicU64,
+    pub auth_ok: AtomicU64,
+    pub auth_failed: AtomicU64,
+}
+
+/// A tiny SMTP server on a thread per connection, for the cases the sink does not cover:
+/// `refuse(n, open)` gives connection n (from 0), arriving while `open` others are being
+/// served, a reply to send instead of the greeting before closing it; with `auth` set, EHLO offers AUTH PLAIN, MAIL needs a prior AUTH, and only
+/// that initial response (the base64 blob) gets 235. Runs until the test process exits.
+pub struct FakeSmtp {
+    pub addr: String,
+    pub counts: Arc<FakeCounts>,
+}
+
+impl FakeSmtp {
+    pub fn start(
+        refuse: impl Fn(u64, u64) -> Option<String> + Send + 'static,
+        auth: Option<&'static str>,
+    ) -> FakeSmtp {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let counts = Arc::new(FakeCounts::default());
+        let c = counts.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let n = c.connections.fetch_add(1, Relaxed);
+                if let Some(reply) = refuse(n, c.open.load(Relaxed)) {
+                    c.refused.fetch_add(1, Relaxed);
+                    let mut s = s;
+                    let _ = s.write_all(reply.as_bytes());
+                    continue;
+                }
+                let c = c.clone();
+                c.open.fetch_add(1, Relaxed);
+                std::thread::spawn(move || {
+                    let _ = fake_session(s, auth, &c);
+                    c.open.fetch_sub(1, Relaxed);
+                });
+            }
+        });
+        FakeSmtp { addr, counts }
+    }
+
+    pub fn count(&self, f: impl Fn(&FakeCounts) -> &AtomicU64) -> u64 {
+        f(&self.counts).load(Relaxed)
+    }
+}
+
+fn fake_session(s: std::net::TcpStream, auth: Option<&str>, c: &FakeCounts) -> std::io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    w.write_all(b"220 fake.test ESMTP\r\n")?;
+    let mut authed = auth.is_none();
+    let mut line = String::new();
+    let next = |r: &mut BufReader<std::net::TcpStream>, line: &mut String| {
+        line.clear();
+        r.read_line(line).map(|n| n > 0)
+    };
+    while next(&mut r, &mut line)? {
+        let up = line.trim_end().to_ascii_uppercase();
+        let reply: &[u8] = if up.starts_with("EHLO") {
+            if auth.is_some() {
+                b"250-fake.test\r\n250-AUTH PLAIN\r\n250 PIPELINING\r\n"
+            } else {
+                b"250-fake.test\r\n250 PIPELINING\r\n"
+            }
+        } else if up.starts_with("AUTH PLAIN ") {
+            if Some(line.trim_end()[11..].trim()) == auth {
+                authed = true;
+                c.auth_ok.fetch_add(1, Relaxed);
+                b"235 2.7.0 Authentication successful\r\n"
+            } else {
+                c.auth_failed.fetch_add(1, Relaxed);
+                b"535 5.7.8 Error: authentication failed: bad credentials\r\n"
+            }
+        } else if up.starts_with("MAIL") && !authed {
+            b"530 5.7.0 Authentication required\r\n"
+        } else if up.starts_with("DATA") {
+            w.write_all(b"354 go ahead\r\n")?;
+            while next(&mut r, &mut line)? && line != ".\r\n" {}
+            c.messages.fetch_add(1, Relaxed);
+            b"250 2.0.0 Ok: queued\r\n"
+        } else if up.starts_with("QUIT") {
+            w.write_all(b"221 2.0.0 Bye\r\n")?;
+            return Ok(());
+        } else {
+            b"250 2.0.0 Ok\r\n"
+        };
+        w.write_all(reply)?;
+    }
+    Ok(())
+}
+
+/// Certificates made for a test: a CA, and a leaf for `localhost` and 127.0.0.1 signed by it.
+pub struct TestCerts {
+    /// The CA certificate (PEM), for a client that verifies.
+    pub ca: PathBuf,
+    /// The leaf followed by the CA (PEM), for `sink --tls-cert`.
+    pub chain: PathBuf,
+    /// The leaf's private key (PKCS#8 PEM), for `sink --tls-key`.
+    pub key: PathBuf,
+}
+
+/// Makes a fresh CA and leaf with rcgen and writes them into `dir`.
+pub fn make_certs(dir: &Scratch) -> TestCerts {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "loadgen test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("leaf params");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    // Strict X.509 checkers (OpenSSL's, in newer Pythons) want the issuer's key id.
+    leaf.use_authority_key_identifier_extension = true;
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf certificate");
+    let certs = TestCerts {
+        ca: dir.path("ca.pem"),
+        chain: dir.path("chain.pem"),
+        key: dir.path("key.pem"),
+    };
+    std::fs::write(&certs.ca, ca_cert.pem()).expect("write ca.pem");
+    std::fs::write(&certs.chain, leaf_cert.pem() + &ca_cert.pem()).expect("write chain.pem");
+    std::fs::write(&certs.key, leaf_key.serialize_pem()).expect("write key.pem");
+    certs
 }
