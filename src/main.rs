@@ -40,6 +40,12 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Make a line for auth.users_file: reads the password on standard input (one line;
+    /// never echoed or logged) and prints `NAME:HASH` (Argon2id).
+    Passwd {
+        /// The user name.
+        name: String,
+    },
     /// Validate a configuration file and print the effective settings.
     CheckConfig {
         /// TOML configuration file.
@@ -77,6 +83,12 @@ struct ServeArgs {
     /// DNS server IP:PORT (repeatable).
     #[arg(long = "nameserver", value_name = "IP:PORT")]
     nameserver: Vec<SocketAddr>,
+    /// TLS certificate chain (PEM): STARTTLS is offered (with --tls-key).
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -141,9 +153,11 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(c) => {
-                println!(
+        Command::Passwd { name } => passwd(&name),
+        Command::CheckConfig { config } => {
+            match Config::load(config.as_deref()).and_then(|c| c.check_files().map(|()| c)) {
+                Ok(c) => {
+                    println!(
                     "configuration ok: hostname {}, listen {:?}, {} shard(s), io {:?}, spool {}",
                     c.effective_hostname(),
                     c.listen,
@@ -151,12 +165,68 @@ fn main() -> ExitCode {
                     c.io,
                     c.spool.dir.display()
                 );
-                ExitCode::SUCCESS
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(2, &e.to_string()),
             }
-            Err(e) => fail(2, &e.to_string()),
-        },
+        }
         Command::Queue { action } => queue(action),
     }
+}
+
+/// `ringrelay passwd NAME`: one line from standard input is the password (a terminal's
+/// echo is turned off while it is typed); prints `NAME:HASH`.
+fn passwd(name: &str) -> ExitCode {
+    if let Err(why) = ringrelay::passwd::check_name(name) {
+        return fail(2, &format!("user name {name:?}: {why}"));
+    }
+    let password = match read_password() {
+        Ok(p) => p,
+        Err(e) => return fail(1, &format!("cannot read the password: {e}")),
+    };
+    if password.is_empty() {
+        return fail(2, "the password is empty");
+    }
+    match ringrelay::passwd::hash_password(password.as_bytes()) {
+        Ok(hash) => {
+            println!("{name}:{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &format!("cannot hash the password: {e}")),
+    }
+}
+
+/// One line from standard input, without its line ending; with echo off while a terminal
+/// is reading it.
+fn read_password() -> std::io::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    // SAFETY: termios is plain data (all-zero is a valid value to be overwritten), and
+    // tcgetattr/tcsetattr only read and write the struct we pass, for fd 0.
+    let saved = tty.then(|| unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(0, &mut t) != 0 {
+            return None;
+        }
+        let mut quiet = t;
+        quiet.c_lflag &= !libc::ECHO;
+        libc::tcsetattr(0, libc::TCSANOW, &quiet);
+        eprint!("password: ");
+        Some(t)
+    });
+    let mut line = String::new();
+    let result = stdin.lock().read_line(&mut line);
+    if let Some(Some(t)) = saved {
+        // SAFETY: as above; restores the settings read before.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+        eprintln!();
+    }
+    result?;
+    let trimmed = line.strip_suffix('\n').unwrap_or(&line);
+    Ok(trimmed.strip_suffix('\r').unwrap_or(trimmed).to_string())
 }
 
 fn fail(code: u8, why: &str) -> ExitCode {
@@ -190,10 +260,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.delivery.smarthost = smarthost;
     }
     config.delivery.nameservers.extend(args.nameserver);
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls.cert_file = cert;
+        config.tls.key_file = key;
+    }
     for warning in config.apply_env() {
         tracing::warn!("{warning}");
     }
-    if let Err(e) = config.validate() {
+    if let Err(e) = config.validate().and_then(|()| config.check_files()) {
         return fail(2, &e.to_string());
     }
     let server = Server::new(config.clone());

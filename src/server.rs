@@ -7,12 +7,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::driver::secure::Security;
 use crate::driver::{self, Phase};
 use crate::handler::Handler;
 
@@ -39,6 +41,7 @@ impl Server {
         let started = driver::start(self.config, make_handler)?;
         Ok(ServerHandle {
             phase: started.phase,
+            security: started.security,
             threads: started.threads,
             local_addrs: started.local_addrs,
             io: started.io,
@@ -57,17 +60,35 @@ impl Server {
         let signals = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        // Register before the shards start, so an early signal is not the default "die".
-        let (mut term, mut int) = signals.block_on(async {
+        // Register before the shards start, so an early signal is not the default "die"
+        // (SIGHUP's default would kill the server too).
+        let (mut term, mut int, mut hup) = signals.block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
             Ok::<_, io::Error>((
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
             ))
         })?;
         let handle = self.start(make_handler)?;
         signals.block_on(async {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => match handle.reload_certificates() {
+                        Ok(true) => tracing::info!(
+                            "SIGHUP: TLS certificate and AUTH users reloaded for new connections; \
+                             listeners, spool and shards need a restart to change"
+                        ),
+                        Ok(false) => tracing::info!(
+                            "SIGHUP: nothing to reload (no TLS configured); listeners, spool \
+                             and shards need a restart to change"
+                        ),
+                        Err(e) => tracing::error!("SIGHUP: reload refused, the old certificate stays: {e}"),
+                    },
+                }
+            }
         });
         tracing::info!("signal received: no longer accepting; finishing transactions in flight");
         handle.shutdown();
@@ -101,6 +122,7 @@ impl Server {
 #[derive(Debug)]
 pub struct ServerHandle {
     phase: watch::Sender<Phase>,
+    security: Option<Arc<Security>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     local_addrs: Vec<SocketAddr>,
     io: driver::IoDriver,
@@ -111,6 +133,16 @@ impl ServerHandle {
     /// The addresses actually listened on (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Reads the TLS certificate, key and AUTH users file again (rotated in place), for
+    /// new connections; open ones keep theirs. On an error nothing changes. `Ok(false)`
+    /// when TLS is not configured (nothing to reload).
+    pub fn reload_certificates(&self) -> Result<bool, String> {
+        match &self.security {
+            None => Ok(false),
+            Some(security) => security.reload().map(|()| true),
+        }
     }
 
     /// Which I/O driver runs the shards: `"io_uring"` or `"epoll"`.

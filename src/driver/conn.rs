@@ -20,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 use bytes::{Buf, BytesMut};
 
 use super::caps::ConnectionSlot;
+use super::secure::{self, TlsLayer};
 use super::shard::{OpenGuard, Shard, ShardHooks};
 use super::Phase;
 use crate::handler::Handler;
@@ -84,6 +85,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     io: T,
     peer: SocketAddr,
     slot: ConnectionSlot,
+    implicit_tls: bool,
 ) {
     // Here rather than in the accept loop: a handler that panics then ends this task, not
     // the shard's accepting. A refusal is written by a task of its own, so this task has no
@@ -112,19 +114,76 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     };
     // The current read size during DATA (see DATA_READ_START).
     let mut data_read = DATA_READ_START;
+    // The TLS layer once the connection runs over TLS (boxed: a plaintext connection's
+    // task holds one pointer for it).
+    let mut tls: Option<Box<TlsLayer>> = None;
+    if implicit_tls {
+        // RFC 8314: TLS from the first byte; the greeting goes out encrypted.
+        match Box::pin(start_tls(&shard, &io, &mut buf, peer)).await {
+            Some(layer) => {
+                session.tls_started(layer.info());
+                tls = Some(layer);
+            }
+            None => {
+                io.close_both();
+                shard.pool.give(buf);
+                return;
+            }
+        }
+    }
     session.greet();
     loop {
         if session.has_output() {
+            let out = session.take_output();
+            let out = match tls.as_mut() {
+                None => out,
+                Some(layer) => match layer.seal(&out) {
+                    Ok(sealed) => sealed,
+                    Err(_) => break,
+                },
+            };
             // The write is pinned here rather than inside `send_timed`: one level of
             // future less in every connection's task (and so every idle connection smaller).
             let due = write_due(sleep.as_mut(), shard.command_timeout);
-            let write = pin!(io.send_all(session.take_output()));
+            let write = pin!(io.send_all(out));
             if !finish_write(&io, write, sleep.as_mut(), due).await {
                 break;
             }
         }
         if session.is_closed() {
             break;
+        }
+        if session.wants_tls() {
+            // CVE-2011-0411: whatever the client sent after STARTTLS, before the
+            // handshake, is thrown away, never read as commands inside TLS.
+            buf.clear();
+            // Boxed, like every rare path: plaintext connections' tasks stay small.
+            match Box::pin(start_tls(&shard, &io, &mut buf, peer)).await {
+                Some(layer) => {
+                    session.tls_started(layer.info());
+                    tls = Some(layer);
+                    // A command pipelined right behind the client's Finished.
+                    let used = session.receive(&buf, SystemTime::now(), &mut hooks);
+                    buf.advance(used);
+                    continue;
+                }
+                None => break,
+            }
+        }
+        if let Some(credentials) = session.take_credentials() {
+            let user = credentials.user.clone();
+            let verdict = match &shard.security {
+                Some(security) => Box::pin(security.verify(credentials)).await,
+                None => None,
+            };
+            match &verdict {
+                Some(_) => tracing::info!(%peer, user = %user, "authenticated"),
+                None => tracing::warn!(%peer, user = %user, "authentication failed"),
+            }
+            session.auth_result(verdict);
+            let used = session.receive(&buf, SystemTime::now(), &mut hooks);
+            buf.advance(used);
+            continue;
         }
         if let Some(envelope) = session.take_message() {
             // Boxed (one allocation per message): a handler's future would otherwise
@@ -170,8 +229,16 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             sleep.as_mut().reset(wait_start + timeout);
         }
         // `take` rather than a move: `buf` then needs no drop flag, which the compiler would
-        // place badly in the connection task (a smaller task).
-        let mut read = pin!(io.read_more(std::mem::take(&mut buf)));
+        // place badly in the connection task (a smaller task). Over TLS the socket's bytes
+        // go to the layer's ciphertext buffer instead.
+        let target = match tls.as_mut() {
+            None => std::mem::take(&mut buf),
+            Some(layer) => {
+                layer.reserve();
+                std::mem::take(&mut layer.raw)
+            }
+        };
+        let mut read = pin!(io.read_more(target));
         let wake = wait_input(
             read.as_mut(),
             sleep.as_mut(),
@@ -180,13 +247,41 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             wait_start + timeout,
         )
         .await;
+        // The buffer the read had goes back where it came from.
+        let wake = match (wake, tls.as_mut()) {
+            (Wake::Read(result, b), Some(layer)) => {
+                layer.raw = b;
+                match result {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let before = buf.len();
+                let mut reply = BytesMut::new();
+                let opened = layer.open(&mut buf, &mut reply);
+                if !reply.is_empty() {
+                    let due = write_due(sleep.as_mut(), shard.command_timeout);
+                    if !finish_write(&io, pin!(io.send_all(reply)), sleep.as_mut(), due).await {
+                        break;
+                    }
+                }
+                if opened.is_err() || (layer.peer_closed() && buf.len() == before) {
+                    break;
+                }
+                Wake::Read(Ok(buf.len() - before), BytesMut::new())
+            }
+            (wake, _) => wake,
+        };
         match wake {
             Wake::Read(Ok(0), b) | Wake::Read(Err(_), b) => {
-                buf = b;
+                if tls.is_none() {
+                    buf = b;
+                }
                 break;
             }
             Wake::Read(Ok(n), b) => {
-                buf = b;
+                if tls.is_none() {
+                    buf = b;
+                }
                 if session.in_data() && n == offered {
                     // The client had more to send than fitted: read more at once next time.
                     data_read = (data_read * 4).min(DATA_READ);
@@ -211,22 +306,42 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                 // down so the read completes, and only then let go of the buffer. Boxed:
                 // this rare path would otherwise size every connection's task for a read
                 // and a write held at once (and so every idle connection smaller).
-                Box::pin(send_timed(
-                    &io,
-                    session.take_output(),
-                    sleep.as_mut(),
-                    shard.command_timeout,
-                ))
-                .await;
+                let out = session.take_output();
+                let out = match tls.as_mut() {
+                    None => out,
+                    Some(layer) => layer.seal(&out).unwrap_or_default(),
+                };
+                Box::pin(send_timed(&io, out, sleep.as_mut(), shard.command_timeout)).await;
                 io.close_both();
                 let (_, b) = read.await;
-                buf = b;
+                match tls.as_mut() {
+                    None => buf = b,
+                    Some(layer) => layer.raw = b,
+                }
                 break;
             }
         }
     }
     io.close_both();
     shard.pool.give(buf);
+}
+
+/// The server side of a TLS handshake on `io` (after STARTTLS, or at once on an
+/// implicit-TLS listener); `None`, logged, if it fails or TLS is not configured.
+async fn start_tls<H: Handler, T: Transport>(
+    shard: &Shard<H>,
+    io: &T,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+) -> Option<Box<TlsLayer>> {
+    let security = shard.security.as_ref()?;
+    match secure::accept_tls(io, security, shard.command_timeout, buf).await {
+        Ok(layer) => Some(Box::new(layer)),
+        Err(why) => {
+            tracing::info!(%peer, "{why}");
+            None
+        }
+    }
 }
 
 /// Waits for the pending `read`, the timeout at `due` or a request to shut down, whichever

@@ -19,6 +19,7 @@ use crate::handler::Handler;
 pub(crate) fn run<H: Handler>(
     shard_state: impl FnOnce() -> Rc<Shard<H>>,
     listeners: Vec<std::net::TcpListener>,
+    implicit: &[bool],
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -28,9 +29,9 @@ pub(crate) fn run<H: Handler>(
     local.block_on(&runtime, async move {
         let shard = shard_state();
         let mut acceptors = Vec::new();
-        for l in listeners {
+        for (l, &implicit) in listeners.into_iter().zip(implicit) {
             // The socket was made non-blocking when bound, as tokio requires.
-            acceptors.push(TcpListener::from_std(l)?);
+            acceptors.push((TcpListener::from_std(l)?, implicit));
         }
         shard::run::<H, TcpListener>(shard, acceptors).await;
         Ok(())

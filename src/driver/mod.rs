@@ -7,6 +7,7 @@
 //! - [`conn`]: one connection's loop, shared by both drivers.
 //! - [`uring`] / [`epoll`]: the two drivers.
 //! - [`outbound`]: outbound connections on the shard's driver (the relay's next hops).
+//! - [`secure`]: inbound TLS (STARTTLS, implicit TLS) and AUTH checks.
 //! - [`buffers`]: the per-shard buffer pool; [`caps`]: connection caps.
 
 pub(crate) mod buffers;
@@ -16,6 +17,7 @@ pub(crate) mod epoll;
 pub(crate) mod listener;
 pub(crate) mod outbound;
 pub(crate) mod probe;
+pub(crate) mod secure;
 pub(crate) mod shard;
 pub(crate) mod uring;
 
@@ -62,6 +64,7 @@ impl IoDriver {
 /// What [`start`] hands back.
 pub(crate) struct Started {
     pub(crate) phase: watch::Sender<Phase>,
+    pub(crate) security: Option<Arc<secure::Security>>,
     pub(crate) threads: Vec<JoinHandle<io::Result<()>>>,
     pub(crate) local_addrs: Vec<SocketAddr>,
     pub(crate) io: IoDriver,
@@ -93,12 +96,22 @@ where
     let io = choose_driver(config.io)?;
     ensure_fd_limit(config.limits.max_connections);
     let shards = config.effective_shards();
-    let (listeners, local_addrs) = listener::bind_all(&config.listen, shards)?;
+    // Plain listeners first, then implicit-TLS ones; `implicit[i]` says which listener
+    // index is which (the same on every shard).
+    let mut addrs = config.listen.clone();
+    addrs.extend(&config.tls.implicit_listen);
+    let implicit: Vec<bool> = (0..addrs.len()).map(|i| i >= config.listen.len()).collect();
+    let security = secure::Security::load(&config).map_err(io::Error::other)?;
+    let (listeners, local_addrs) = listener::bind_all(&addrs, shards)?;
     let mut session_config = SessionConfig::new(
         config.effective_hostname(),
         config.limits.max_message_size,
         config.limits.max_recipients,
         config.relay_policy(),
+    )
+    .with_tls(
+        security.is_some(),
+        security.is_some() && config.auth.enabled(),
     );
     session_config.max_errors = config.limits.max_errors;
     let session_config = Arc::new(session_config);
@@ -134,7 +147,9 @@ where
             command_timeout: Duration::from_secs(config.limits.command_timeout_secs),
             data_timeout: Duration::from_secs(config.limits.data_timeout_secs),
             data_budget: Arc::clone(&data_budget),
+            security: security.clone(),
         };
+        let implicit = implicit.clone();
         let make_handler = Arc::clone(&make_handler);
         let ab = config.ab;
         let cpu = if pin { cpus.get(index).copied() } else { None };
@@ -153,8 +168,8 @@ where
                 let factory = Arc::clone(&make_handler);
                 let state = move || Shard::new(settings, factory(index));
                 let result = match io {
-                    IoDriver::Uring => uring::run(state, listeners, ab),
-                    IoDriver::Epoll => epoll::run(state, listeners),
+                    IoDriver::Uring => uring::run(state, listeners, &implicit, ab),
+                    IoDriver::Epoll => epoll::run(state, listeners, &implicit),
                 };
                 if let Err(e) = &result {
                     tracing::error!(shard = index, "shard failed: {e}");
@@ -178,6 +193,7 @@ where
     );
     Ok(Started {
         phase: phase_tx,
+        security,
         threads,
         local_addrs,
         io,

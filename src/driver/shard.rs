@@ -15,7 +15,8 @@ use tokio::sync::{watch, Notify};
 
 use super::buffers::BufferPool;
 use super::caps::{CapExceeded, ConnectionCaps, ConnectionSlot, DataBudget};
-use super::conn::{self, Acceptor};
+use super::conn::{self, Acceptor, Transport};
+use super::secure::Security;
 use super::Phase;
 use crate::handler::Handler;
 use crate::id::{IdGenerator, QueueId};
@@ -36,6 +37,8 @@ pub(crate) struct Shard<H> {
     pub(crate) data_timeout: Duration,
     /// Bytes the messages being received hold, server-wide, and the most they may.
     pub(crate) data_budget: Arc<DataBudget>,
+    /// TLS certificate and AUTH users, when TLS is configured.
+    pub(crate) security: Option<Arc<Security>>,
     ids: RefCell<IdGenerator>,
     open: Cell<usize>,
     all_closed: Notify,
@@ -50,6 +53,7 @@ pub(crate) struct ShardSettings {
     pub(crate) command_timeout: Duration,
     pub(crate) data_timeout: Duration,
     pub(crate) data_budget: Arc<DataBudget>,
+    pub(crate) security: Option<Arc<Security>>,
 }
 
 impl<H: Handler> Shard<H> {
@@ -66,6 +70,7 @@ impl<H: Handler> Shard<H> {
             command_timeout: settings.command_timeout,
             data_timeout: settings.data_timeout,
             data_budget: settings.data_budget,
+            security: settings.security,
             ids: RefCell::new(IdGenerator::new(settings.index)),
             open: Cell::new(0),
             all_closed: Notify::new(),
@@ -150,13 +155,19 @@ impl<H: Handler> Hooks for ShardHooks<'_, H> {
 }
 
 /// Runs a shard until shutdown has finished: one accept task per listener, then waits.
-pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors: Vec<A>) {
-    let acceptors: Vec<Rc<A>> = acceptors.into_iter().map(Rc::new).collect();
+/// Each acceptor comes with whether it is an implicit-TLS listener.
+pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors: Vec<(A, bool)>) {
+    let acceptors: Vec<(Rc<A>, bool)> = acceptors
+        .into_iter()
+        .map(|(a, implicit)| (Rc::new(a), implicit))
+        .collect();
     // Accept lives in its own task and is never raced against anything: a dropped
     // io_uring accept would leak the next connection.
     let accept_tasks: Vec<_> = acceptors
         .iter()
-        .map(|a| tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(a))))
+        .map(|(a, implicit)| {
+            tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(a), *implicit))
+        })
         .collect();
     let mut phase = shard.phase.clone();
     while *phase.borrow_and_update() == Phase::Running {
@@ -164,7 +175,7 @@ pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors:
             break;
         }
     }
-    for acceptor in &acceptors {
+    for (acceptor, _) in &acceptors {
         acceptor.stop();
     }
     // Wait for each accept loop to see its listener fail: an accept that completed in the
@@ -189,10 +200,19 @@ pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors:
     tracing::debug!(shard = shard.index, "shard drained");
 }
 
-async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<A>) {
+async fn accept_loop<H: Handler, A: Acceptor>(
+    shard: Rc<Shard<H>>,
+    acceptor: Rc<A>,
+    implicit_tls: bool,
+) {
     loop {
         match acceptor.accept().await {
             Ok((conn, peer)) => {
+                if implicit_tls && shard.phase_now() != Phase::Running {
+                    // A TLS client could not read a plaintext 421: it is just closed.
+                    conn.close_both();
+                    continue;
+                }
                 if shard.phase_now() != Phase::Running {
                     let reply = Reply::shutting_down(&shard.session_config.hostname);
                     refuse(&shard, conn, reply, None);
@@ -200,7 +220,17 @@ async fn accept_loop<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptor: Rc<
                 }
                 match shard.caps.acquire(peer.ip()) {
                     Ok(slot) => {
-                        tokio::task::spawn_local(conn::serve(Rc::clone(&shard), conn, peer, slot));
+                        tokio::task::spawn_local(conn::serve(
+                            Rc::clone(&shard),
+                            conn,
+                            peer,
+                            slot,
+                            implicit_tls,
+                        ));
+                    }
+                    Err(which) if implicit_tls => {
+                        tracing::debug!(%peer, ?which, "connection closed: cap reached");
+                        conn.close_both();
                     }
                     Err(which) => {
                         tracing::debug!(%peer, ?which, "connection refused: cap reached");

@@ -25,6 +25,7 @@ const RING_ENTRIES: u32 = 1024;
 pub(crate) fn run<H: Handler>(
     shard_state: impl FnOnce() -> Rc<Shard<H>>,
     listeners: Vec<std::net::TcpListener>,
+    implicit: &[bool],
     ab: AbSwitches,
 ) -> io::Result<()> {
     let runtime = new_runtime(ab.plain_ring)?;
@@ -36,7 +37,11 @@ pub(crate) fn run<H: Handler>(
     });
     runtime.block_on(async move {
         let shard = shard_state();
-        let acceptors = listeners.into_iter().map(TcpListener::from_std).collect();
+        let acceptors = listeners
+            .into_iter()
+            .map(TcpListener::from_std)
+            .zip(implicit.iter().copied())
+            .collect();
         shard::run::<H, TcpListener>(shard, acceptors).await;
     });
     Ok(())

@@ -46,7 +46,11 @@ pub enum Command<'a> {
     Vrfy,
     /// `HELP [string]`.
     Help,
-    /// A command we know but do not offer (EXPN, TURN, STARTTLS…): answered 502.
+    /// `STARTTLS` (RFC 3207).
+    StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954): the arguments as sent.
+    Auth(&'a [u8]),
+    /// A command we know but do not offer (EXPN, TURN, BDAT…): answered 502.
     Unsupported,
 }
 
@@ -120,7 +124,16 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
         }
         return Ok(Command::Vrfy);
     }
-    const UNSUPPORTED: [&[u8]; 13] = [
+    if is(b"STARTTLS") {
+        if !args.is_empty() {
+            return Err(CommandError::Syntax("no arguments allowed"));
+        }
+        return Ok(Command::StartTls);
+    }
+    if is(b"AUTH") {
+        return Ok(Command::Auth(trim_spaces(args)));
+    }
+    const UNSUPPORTED: [&[u8]; 11] = [
         b"EXPN",
         b"TURN",
         b"ETRN",
@@ -129,8 +142,6 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
         b"SOML",
         b"SAML",
         b"BDAT",
-        b"AUTH",
-        b"STARTTLS",
         b"XCLIENT",
         b"XFORWARD",
         b"VERB",
@@ -305,7 +316,17 @@ mod tests {
     fn unsupported_and_unknown() {
         assert_eq!(parse(b"EXPN staff"), Ok(Command::Unsupported));
         assert_eq!(parse(b"TURN"), Ok(Command::Unsupported));
-        assert_eq!(parse(b"STARTTLS"), Ok(Command::Unsupported));
+        assert_eq!(parse(b"STARTTLS"), Ok(Command::StartTls));
+        assert_eq!(parse(b"starttls"), Ok(Command::StartTls));
+        assert_eq!(
+            parse(b"STARTTLS now"),
+            Err(CommandError::Syntax("no arguments allowed"))
+        );
+        assert_eq!(
+            parse(b"AUTH PLAIN  dGVzdA== "),
+            Ok(Command::Auth(b"PLAIN  dGVzdA=="))
+        );
+        assert_eq!(parse(b"AUTH"), Ok(Command::Auth(b"")));
         assert_eq!(parse(b"FOO bar"), Err(CommandError::Unknown));
         assert_eq!(parse(b""), Err(CommandError::Unknown));
         assert_eq!(parse(b"MAILX FROM:<a@b>"), Err(CommandError::Unknown));

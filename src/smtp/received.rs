@@ -20,14 +20,20 @@ pub struct Trace<'a> {
     pub hostname: &'a str,
     /// EHLO (ESMTP) or HELO (SMTP).
     pub esmtp: bool,
+    /// The TLS protocol version and cipher suite, when the session ran over TLS.
+    pub tls: Option<(&'a str, &'a str)>,
+    /// The client authenticated (SMTP AUTH): `ESMTPA`/`ESMTPSA` (RFC 3848). Who it was
+    /// goes to the log, never into the header.
+    pub authenticated: bool,
     /// The message's queue ID.
     pub id: QueueId,
     /// The recipient, when there is exactly one (RFC 5321 §4.4 `for` clause).
     pub single_rcpt: Option<&'a str>,
 }
 
-/// Appends `Received: from HELO ([IP]) by HOST (ringrelay) with ESMTP id ID [for <RCPT>]; DATE`
-/// to `out`, folded over several lines. Written straight into `out`: nothing is allocated
+/// Appends `Received: from HELO ([IP]) [(using TLS… with cipher …)] by HOST (ringrelay) with
+/// PROTOCOL id ID [for <RCPT>]; DATE` to `out`, folded over several lines. PROTOCOL is
+/// `SMTP`, `ESMTP`, `ESMTPS` (TLS), `ESMTPA` (AUTH) or `ESMTPSA` (both), per RFC 3848. Written straight into `out`: nothing is allocated
 /// but `out`'s own growth.
 pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
     let Trace {
@@ -35,6 +41,8 @@ pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
         ip,
         hostname,
         esmtp,
+        tls,
+        authenticated,
         id,
         single_rcpt,
     } = *trace;
@@ -55,12 +63,23 @@ pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
         IpAddr::V4(v4) => write!(out, " ([{v4}])"),
         IpAddr::V6(v6) => write!(out, " ([IPv6:{v6}])"),
     };
+    if let Some((version, cipher)) = tls {
+        // Both come from rustls' own tables (printable ASCII names), never from the peer.
+        out.reserve(version.len() + cipher.len() + 32);
+        out.extend_from_slice(b"\r\n\t(using ");
+        out.extend_from_slice(version.as_bytes());
+        out.extend_from_slice(b" with cipher ");
+        out.extend_from_slice(cipher.as_bytes());
+        out.put_u8(b')');
+    }
     out.extend_from_slice(b"\r\n\tby ");
     out.extend_from_slice(hostname.as_bytes());
-    out.extend_from_slice(if esmtp {
-        b" (ringrelay) with ESMTP id "
-    } else {
-        b" (ringrelay) with SMTP id "
+    out.extend_from_slice(match (esmtp, tls.is_some(), authenticated) {
+        (false, _, _) => b" (ringrelay) with SMTP id ",
+        (true, false, false) => b" (ringrelay) with ESMTP id ",
+        (true, true, false) => b" (ringrelay) with ESMTPS id ",
+        (true, false, true) => b" (ringrelay) with ESMTPA id ",
+        (true, true, true) => b" (ringrelay) with ESMTPSA id ",
     });
     out.extend_from_slice(&id.encode());
     if let Some(rcpt) = single_rcpt {
@@ -141,6 +160,8 @@ mod tests {
             ip: "192.0.2.1".parse().unwrap(),
             hostname: "r",
             esmtp: true,
+            tls: None,
+            authenticated: false,
             id: crate::id::IdGenerator::starting_at(0, 1).next_id(),
             single_rcpt: None,
         };
@@ -169,6 +190,8 @@ mod tests {
             ip: "192.0.2.7".parse().unwrap(),
             hostname: "relay.example",
             esmtp: true,
+            tls: None,
+            authenticated: false,
             id,
             single_rcpt: Some("rcpt@dest.example"),
         };
@@ -186,11 +209,42 @@ mod tests {
             ip: "::1".parse().unwrap(),
             hostname: "r",
             esmtp: false,
+            tls: None,
+            authenticated: false,
             id,
             single_rcpt: None,
         };
         write_received(&mut b, &trace, UNIX_EPOCH);
         let s = String::from_utf8(b.to_vec()).unwrap();
         assert!(s.contains("([IPv6:::1])") && s.contains("with SMTP id") && !s.contains("for <"));
+    }
+
+    /// RFC 3848's protocol names, and the TLS comment as Postfix writes it.
+    #[test]
+    fn tls_and_auth_name_the_protocol() {
+        let id = crate::id::IdGenerator::starting_at(0, 1).next_id();
+        let header = |tls: Option<(&str, &str)>, authenticated: bool| {
+            let mut b = BytesMut::new();
+            let trace = Trace {
+                helo: "c",
+                ip: "192.0.2.7".parse().unwrap(),
+                hostname: "r",
+                esmtp: true,
+                tls,
+                authenticated,
+                id,
+                single_rcpt: None,
+            };
+            write_received(&mut b, &trace, UNIX_EPOCH);
+            String::from_utf8(b.to_vec()).unwrap()
+        };
+        let tls = Some(("TLSv1.3", "TLS_AES_256_GCM_SHA384"));
+        let s = header(tls, false);
+        assert!(s.starts_with(
+            "Received: from c ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\r\n\tby r (ringrelay) with ESMTPS id "
+        ), "{s}");
+        assert!(header(tls, true).contains(" with ESMTPSA id "));
+        assert!(header(None, true).contains(" with ESMTPA id "));
+        assert!(!header(None, false).contains("using"));
     }
 }

@@ -27,6 +27,7 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 
+use super::auth::{AuthExchange, Credentials, Step, MAX_RESPONSE_LINE};
 use super::command::{self, BodyType, Command, CommandError};
 use super::data::{DataOutcome, DataScanner};
 use super::envelope::Envelope;
@@ -108,10 +109,52 @@ pub struct SessionConfig {
     pub max_errors: u32,
     /// Who may relay where.
     pub relay: RelayPolicy,
+    /// STARTTLS is offered (a certificate is configured).
+    pub starttls: bool,
+    /// AUTH PLAIN and LOGIN are offered, over TLS only (a users file is configured).
+    pub auth: bool,
+    /// Failed AUTH attempts a connection may make before `421` and close.
+    pub max_auth_failures: u32,
     greeting: Bytes,
+    /// The EHLO reply before TLS (STARTTLS offered when configured).
     ehlo_reply: Bytes,
+    /// The EHLO reply over TLS (AUTH offered when configured; no STARTTLS).
+    ehlo_reply_tls: Bytes,
     helo_reply: Bytes,
     postmaster: Mailbox,
+}
+
+/// The EHLO reply: the fixed extensions, then STARTTLS / AUTH as asked.
+fn ehlo_reply(hostname: &str, max_message_size: usize, starttls: bool, auth: bool) -> Bytes {
+    let mut r = format!("250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n");
+    if starttls {
+        r.push_str("250-STARTTLS\r\n");
+    }
+    if auth {
+        r.push_str("250-AUTH PLAIN LOGIN\r\n");
+    }
+    r.push_str("250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n");
+    Bytes::from(r)
+}
+
+/// What the TLS layer under a session negotiated, for the `Received:` header and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// Protocol version, e.g. `TLSv1.3`.
+    pub version: &'static str,
+    /// Cipher suite (IANA name), e.g. `TLS_AES_256_GCM_SHA384`.
+    pub cipher: &'static str,
+}
+
+/// A session's SMTP AUTH state (boxed: most sessions never authenticate).
+#[derive(Debug, Default)]
+struct AuthState {
+    exchange: AuthExchange,
+    /// Credentials waiting for the driver's verdict ([`Session::take_credentials`]).
+    credentials: Option<Credentials>,
+    /// Who authenticated.
+    user: Option<String>,
+    failures: u32,
 }
 
 impl SessionConfig {
@@ -123,9 +166,8 @@ impl SessionConfig {
         relay: RelayPolicy,
     ) -> Self {
         let greeting = Bytes::from(format!("220 {hostname} ESMTP ringrelay\r\n"));
-        let ehlo_reply = Bytes::from(format!(
-            "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
-        ));
+        let ehlo_reply = ehlo_reply(&hostname, max_message_size, false, false);
+        let ehlo_reply_tls = ehlo_reply.clone();
         let helo_reply = Bytes::from(format!("250 {hostname}\r\n"));
         let postmaster = Mailbox::parse(&format!("postmaster@{hostname}"))
             .or_else(|_| Mailbox::parse("postmaster@localhost"))
@@ -136,11 +178,24 @@ impl SessionConfig {
             max_recipients: max_recipients.max(1),
             max_errors: 10,
             relay,
+            starttls: false,
+            auth: false,
+            max_auth_failures: 3,
             greeting,
             ehlo_reply,
+            ehlo_reply_tls,
             helo_reply,
             postmaster,
         }
+    }
+
+    /// Offers STARTTLS (`starttls`) and, over TLS, AUTH PLAIN and LOGIN (`auth`).
+    pub fn with_tls(mut self, starttls: bool, auth: bool) -> Self {
+        self.starttls = starttls;
+        self.auth = auth;
+        self.ehlo_reply = ehlo_reply(&self.hostname, self.max_message_size, starttls, false);
+        self.ehlo_reply_tls = ehlo_reply(&self.hostname, self.max_message_size, false, auth);
+        self
     }
 }
 
@@ -179,6 +234,13 @@ enum State {
     Data,
     /// A message was handed out; waiting for [`Session::message_result`].
     AwaitingResult,
+    /// `220 Ready to start TLS` is queued: nothing more is read until the driver has done
+    /// the handshake ([`Session::tls_started`]); bytes already received are discarded.
+    StartTls,
+    /// In an AUTH exchange: the next line is a SASL response, not a command.
+    AuthResponse,
+    /// Credentials were handed out; waiting for [`Session::auth_result`].
+    AwaitingAuth,
     /// QUIT, too many errors, timeout or shutdown: nothing more is read.
     Closed,
 }
@@ -248,6 +310,10 @@ pub struct Session {
     skipping_line: bool,
     /// The server ran short of memory for this message: it is read to its end and refused.
     data_refused: bool,
+    /// What TLS negotiated, once the session runs over it.
+    tls: Option<TlsInfo>,
+    /// SMTP AUTH, once the client has tried it.
+    auth: Option<Box<AuthState>>,
 }
 
 impl Session {
@@ -274,6 +340,8 @@ impl Session {
             rcpt_overshoot: 0,
             skipping_line: false,
             data_refused: false,
+            tls: None,
+            auth: None,
         }
     }
 
@@ -289,7 +357,24 @@ impl Session {
         let mut pos = 0;
         loop {
             match self.state {
-                State::Closed | State::AwaitingResult => return pos,
+                State::Closed | State::AwaitingResult | State::StartTls | State::AwaitingAuth => {
+                    return pos
+                }
+                State::AuthResponse => {
+                    let rest = &input[pos..];
+                    let Some(lf) = memchr::memchr(b'\n', rest) else {
+                        if rest.len() >= MAX_RESPONSE_LINE + 2 {
+                            self.auth_cancel(b"500 5.5.6 Error: authentication line too long\r\n");
+                            self.skipping_line = true;
+                            return input.len();
+                        }
+                        return pos;
+                    };
+                    pos += lf + 1;
+                    let line = &rest[..lf];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    self.auth_response(line);
+                }
                 State::Data => {
                     let (n, outcome) = self.scanner.scan(&input[pos..], &mut self.body);
                     pos += n;
@@ -434,6 +519,150 @@ impl Session {
         self.peer
     }
 
+    /// True once `220 Ready to start TLS` is queued: the driver writes it, discards every
+    /// byte it has read but not yet handed in (CVE-2011-0411: nothing sent before the
+    /// handshake may count after it), does the handshake, and calls
+    /// [`Session::tls_started`] (or closes the connection if the handshake fails).
+    pub fn wants_tls(&self) -> bool {
+        self.state == State::StartTls
+    }
+
+    /// The session now runs over TLS: everything learnt before is forgotten (RFC 3207
+    /// §4.2: the client must EHLO again). Also for implicit-TLS listeners, before the
+    /// greeting.
+    pub fn tls_started(&mut self, info: TlsInfo) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.tls = Some(info);
+        self.helo = None;
+        self.helo_shared = None;
+        self.esmtp = false;
+        self.tx.clear();
+        self.auth = None;
+        self.may_relay = self.config.relay.client_may_relay(self.peer.ip());
+        self.state = State::Command;
+    }
+
+    /// What TLS negotiated, if the session runs over it.
+    pub fn tls(&self) -> Option<TlsInfo> {
+        self.tls
+    }
+
+    /// The credentials of an AUTH exchange, once, to be checked off the event loop; the
+    /// session waits for [`Session::auth_result`].
+    pub fn take_credentials(&mut self) -> Option<Credentials> {
+        self.auth.as_mut()?.credentials.take()
+    }
+
+    /// The verdict on the credentials: `235 2.7.0` (the client may then relay anywhere),
+    /// or `535 5.7.8` and one failure more (at the limit: `421 4.7.0` and close).
+    pub fn auth_result(&mut self, user: Option<String>) {
+        if self.state != State::AwaitingAuth {
+            return;
+        }
+        self.state = State::Command;
+        let auth = self.auth.get_or_insert_with(Box::default);
+        match user {
+            Some(user) => {
+                auth.user = Some(user);
+                self.may_relay = true;
+                self.reply(b"235 2.7.0 Authentication successful\r\n");
+            }
+            None => {
+                auth.failures += 1;
+                let failures = auth.failures;
+                self.reply(b"535 5.7.8 Error: authentication failed\r\n");
+                if failures >= self.config.max_auth_failures {
+                    let text = format!(
+                        "4.7.0 {} Error: too many authentication failures",
+                        self.config.hostname
+                    );
+                    Reply::new(421, text).write_to(&mut self.out);
+                    self.state = State::Closed;
+                }
+            }
+        }
+    }
+
+    /// The authenticated user, if any (for logs; never written into a message).
+    pub fn authenticated_user(&self) -> Option<&str> {
+        self.auth.as_ref()?.user.as_deref()
+    }
+
+    fn starttls(&mut self) {
+        if !self.config.starttls {
+            return self.error(b"502 5.5.1 Error: command not implemented\r\n");
+        }
+        if self.tls.is_some() {
+            return self.error(b"554 5.5.1 Error: TLS already active\r\n");
+        }
+        self.reply(b"220 2.0.0 Ready to start TLS\r\n");
+        self.state = State::StartTls;
+    }
+
+    fn auth(&mut self, args: &[u8]) {
+        if !self.config.auth {
+            return self.error(b"502 5.5.1 Error: command not implemented\r\n");
+        }
+        if self.tls.is_none() {
+            return self.error(
+                b"538 5.7.11 Encryption required for requested authentication mechanism\r\n",
+            );
+        }
+        if !self.esmtp {
+            return self.error(b"503 5.5.1 Error: send EHLO first\r\n");
+        }
+        if self.authenticated_user().is_some() {
+            return self.error(b"503 5.5.1 Error: already authenticated\r\n");
+        }
+        if self.tx.started {
+            return self.error(b"503 5.5.1 Error: MAIL transaction in progress\r\n");
+        }
+        let auth = self.auth.get_or_insert_with(Box::default);
+        let step = auth.exchange.start_command(args);
+        self.auth_step(step);
+    }
+
+    fn auth_response(&mut self, line: &[u8]) {
+        let Some(auth) = self.auth.as_mut() else {
+            self.state = State::Command;
+            return;
+        };
+        let step = auth.exchange.respond(line);
+        self.auth_step(step);
+    }
+
+    fn auth_step(&mut self, step: Step) {
+        match step {
+            Step::Challenge(challenge) => {
+                self.out.extend_from_slice(b"334 ");
+                self.out.extend_from_slice(challenge.as_bytes());
+                self.out.extend_from_slice(b"\r\n");
+                self.state = State::AuthResponse;
+            }
+            Step::Credentials(credentials) => {
+                if let Some(auth) = self.auth.as_mut() {
+                    auth.credentials = Some(credentials);
+                }
+                self.state = State::AwaitingAuth;
+            }
+            Step::Error(reply) => {
+                self.state = State::Command;
+                self.error_reply(reply);
+            }
+        }
+    }
+
+    /// Ends an AUTH exchange with an error reply.
+    fn auth_cancel(&mut self, wire: &[u8]) {
+        if let Some(auth) = self.auth.as_mut() {
+            auth.exchange = AuthExchange::new();
+        }
+        self.state = State::Command;
+        self.error(wire);
+    }
+
     fn reply(&mut self, wire: &[u8]) {
         self.out.extend_from_slice(wire);
     }
@@ -486,12 +715,15 @@ impl Session {
                 helo.push_str(host);
                 self.esmtp = esmtp;
                 self.tx.clear();
-                self.out.extend_from_slice(if esmtp {
-                    &self.config.ehlo_reply
-                } else {
-                    &self.config.helo_reply
-                });
+                self.out
+                    .extend_from_slice(match (esmtp, self.tls.is_some()) {
+                        (true, false) => &self.config.ehlo_reply,
+                        (true, true) => &self.config.ehlo_reply_tls,
+                        (false, _) => &self.config.helo_reply,
+                    });
             }
+            Command::StartTls => self.starttls(),
+            Command::Auth(args) => self.auth(args),
             Command::Mail { from, size, body } => self.mail(from, size, body, hooks),
             Command::Rcpt(to) => self.rcpt(to, hooks),
             Command::Data => self.data(now, hooks),
@@ -607,6 +839,8 @@ impl Session {
             ip: self.peer.ip().to_canonical(),
             hostname: &self.config.hostname,
             esmtp: self.esmtp,
+            tls: self.tls.map(|t| (t.version, t.cipher)),
+            authenticated: self.auth.as_ref().is_some_and(|a| a.user.is_some()),
             id,
             single_rcpt: single,
         };
@@ -1352,5 +1586,148 @@ mod tests {
             // At most one reply per input line, each well under 1 KiB.
             prop_assert!(out.len() <= 1024 + fed * 64);
         }
+    }
+
+    fn tls_config() -> Arc<SessionConfig> {
+        let policy = RelayPolicy::new(Vec::new(), vec!["local.test".into()]);
+        Arc::new(SessionConfig::new("relay.test".into(), 10_000, 5, policy).with_tls(true, true))
+    }
+
+    const TLS: TlsInfo = TlsInfo {
+        version: "TLSv1.3",
+        cipher: "TLS_AES_128_GCM_SHA256",
+    };
+
+    #[test]
+    fn starttls_stops_reading_and_forgets_everything_before_it() {
+        let mut h = Harness::new(tls_config(), "192.0.2.9:1000");
+        h.feed(b"");
+        let ehlo = h.feed(b"EHLO c.test\r\n");
+        assert!(
+            ehlo.contains("250-STARTTLS\r\n") && !ehlo.contains("AUTH"),
+            "{ehlo}"
+        );
+        assert_eq!(
+            h.feed(b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n"),
+            "538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+        );
+        // STARTTLS and a command pipelined behind it: only the 220; the rest stays unread.
+        assert_eq!(
+            h.feed(b"MAIL FROM:<a@b.test>\r\nSTARTTLS\r\nRSET\r\n"),
+            "250 2.1.0 Ok\r\n220 2.0.0 Ready to start TLS\r\n"
+        );
+        assert!(h.session.wants_tls());
+        assert_eq!(h.pending, b"RSET\r\n", "the driver must discard this");
+        h.pending.clear();
+        h.session.tls_started(TLS);
+        assert!(!h.session.wants_tls());
+        assert_eq!(h.session.tls(), Some(TLS));
+        // The transaction and the EHLO are gone.
+        assert!(h
+            .feed(b"MAIL FROM:<a@b.test>\r\n")
+            .starts_with("503 5.5.1 Error: send HELO/EHLO first"));
+        let ehlo = h.feed(b"EHLO c.test\r\n");
+        assert!(
+            ehlo.contains("250-AUTH PLAIN LOGIN\r\n") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        assert_eq!(
+            h.feed(b"STARTTLS\r\n"),
+            "554 5.5.1 Error: TLS already active\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_hands_out_credentials_and_takes_the_verdict() {
+        let mut h = Harness::new(tls_config(), "192.0.2.9:1000");
+        h.feed(b"");
+        h.session.tls_started(TLS);
+        h.feed(b"EHLO c.test\r\n");
+        // Not authenticated: an outside client may not relay.
+        assert!(h
+            .feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nRSET\r\n")
+            .contains("550 5.7.1 Relay access denied"));
+        // LOGIN in two steps; the commands behind it wait for the verdict.
+        assert_eq!(h.feed(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(h.feed(b"YWxpY2U=\r\n"), "334 UGFzc3dvcmQ6\r\n");
+        assert_eq!(h.feed(b"czNjcmV0\r\nNOOP\r\n"), "");
+        let creds = h.session.take_credentials().expect("credentials");
+        assert_eq!(
+            (creds.user.as_str(), creds.password.as_slice()),
+            ("alice", &b"s3cret"[..])
+        );
+        h.session.auth_result(Some("alice".into()));
+        assert_eq!(
+            h.feed(b""),
+            "235 2.7.0 Authentication successful\r\n250 2.0.0 Ok\r\n"
+        );
+        assert_eq!(h.session.authenticated_user(), Some("alice"));
+        assert_eq!(
+            h.feed(b"AUTH PLAIN\r\n"),
+            "503 5.5.1 Error: already authenticated\r\n"
+        );
+        // Authenticated: relaying anywhere, and the Received header says ESMTPSA.
+        let replies =
+            h.feed(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nDATA\r\nhi\r\n.\r\n");
+        assert!(
+            replies.contains("250 2.1.5 Ok") && replies.contains("queued as"),
+            "{replies}"
+        );
+        let data = String::from_utf8_lossy(&h.messages[0].data).into_owned();
+        assert!(
+            data.contains("(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256)"),
+            "{data}"
+        );
+        assert!(
+            data.contains("with ESMTPSA id") && !data.contains("alice"),
+            "{data}"
+        );
+    }
+
+    #[test]
+    fn auth_failures_end_the_connection_at_the_limit() {
+        let mut h = Harness::new(tls_config(), "192.0.2.9:1000");
+        h.feed(b"");
+        h.session.tls_started(TLS);
+        h.feed(b"EHLO c.test\r\n");
+        for i in 1..=3 {
+            assert_eq!(h.feed(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n"), "");
+            assert!(h.session.take_credentials().is_some());
+            h.session.auth_result(None);
+            let out = h.feed(b"");
+            assert!(
+                out.starts_with("535 5.7.8 Error: authentication failed\r\n"),
+                "{out}"
+            );
+            assert_eq!(out.contains("421 4.7.0"), i == 3, "{out}");
+        }
+        assert!(h.session.is_closed());
+        // `*` cancels; an over-long response line is refused and skipped.
+        let mut h = Harness::new(tls_config(), "192.0.2.9:1000");
+        h.feed(b"");
+        h.session.tls_started(TLS);
+        h.feed(b"EHLO c.test\r\n");
+        assert_eq!(h.feed(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert!(h.feed(b"*\r\n").starts_with("501 5.7.0"));
+        assert_eq!(h.feed(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        let long = vec![b'A'; MAX_RESPONSE_LINE + 10];
+        assert!(h.feed(&long).starts_with("500 5.5.6"));
+        assert_eq!(h.feed(b"AAAA\r\nNOOP\r\n"), "250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn without_tls_configured_starttls_and_auth_are_not_offered() {
+        let mut h = Harness::local();
+        h.feed(b"");
+        let ehlo = h.feed(b"EHLO c.test\r\n");
+        assert!(!ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"));
+        assert_eq!(
+            h.feed(b"STARTTLS\r\n"),
+            "502 5.5.1 Error: command not implemented\r\n"
+        );
+        assert_eq!(
+            h.feed(b"AUTH PLAIN\r\n"),
+            "502 5.5.1 Error: command not implemented\r\n"
+        );
     }
 }
