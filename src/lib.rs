@@ -27,6 +27,7 @@
 //! - [`outbound`]: routing (static routes, smarthost, MX), DNS, connection pools and
 //!   bounce messages.
 //! - [`sink`]: the `serve --sink` handler, which counts and discards.
+//! - [`observe`]: Prometheus metrics, their `/metrics` endpoint, and the delivery log.
 //! - [`tls`]: sans-IO TLS over our own buffers (rustls), for inbound and outbound;
 //!   [`proxy`]: PROXY protocol v1/v2 headers; [`passwd`]: the AUTH users file and its
 //!   password hashes. (Built and unit-tested; not yet wired into the server.)
@@ -36,6 +37,7 @@ pub mod config;
 mod driver;
 pub mod handler;
 pub mod id;
+pub mod observe;
 pub mod outbound;
 pub mod passwd;
 pub mod policy;
