@@ -92,6 +92,8 @@ pub struct Config {
     pub tls: Tls,
     /// SMTP AUTH for clients.
     pub auth: Auth,
+    /// Listeners behind a load balancer (PROXY protocol).
+    pub proxy: Proxy,
     /// Switches for A/B measurements; not in the file (see [`Config::apply_env`]).
     #[serde(skip)]
     pub ab: AbSwitches,
@@ -129,6 +131,33 @@ impl Tls {
     /// True when a certificate and key are configured.
     pub fn enabled(&self) -> bool {
         !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// `[proxy]`: listeners that take a PROXY protocol header (v1 or v2) before SMTP, from a
+/// load balancer such as HAProxy (`send-proxy-v2`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Proxy {
+    /// Listeners that require the header first (plain SMTP after it).
+    pub listen: Vec<SocketAddr>,
+    /// Who may send a header (CIDR); connections from anywhere else are closed unanswered.
+    pub trusted: Vec<String>,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            listen: Vec::new(),
+            trusted: vec!["127.0.0.0/8".into(), "::1/128".into()],
+        }
+    }
+}
+
+impl Proxy {
+    /// The trusted networks, parsed (the configuration was validated).
+    pub fn trusted_nets(&self) -> Vec<IpNet> {
+        self.trusted.iter().filter_map(|n| n.parse().ok()).collect()
     }
 }
 
@@ -254,6 +283,7 @@ impl Default for Config {
             delivery: Delivery::default(),
             tls: Tls::default(),
             auth: Auth::default(),
+            proxy: Proxy::default(),
             ab: AbSwitches::default(),
         }
     }
@@ -511,6 +541,19 @@ impl Config {
                 return err(
                     "tls.implicit_listen",
                     format!("{addr} is also in listen (one address, one kind of listener)"),
+                );
+            }
+        }
+        for (i, net) in self.proxy.trusted.iter().enumerate() {
+            if let Err(why) = net.parse::<IpNet>() {
+                return err(&format!("proxy.trusted[{i}]"), why);
+            }
+        }
+        for addr in &self.proxy.listen {
+            if self.listen.contains(addr) || t.implicit_listen.contains(addr) {
+                return err(
+                    "proxy.listen",
+                    format!("{addr} is also in listen or tls.implicit_listen (one address, one kind of listener)"),
                 );
             }
         }

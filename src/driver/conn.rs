@@ -22,8 +22,9 @@ use bytes::{Buf, BytesMut};
 use super::caps::ConnectionSlot;
 use super::secure::{self, TlsLayer};
 use super::shard::{OpenGuard, Shard, ShardHooks};
-use super::Phase;
+use super::{ListenerKind, Phase};
 use crate::handler::Handler;
+use crate::proxy;
 use crate::smtp::{Reply, Session};
 
 /// Read size while reading commands: a command line is at most 512 octets, and idle
@@ -85,7 +86,8 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     io: T,
     peer: SocketAddr,
     slot: ConnectionSlot,
-    implicit_tls: bool,
+    kind: ListenerKind,
+    early: BytesMut,
 ) {
     // Here rather than in the accept loop: a handler that panics then ends this task, not
     // the shard's accepting. A refusal is written by a task of its own, so this task has no
@@ -103,6 +105,9 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut session = Box::new(Session::new(Arc::clone(&shard.session_config), peer));
     let mut hooks = ShardHooks::new(&shard, peer);
     let mut buf = shard.pool.take();
+    // Bytes that came behind a PROXY header, before our greeting.
+    buf.extend_from_slice(&early);
+    drop(early);
     // One timer for the connection's whole life, re-armed only when it fires early.
     let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
     // The command timeout runs per command line, not per read (like Postfix's
@@ -117,7 +122,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     // The TLS layer once the connection runs over TLS (boxed: a plaintext connection's
     // task holds one pointer for it).
     let mut tls: Option<Box<TlsLayer>> = None;
-    if implicit_tls {
+    if kind == ListenerKind::ImplicitTls {
         // RFC 8314: TLS from the first byte; the greeting goes out encrypted.
         match Box::pin(start_tls(&shard, &io, &mut buf, peer)).await {
             Some(layer) => {
@@ -324,6 +329,97 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     }
     io.close_both();
     shard.pool.give(buf);
+}
+
+/// Longest a balancer may take to send its PROXY header (bounded by the command timeout).
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection on a PROXY listener, from a trusted balancer: reads the header first
+/// (sending nothing before it: HAProxy's `check-send-proxy` relies on that), then serves
+/// the session as the client the header names, whose address also counts against the
+/// per-address connection cap. A missing or malformed header closes the connection with
+/// nothing processed.
+pub(crate) async fn serve_proxied<H: Handler, T: Transport>(
+    shard: Rc<Shard<H>>,
+    io: T,
+    balancer: SocketAddr,
+) {
+    let header = {
+        // Counted as open while the header is awaited, so a shutdown waits for it.
+        let _open = shard.connection_opened();
+        Box::pin(read_proxy_header(&io, shard.command_timeout)).await
+    };
+    let (header, early) = match header {
+        Ok(found) => found,
+        Err(why) => {
+            tracing::info!(%balancer, "PROXY header refused: {why}; closed");
+            io.close_both();
+            return;
+        }
+    };
+    let client = header.client_address(balancer);
+    if *shard.phase.borrow() != Phase::Running {
+        let reply = Reply::shutting_down(&shard.session_config.hostname);
+        super::shard::refuse(&shard, io, reply, None);
+        return;
+    }
+    match shard.caps.acquire(client.ip()) {
+        Ok(slot) => serve(shard, io, client, slot, ListenerKind::Proxy, early).await,
+        Err(which) => {
+            tracing::debug!(%client, %balancer, ?which, "connection refused: cap reached");
+            let reply = Reply::too_many_connections(&shard.session_config.hostname);
+            super::shard::refuse(&shard, io, reply, None);
+        }
+    }
+}
+
+/// Reads a PROXY v1 or v2 header; the bytes after it come back too.
+async fn read_proxy_header<T: Transport>(
+    io: &T,
+    command_timeout: Duration,
+) -> Result<(proxy::ProxyHeader, BytesMut), String> {
+    let deadline = Instant::now() + command_timeout.min(PROXY_HEADER_TIMEOUT);
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        match proxy::parse(&buf) {
+            Ok(Some((header, used))) => {
+                buf.advance(used);
+                return Ok((header, buf));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        if buf.capacity() - buf.len() < 128 {
+            buf.reserve(512);
+        }
+        let (result, b) = read_until(io, buf, deadline).await;
+        buf = b;
+        match result {
+            Some(Ok(0)) => return Err("closed before a complete header".into()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("read failed: {e}")),
+            None => return Err("no complete header in time".into()),
+        }
+    }
+}
+
+/// Reads into `buf` until `deadline`; `None` if it ran out (the socket is then shut down,
+/// and the read awaited, never dropped in flight).
+pub(crate) async fn read_until<T: Transport>(
+    io: &T,
+    buf: BytesMut,
+    deadline: Instant,
+) -> (Option<io::Result<usize>>, BytesMut) {
+    let mut read = pin!(io.read_more(buf));
+    tokio::select! {
+        biased;
+        (result, b) = read.as_mut() => (Some(result), b),
+        _ = tokio::time::sleep_until(deadline) => {
+            io.close_both();
+            let (_, b) = read.await;
+            (None, b)
+        }
+    }
 }
 
 /// The server side of a TLS handshake on `io` (after STARTTLS, or at once on an

@@ -19,7 +19,7 @@ use crate::handler::Handler;
 pub(crate) fn run<H: Handler>(
     shard_state: impl FnOnce() -> Rc<Shard<H>>,
     listeners: Vec<std::net::TcpListener>,
-    implicit: &[bool],
+    kinds: &[super::ListenerKind],
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -29,9 +29,9 @@ pub(crate) fn run<H: Handler>(
     local.block_on(&runtime, async move {
         let shard = shard_state();
         let mut acceptors = Vec::new();
-        for (l, &implicit) in listeners.into_iter().zip(implicit) {
+        for (l, &kind) in listeners.into_iter().zip(kinds) {
             // The socket was made non-blocking when bound, as tokio requires.
-            acceptors.push((TcpListener::from_std(l)?, implicit));
+            acceptors.push((TcpListener::from_std(l)?, kind));
         }
         shard::run::<H, TcpListener>(shard, acceptors).await;
         Ok(())

@@ -45,6 +45,17 @@ pub(crate) enum Phase {
     Closing,
 }
 
+/// What a listener expects first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListenerKind {
+    /// SMTP (STARTTLS when configured).
+    Plain,
+    /// TLS from the first byte (RFC 8314).
+    ImplicitTls,
+    /// A PROXY protocol header from a trusted balancer, then SMTP.
+    Proxy,
+}
+
 /// The I/O driver in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IoDriver {
@@ -96,11 +107,15 @@ where
     let io = choose_driver(config.io)?;
     ensure_fd_limit(config.limits.max_connections);
     let shards = config.effective_shards();
-    // Plain listeners first, then implicit-TLS ones; `implicit[i]` says which listener
-    // index is which (the same on every shard).
+    // Plain listeners, then implicit-TLS ones, then PROXY ones; `kinds[i]` says which
+    // listener index is which (the same on every shard).
     let mut addrs = config.listen.clone();
+    let mut kinds = vec![ListenerKind::Plain; addrs.len()];
     addrs.extend(&config.tls.implicit_listen);
-    let implicit: Vec<bool> = (0..addrs.len()).map(|i| i >= config.listen.len()).collect();
+    kinds.resize(addrs.len(), ListenerKind::ImplicitTls);
+    addrs.extend(&config.proxy.listen);
+    kinds.resize(addrs.len(), ListenerKind::Proxy);
+    let proxy_trusted = Arc::new(config.proxy.trusted_nets());
     let security = secure::Security::load(&config).map_err(io::Error::other)?;
     let (listeners, local_addrs) = listener::bind_all(&addrs, shards)?;
     let mut session_config = SessionConfig::new(
@@ -148,8 +163,9 @@ where
             data_timeout: Duration::from_secs(config.limits.data_timeout_secs),
             data_budget: Arc::clone(&data_budget),
             security: security.clone(),
+            proxy_trusted: Arc::clone(&proxy_trusted),
         };
-        let implicit = implicit.clone();
+        let kinds = kinds.clone();
         let make_handler = Arc::clone(&make_handler);
         let ab = config.ab;
         let cpu = if pin { cpus.get(index).copied() } else { None };
@@ -168,8 +184,8 @@ where
                 let factory = Arc::clone(&make_handler);
                 let state = move || Shard::new(settings, factory(index));
                 let result = match io {
-                    IoDriver::Uring => uring::run(state, listeners, &implicit, ab),
-                    IoDriver::Epoll => epoll::run(state, listeners, &implicit),
+                    IoDriver::Uring => uring::run(state, listeners, &kinds, ab),
+                    IoDriver::Epoll => epoll::run(state, listeners, &kinds),
                 };
                 if let Err(e) = &result {
                     tracing::error!(shard = index, "shard failed: {e}");

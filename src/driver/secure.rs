@@ -17,7 +17,7 @@ use rustls::ServerConfig;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::conn::Transport;
+use super::conn::{read_until, Transport};
 use crate::config::Config;
 use crate::passwd::Users;
 use crate::smtp::auth::Credentials;
@@ -225,25 +225,6 @@ pub(crate) async fn accept_tls<T: Transport>(
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(format!("TLS handshake: read failed: {e}")),
             None => return Err("TLS handshake timed out".into()),
-        }
-    }
-}
-
-/// Reads into `buf` until `deadline`; `None` if it ran out (the socket is then shut down,
-/// and the read awaited, never dropped in flight).
-async fn read_until<T: Transport>(
-    io: &T,
-    buf: BytesMut,
-    deadline: Instant,
-) -> (Option<std::io::Result<usize>>, BytesMut) {
-    let mut read = pin!(io.read_more(buf));
-    tokio::select! {
-        biased;
-        (result, b) = read.as_mut() => (Some(result), b),
-        _ = tokio::time::sleep_until(deadline) => {
-            io.close_both();
-            let (_, b) = read.await;
-            (None, b)
         }
     }
 }

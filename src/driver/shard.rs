@@ -17,10 +17,12 @@ use super::buffers::BufferPool;
 use super::caps::{CapExceeded, ConnectionCaps, ConnectionSlot, DataBudget};
 use super::conn::{self, Acceptor, Transport};
 use super::secure::Security;
-use super::Phase;
+use super::{ListenerKind, Phase};
 use crate::handler::Handler;
 use crate::id::{IdGenerator, QueueId};
+use crate::policy::IpNet;
 use crate::smtp::{Hooks, Mailbox, Reply, ReversePath, SessionConfig};
+use bytes::BytesMut;
 
 /// How long a handler's shutdown work may take once the last session has ended.
 const HANDLER_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -39,6 +41,8 @@ pub(crate) struct Shard<H> {
     pub(crate) data_budget: Arc<DataBudget>,
     /// TLS certificate and AUTH users, when TLS is configured.
     pub(crate) security: Option<Arc<Security>>,
+    /// Who may send a PROXY header (`proxy.trusted`).
+    pub(crate) proxy_trusted: Arc<Vec<IpNet>>,
     ids: RefCell<IdGenerator>,
     open: Cell<usize>,
     all_closed: Notify,
@@ -54,6 +58,7 @@ pub(crate) struct ShardSettings {
     pub(crate) data_timeout: Duration,
     pub(crate) data_budget: Arc<DataBudget>,
     pub(crate) security: Option<Arc<Security>>,
+    pub(crate) proxy_trusted: Arc<Vec<IpNet>>,
 }
 
 impl<H: Handler> Shard<H> {
@@ -71,6 +76,7 @@ impl<H: Handler> Shard<H> {
             data_timeout: settings.data_timeout,
             data_budget: settings.data_budget,
             security: settings.security,
+            proxy_trusted: settings.proxy_trusted,
             ids: RefCell::new(IdGenerator::new(settings.index)),
             open: Cell::new(0),
             all_closed: Notify::new(),
@@ -155,18 +161,21 @@ impl<H: Handler> Hooks for ShardHooks<'_, H> {
 }
 
 /// Runs a shard until shutdown has finished: one accept task per listener, then waits.
-/// Each acceptor comes with whether it is an implicit-TLS listener.
-pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors: Vec<(A, bool)>) {
-    let acceptors: Vec<(Rc<A>, bool)> = acceptors
+/// Each acceptor comes with what its listener expects first.
+pub(crate) async fn run<H: Handler, A: Acceptor>(
+    shard: Rc<Shard<H>>,
+    acceptors: Vec<(A, ListenerKind)>,
+) {
+    let acceptors: Vec<(Rc<A>, ListenerKind)> = acceptors
         .into_iter()
-        .map(|(a, implicit)| (Rc::new(a), implicit))
+        .map(|(a, kind)| (Rc::new(a), kind))
         .collect();
     // Accept lives in its own task and is never raced against anything: a dropped
     // io_uring accept would leak the next connection.
     let accept_tasks: Vec<_> = acceptors
         .iter()
-        .map(|(a, implicit)| {
-            tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(a), *implicit))
+        .map(|(a, kind)| {
+            tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(a), *kind))
         })
         .collect();
     let mut phase = shard.phase.clone();
@@ -203,11 +212,25 @@ pub(crate) async fn run<H: Handler, A: Acceptor>(shard: Rc<Shard<H>>, acceptors:
 async fn accept_loop<H: Handler, A: Acceptor>(
     shard: Rc<Shard<H>>,
     acceptor: Rc<A>,
-    implicit_tls: bool,
+    kind: ListenerKind,
 ) {
+    let implicit_tls = kind == ListenerKind::ImplicitTls;
     loop {
         match acceptor.accept().await {
             Ok((conn, peer)) => {
+                if kind == ListenerKind::Proxy {
+                    // Only a trusted balancer may send a header; anyone else is closed
+                    // unanswered (no banner: nothing is sent before the header).
+                    if !shard.proxy_trusted.iter().any(|n| n.contains(peer.ip()))
+                        || shard.phase_now() != Phase::Running
+                    {
+                        tracing::debug!(%peer, "PROXY listener: not a trusted balancer (or shutting down); closed");
+                        conn.close_both();
+                        continue;
+                    }
+                    tokio::task::spawn_local(conn::serve_proxied(Rc::clone(&shard), conn, peer));
+                    continue;
+                }
                 if implicit_tls && shard.phase_now() != Phase::Running {
                     // A TLS client could not read a plaintext 421: it is just closed.
                     conn.close_both();
@@ -225,7 +248,8 @@ async fn accept_loop<H: Handler, A: Acceptor>(
                             conn,
                             peer,
                             slot,
-                            implicit_tls,
+                            kind,
+                            BytesMut::new(),
                         ));
                     }
                     Err(which) if implicit_tls => {

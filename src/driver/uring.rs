@@ -25,7 +25,7 @@ const RING_ENTRIES: u32 = 1024;
 pub(crate) fn run<H: Handler>(
     shard_state: impl FnOnce() -> Rc<Shard<H>>,
     listeners: Vec<std::net::TcpListener>,
-    implicit: &[bool],
+    kinds: &[super::ListenerKind],
     ab: AbSwitches,
 ) -> io::Result<()> {
     let runtime = new_runtime(ab.plain_ring)?;
@@ -40,7 +40,7 @@ pub(crate) fn run<H: Handler>(
         let acceptors = listeners
             .into_iter()
             .map(TcpListener::from_std)
-            .zip(implicit.iter().copied())
+            .zip(kinds.iter().copied())
             .collect();
         shard::run::<H, TcpListener>(shard, acceptors).await;
     });
