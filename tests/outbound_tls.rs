@@ -182,6 +182,14 @@ fn may_delivers_over_tls_when_offered(io: &str) {
     let m = received_one(&hop, "b@example.test");
     assert_eq!(m["tls"], true, "{m:#}");
     assert_eq!(m["version"], "TLSv1.3", "{m:#}");
+    let log = relay.stderr();
+    assert!(
+        log.contains(&format!(
+            "Untrusted TLS connection established to {}",
+            hop.addr
+        )),
+        "{log}"
+    );
     wait_queue_empty(&spool(&work), WAIT);
     relay.terminate();
 }
@@ -351,6 +359,12 @@ fn verify_checks_the_chain_and_the_next_hops_name(io: &str) {
         }
     });
     assert_eq!(hop.received().len(), 2, "{:#?}", hop.received());
+    let log = relay.stderr();
+    assert!(
+        log.contains("Verified TLS connection established")
+            && log.contains("(mx.verified.test): TLSv1.3"),
+        "{log}"
+    );
     let queued = queue_list(&spool(&work));
     assert_eq!(queued.len(), 1, "{queued:#?}");
     assert_eq!(queued[0]["pending"], serde_json::json!(["d@mismatch.test"]));

@@ -269,3 +269,61 @@ impl Outbound {
         self.pool.close_idle();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_level_by_domain_else_the_default() {
+        let mut config = Config::default();
+        config.delivery.tls = "encrypt".into();
+        config
+            .delivery
+            .tls_policy
+            .insert("Bank.example".into(), "verify".into());
+        config
+            .delivery
+            .tls_policy
+            .insert("old.example".into(), "none".into());
+        let tls = OutboundConfig::from_config(&config).tls;
+        assert_eq!(tls.level("bank.example"), TlsLevel::Verify);
+        assert_eq!(tls.level("BANK.example"), TlsLevel::Verify);
+        assert_eq!(tls.level("old.example"), TlsLevel::None);
+        assert_eq!(tls.level("other.example"), TlsLevel::Encrypt);
+        assert_eq!(
+            OutboundConfig::from_config(&Config::default())
+                .tls
+                .level("x.example"),
+            TlsLevel::May,
+            "may by default"
+        );
+    }
+
+    #[test]
+    fn smarthost_password_is_the_first_line_of_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        let mut config = Config::default();
+        config.delivery.smarthost = "127.0.0.1:587".into();
+        config.delivery.smarthost_user = "relay".into();
+        config.delivery.smarthost_password_file = file.clone();
+        let auth = || OutboundConfig::from_config(&config).smarthost_auth.unwrap();
+
+        std::fs::write(&file, "pass word\r\nsecond line\n").unwrap();
+        let credentials = auth().unwrap();
+        assert_eq!(*credentials, Credentials::new("relay", "pass word"));
+        std::fs::write(&file, "\nsecond line\n").unwrap();
+        assert!(auth()
+            .unwrap_err()
+            .contains("the first line (the password) is empty"));
+        std::fs::remove_file(&file).unwrap();
+        assert!(auth()
+            .unwrap_err()
+            .starts_with("delivery.smarthost_password_file: "));
+        config.delivery.smarthost_user.clear();
+        assert!(OutboundConfig::from_config(&config)
+            .smarthost_auth
+            .is_none());
+    }
+}

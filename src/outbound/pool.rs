@@ -377,8 +377,12 @@ impl Pool {
     }
 
     /// The level a new connection to `hop` asks for: `may` goes plaintext while a failed
-    /// handshake is remembered for the address (credentials need TLS, so not with them).
+    /// handshake is remembered for the address; credentials need TLS, so never with them
+    /// (they make even `none` an `encrypt`).
     fn effective_level(&self, hop: &Hop<'_>) -> TlsLevel {
+        if hop.auth.is_some() && hop.level == TlsLevel::None {
+            return TlsLevel::Encrypt;
+        }
         let fallen_back = hop.level == TlsLevel::May
             && hop.auth.is_none()
             && self
@@ -472,6 +476,20 @@ impl Pool {
                             reply: Reply::new(451, format!("4.7.5 {addr}: {why}")),
                             retry_in_plaintext: fall_back,
                         });
+                    }
+                    if let Some(tls) = conn.tls.as_deref() {
+                        // Postfix's words: a verified chain and name, or not.
+                        tracing::info!(
+                            "{} TLS connection established to {addr} ({}): {} with {}",
+                            if level == TlsLevel::Verify {
+                                "Verified"
+                            } else {
+                                "Untrusted"
+                            },
+                            hop.host,
+                            tls.session.protocol_version().unwrap_or("TLS"),
+                            tls.session.cipher_suite().unwrap_or("an unknown cipher"),
+                        );
                     }
                     deadline = Instant::now() + self.config.connect_timeout;
                 }
@@ -664,5 +682,77 @@ impl Conn {
                 Timed::TimedOut => return Err("timeout during the TLS handshake".into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop<'a>(host: &'a str, level: TlsLevel) -> Hop<'a> {
+        Hop {
+            addr: "192.0.2.7:25".parse().unwrap(),
+            host,
+            level,
+            auth: None,
+        }
+    }
+
+    #[test]
+    fn verify_checks_the_host_name_or_the_address_of_a_literal() {
+        assert_eq!(
+            server_name(&hop("mx.example", TlsLevel::Verify)),
+            "mx.example"
+        );
+        assert_eq!(
+            server_name(&hop("192.0.2.7", TlsLevel::Verify)),
+            "192.0.2.7"
+        );
+        assert_eq!(
+            server_name(&hop("[192.0.2.7]", TlsLevel::Verify)),
+            "192.0.2.7"
+        );
+    }
+
+    #[test]
+    fn connections_are_shared_only_when_asked_the_same() {
+        let credentials = Arc::new(Credentials::new("u", "p"));
+        let plain = Key::of(&hop("mx.example", TlsLevel::None));
+        let may = Key::of(&hop("mx.example", TlsLevel::May));
+        let may_other_name = Key::of(&hop("mx2.example", TlsLevel::May));
+        let verify = Key::of(&hop("mx.example", TlsLevel::Verify));
+        let verify_other_name = Key::of(&hop("mx2.example", TlsLevel::Verify));
+        let authenticated = Key::of(&Hop {
+            auth: Some(&credentials),
+            ..hop("mx.example", TlsLevel::May)
+        });
+        assert_ne!(plain, may);
+        assert_eq!(may, may_other_name, "the name matters only at verify");
+        assert_ne!(verify, verify_other_name);
+        assert_ne!(may, authenticated);
+    }
+
+    #[test]
+    fn resumption_caches_are_per_config_and_on() {
+        let configs = TlsConfigs::new(None);
+        let opportunistic = configs.for_level(TlsLevel::May).unwrap().unwrap();
+        let encrypt = configs.for_level(TlsLevel::Encrypt).unwrap().unwrap();
+        let verify = configs.for_level(TlsLevel::Verify).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&opportunistic, &encrypt));
+        assert!(!Arc::ptr_eq(&opportunistic, &verify));
+        assert!(configs.for_level(TlsLevel::None).unwrap().is_none());
+        // Another shard's configs are other objects, with their own caches.
+        let other = TlsConfigs::new(None);
+        let other = other.for_level(TlsLevel::May).unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&opportunistic, &other));
+        assert!(format!("{:?}", opportunistic.resumption).contains("SessionIdOrTickets"));
+    }
+
+    #[test]
+    fn an_unreadable_ca_file_defers_verify_only() {
+        let configs = TlsConfigs::new(Some(std::path::Path::new("/nonexistent/ca.pem")));
+        assert!(configs.for_level(TlsLevel::May).unwrap().is_some());
+        let why = configs.for_level(TlsLevel::Verify).unwrap_err();
+        assert!(why.contains("/nonexistent/ca.pem"), "{why}");
     }
 }

@@ -337,8 +337,8 @@ impl Client {
     }
 
     /// The same client authenticating with `credentials` once in TLS. Credentials make TLS
-    /// required whatever the level (a password never goes out in plaintext), and AUTH
-    /// required too: a next hop offering neither PLAIN nor LOGIN gets QUIT. Call before the
+    /// required whatever the level, `none` included (a password never goes out in
+    /// plaintext), and AUTH required too: a next hop offering neither PLAIN nor LOGIN gets QUIT. Call before the
     /// greeting arrives.
     pub fn with_auth(mut self, credentials: Arc<Credentials>) -> Client {
         self.auth = Some(credentials);
@@ -655,7 +655,7 @@ impl Client {
     /// The EHLO (or HELO) reply was positive: STARTTLS, AUTH, or ready.
     fn after_hello(&mut self) {
         if !self.tls_active {
-            if self.tls_level != TlsLevel::None && self.caps.starttls {
+            if (self.tls_level != TlsLevel::None || self.auth.is_some()) && self.caps.starttls {
                 return self.send(Bytes::from_static(b"STARTTLS\r\n"), Await::StartTls);
             }
             if self.tls_required() {
@@ -2045,6 +2045,16 @@ mod tests {
             "EHLO relay.test\r\nSTARTTLS\r\nEHLO relay.test\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n"
         );
         assert_eq!(h.events(), [ClientEvent::StartTls], "no Ready");
+    }
+
+    #[test]
+    fn credentials_make_tls_required_even_at_none() {
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::None)
+            .with_auth(credentials());
+        let mut h = Harness::in_tls(client, EHLO_STARTTLS);
+        h.feed(b"250-mx.test\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(h.sent(), "AUTH PLAIN AHVzZXIAc2VjcmV0\r\n");
     }
 
     #[test]
