@@ -6,7 +6,9 @@
 //! - [`route`]: static routes, the smarthost, and [`route::plan`] (route or MX).
 //! - [`mx`]: the MX routing rules (RFC 5321 §5.1, RFC 7505), pure values in and out.
 //! - [`dns`]: MX routing over DNS (hickory-resolver) with per-shard single-flight caches.
-//! - [`pool`]: per-shard pools of open connections, on the shard's own I/O driver.
+//! - [`pool`]: per-shard pools of open connections, on the shard's own I/O driver, with
+//!   STARTTLS at Postfix's levels (`delivery.tls`, `delivery.tls_policy`) and AUTH to the
+//!   smarthost.
 //! - [`dsn`]: bounce messages (RFC 3464).
 
 pub mod dns;
@@ -15,15 +17,19 @@ pub mod mx;
 pub mod pool;
 pub mod route;
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::smtp::client::{ClientEvent, Outgoing, RcptOutcome};
+use crate::smtp::client::{ClientEvent, Credentials, Outgoing, RcptOutcome};
 use crate::smtp::Reply;
+use crate::tls::TlsLevel;
 use dns::{MxResolver, ResolverConfig};
 use mx::Target;
-use pool::{Pool, PoolConfig};
-use route::{HopCache, Plan, Routes};
+use pool::{Hop, Pool, PoolConfig};
+use route::{HopCache, NextHop, Plan, Routes};
 
 /// Most addresses tried for one domain in one attempt (Postfix's smtp_mx_address_limit).
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
@@ -37,21 +43,83 @@ pub struct OutboundConfig {
     pub pool: PoolConfig,
     /// MX routing.
     pub resolver: ResolverConfig,
+    /// Outbound TLS levels.
+    pub tls: TlsPolicy,
+    /// The smarthost, whose connections alone carry the credentials.
+    pub smarthost: Option<NextHop>,
+    /// AUTH to the smarthost (`delivery.smarthost_user`): the credentials, or why the
+    /// password could not be read (then mail for the smarthost is deferred).
+    pub smarthost_auth: Option<Result<Arc<Credentials>, String>>,
+}
+
+/// Which TLS level mail for a domain is delivered at (`delivery.tls`, `delivery.tls_policy`).
+#[derive(Debug, Clone)]
+pub struct TlsPolicy {
+    /// For every domain not listed.
+    pub default: TlsLevel,
+    /// By recipient domain (lower case).
+    pub by_domain: HashMap<String, TlsLevel>,
+}
+
+impl TlsPolicy {
+    /// The level for `domain`.
+    pub fn level(&self, domain: &str) -> TlsLevel {
+        if self.by_domain.is_empty() {
+            return self.default;
+        }
+        self.by_domain
+            .get(domain)
+            .or_else(|| self.by_domain.get(&domain.to_ascii_lowercase()))
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+/// The smarthost password: the first line of `path`, which must not be empty.
+fn read_password(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("delivery.smarthost_password_file: {}: {e}", path.display()))?;
+    match text.lines().next() {
+        Some(line) if !line.is_empty() => Ok(line.to_string()),
+        _ => Err(format!(
+            "delivery.smarthost_password_file: {}: the first line (the password) is empty",
+            path.display()
+        )),
+    }
 }
 
 impl OutboundConfig {
     /// From the validated configuration.
+    /// The smarthost password file is read here, once.
     pub fn from_config(config: &Config) -> Self {
+        let d = &config.delivery;
+        let by_domain = d
+            .tls_policy
+            .keys()
+            .map(|domain| (domain.to_ascii_lowercase(), d.tls_level(domain)))
+            .collect();
         OutboundConfig {
-            routes: Routes::from_config(&config.delivery),
+            routes: Routes::from_config(d),
             pool: PoolConfig {
                 helo: config.effective_hostname(),
-                max_per_destination: config.delivery.max_connections_per_destination,
+                max_per_destination: d.max_connections_per_destination,
                 idle_timeout: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(30),
                 reply_timeout: Duration::from_secs(300),
+                tls_handshake_timeout: Duration::from_secs(60),
+                tls_fallback: Duration::from_secs(300),
+                tls_ca_file: (!d.tls_ca_file.as_os_str().is_empty()).then(|| d.tls_ca_file.clone()),
             },
             resolver: ResolverConfig::from_config(config),
+            tls: TlsPolicy {
+                default: TlsLevel::parse(&d.tls).unwrap_or(TlsLevel::May),
+                by_domain,
+            },
+            smarthost: (!d.smarthost.is_empty()).then(|| NextHop(d.smarthost.clone())),
+            smarthost_auth: (!d.smarthost_user.is_empty()).then(|| {
+                read_password(&d.smarthost_password_file)
+                    .map(|password| Arc::new(Credentials::new(&d.smarthost_user, password)))
+            }),
         }
     }
 }
@@ -64,6 +132,9 @@ pub struct Outbound {
     /// Addresses of static routes and the smarthost given as host names.
     hops: HopCache,
     pool: Pool,
+    tls: TlsPolicy,
+    smarthost: Option<NextHop>,
+    smarthost_auth: Option<Result<Arc<Credentials>, String>>,
 }
 
 impl Outbound {
@@ -79,11 +150,22 @@ impl Outbound {
                 None
             }
         };
+        if let Some(Err(why)) = &config.smarthost_auth {
+            tracing::error!(
+                shard,
+                "no AUTH to the smarthost: {why}; mail for the smarthost is deferred"
+            );
+        }
         Outbound {
             routes: config.routes.clone(),
             resolver,
             hops: HopCache::new(config.resolver.timeout),
+            // The pool builds this shard's TLS client configs, each with its own session
+            // cache for resumption.
             pool: Pool::new(config.pool.clone()),
+            tls: config.tls.clone(),
+            smarthost: config.smarthost.clone(),
+            smarthost_auth: config.smarthost_auth.clone(),
         }
     }
 
@@ -99,51 +181,149 @@ impl Outbound {
         .await
     }
 
-    /// Tries the targets in order until one takes the transaction: connection failures and
-    /// refused greetings move on to the next address (at least two are tried when there
-    /// are two). Returns the host that answered (or the last one tried) and one outcome
-    /// per recipient.
+    /// Tries the targets of `domain`'s mail in order until one takes the transaction:
+    /// connection failures, refused greetings and TLS or AUTH that could not be had move on
+    /// to the next address (at least two are tried when there are two). The TLS level is
+    /// `domain`'s; the smarthost's credentials go only to the smarthost. At `may`, an
+    /// address whose TLS handshake fails is tried again at once in plaintext. Returns the
+    /// host that answered (or the last one tried) and one outcome per recipient.
     pub async fn deliver(
         &self,
+        domain: &str,
         targets: &[Target],
         outgoing: Outgoing,
     ) -> (String, Vec<RcptOutcome>) {
         let n = outgoing.rcpts.len();
-        let deferred = |why: &str| -> Vec<RcptOutcome> {
+        let deferred = |reply: &Reply| -> Vec<RcptOutcome> {
             (0..n)
-                .map(|_| RcptOutcome::Deferred(Reply::new(451, format!("4.4.1 {why}"))))
+                .map(|_| RcptOutcome::Deferred(reply.clone()))
                 .collect()
         };
-        let mut last = ("(none)".to_string(), "no address to deliver to".to_string());
+        let auth = match &self.smarthost_auth {
+            Some(auth)
+                if self.smarthost.is_some()
+                    && self.routes.next_hop(domain) == self.smarthost.as_ref() =>
+            {
+                match auth {
+                    Ok(credentials) => Some(credentials),
+                    Err(why) => {
+                        let host = self.smarthost.as_ref().map_or("(smarthost)", NextHop::host);
+                        let reply =
+                            Reply::new(454, format!("4.7.0 no AUTH to the smarthost: {why}"));
+                        return (host.to_string(), deferred(&reply));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let level = self.tls.level(domain);
+        let mut last = (
+            "(none)".to_string(),
+            Reply::new(451, "4.4.1 no address to deliver to"),
+        );
         for target in targets.iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
-            let mut conn = match self.pool.checkout(target.addr).await {
+            let hop = Hop {
+                addr: target.addr,
+                host: &target.host,
+                level,
+                auth,
+            };
+            let mut checkout = self.pool.checkout(&hop).await;
+            if matches!(&checkout, Err(e) if e.retry_in_plaintext) {
+                // The pool now goes plaintext to this address.
+                checkout = self.pool.checkout(&hop).await;
+            }
+            let mut conn = match checkout {
                 Ok(c) => c,
-                Err(why) => {
-                    last = (target.host.clone(), why);
+                Err(e) => {
+                    last = (target.host.clone(), e.reply);
                     continue;
                 }
             };
             if conn.client.start(outgoing).is_err() {
-                self.pool.checkin(target.addr, conn);
-                return (target.host.clone(), deferred("connection was not ready"));
+                self.pool.checkin(conn);
+                let reply = Reply::new(451, "4.4.1 connection was not ready");
+                return (target.host.clone(), deferred(&reply));
             }
             let timeout = self.pool.reply_timeout();
             let outcomes = loop {
                 match conn.run_until_event(timeout).await {
                     ClientEvent::Delivered(d) => break d.outcomes,
-                    ClientEvent::Closed { reason } => break deferred(&reason),
+                    ClientEvent::Closed { reason } => {
+                        break deferred(&Reply::new(451, format!("4.4.1 {reason}")))
+                    }
                     ClientEvent::Ready => continue,
+                    // Only in the opening, which the pool has run.
+                    ClientEvent::StartTls => conn.client.abort("STARTTLS out of place"),
                 }
             };
-            self.pool.checkin(target.addr, conn);
+            self.pool.checkin(conn);
             return (target.host.clone(), outcomes);
         }
-        let (host, why) = last;
-        (host, deferred(&why))
+        let (host, reply) = last;
+        (host, deferred(&reply))
     }
 
     /// Closes outbound connections idle past their time (called once a second).
     pub fn tidy(&self) {
         self.pool.close_idle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_level_by_domain_else_the_default() {
+        let mut config = Config::default();
+        config.delivery.tls = "encrypt".into();
+        config
+            .delivery
+            .tls_policy
+            .insert("Bank.example".into(), "verify".into());
+        config
+            .delivery
+            .tls_policy
+            .insert("old.example".into(), "none".into());
+        let tls = OutboundConfig::from_config(&config).tls;
+        assert_eq!(tls.level("bank.example"), TlsLevel::Verify);
+        assert_eq!(tls.level("BANK.example"), TlsLevel::Verify);
+        assert_eq!(tls.level("old.example"), TlsLevel::None);
+        assert_eq!(tls.level("other.example"), TlsLevel::Encrypt);
+        assert_eq!(
+            OutboundConfig::from_config(&Config::default())
+                .tls
+                .level("x.example"),
+            TlsLevel::May,
+            "may by default"
+        );
+    }
+
+    #[test]
+    fn smarthost_password_is_the_first_line_of_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        let mut config = Config::default();
+        config.delivery.smarthost = "127.0.0.1:587".into();
+        config.delivery.smarthost_user = "relay".into();
+        config.delivery.smarthost_password_file = file.clone();
+        let auth = || OutboundConfig::from_config(&config).smarthost_auth.unwrap();
+
+        std::fs::write(&file, "pass word\r\nsecond line\n").unwrap();
+        let credentials = auth().unwrap();
+        assert_eq!(*credentials, Credentials::new("relay", "pass word"));
+        std::fs::write(&file, "\nsecond line\n").unwrap();
+        assert!(auth()
+            .unwrap_err()
+            .contains("the first line (the password) is empty"));
+        std::fs::remove_file(&file).unwrap();
+        assert!(auth()
+            .unwrap_err()
+            .starts_with("delivery.smarthost_password_file: "));
+        config.delivery.smarthost_user.clear();
+        assert!(OutboundConfig::from_config(&config)
+            .smarthost_auth
+            .is_none());
     }
 }

@@ -88,7 +88,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
             data: data.clone(),
             eight_bit: entry.msg.eight_bit,
         };
-        let (host, outcomes) = shard.outbound.deliver(&targets, outgoing).await;
+        let (host, outcomes) = shard.outbound.deliver(&domain, &targets, outgoing).await;
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&index) = indexes.get(k) else { break };
             match outcome {

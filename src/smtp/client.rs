@@ -1,5 +1,6 @@
 //! The client side of one outbound SMTP connection as a deterministic state machine
-//! (sans-IO): RFC 5321, with PIPELINING (RFC 2920), SIZE (RFC 1870) and 8BITMIME (RFC 6152).
+//! (sans-IO): RFC 5321, with PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
+//! STARTTLS (RFC 3207) and AUTH PLAIN / LOGIN to a smarthost (RFC 4954, RFC 4616).
 //!
 //! Bytes from the next hop go in through [`Client::receive`]; bytes to write come out of
 //! [`Client::poll_transmit`]; what happened comes out of [`Client::poll_event`]: the
@@ -7,6 +8,21 @@
 //! [`RcptOutcome`] per recipient, in order), or [`ClientEvent::Closed`]. There are no
 //! sockets and no clock: the driver owns both, and reports a broken or timed-out connection
 //! with [`Client::abort`].
+//!
+//! STARTTLS, by Postfix's `smtp_tls_security_level` words ([`Client::with_tls`]): after the
+//! EHLO reply, when the level is not `none` and the server offers STARTTLS, the client sends
+//! it; on `220` it reports [`ClientEvent::StartTls`] and waits. The driver wraps the
+//! connection in TLS, runs the handshake and calls [`Client::tls_established`]; the client
+//! then forgets what the server said before (RFC 3207 §4.2: bytes received after the `220`
+//! are discarded, the capabilities too) and sends EHLO again. At `encrypt` and `verify` (or
+//! with credentials, which go only over TLS) a server that does not offer STARTTLS, or
+//! refuses it, gets QUIT, and the connection closes with `4.7.4`. Which certificate is
+//! acceptable is the driver's business (the TLS layer's config); this machine only sees
+//! that the handshake succeeded.
+//!
+//! AUTH ([`Client::with_auth`]): once in TLS, PLAIN with an initial response (one round
+//! trip), else LOGIN; `235` makes the connection ready. Any refusal closes it with every
+//! recipient deferred (see [`Client::close_reply`]).
 //!
 //! One connection carries message after message (the delivery code pools them): every
 //! message after the first starts with `RSET`, so whatever state the previous transaction
@@ -24,11 +40,14 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use memchr::memmem;
 
+use crate::smtp::auth::{base64_encode, plain_initial_response};
 use crate::smtp::{Mailbox, Reply, ReversePath};
+use crate::tls::TlsLevel;
 
 /// Longest reply line accepted, CRLF included (RFC 5321 §4.5.3.1.5).
 pub const MAX_REPLY_LINE: usize = 512;
@@ -77,12 +96,49 @@ pub struct Delivery {
     pub outcomes: Vec<RcptOutcome>,
 }
 
+/// A user name and password for AUTH to a smarthost. `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    user: String,
+    password: String,
+}
+
+impl Credentials {
+    /// `user` and `password`, as given to the next hop.
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// The user name.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"(hidden)")
+            .finish()
+    }
+}
+
 /// What the driver learns from [`Client::poll_event`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    /// Greeting and EHLO (or HELO fallback) done, or the previous transaction finished: a
-    /// new message may be started.
+    /// Greeting and EHLO (or HELO fallback) done, and STARTTLS and AUTH where they apply;
+    /// or the previous transaction finished: a new message may be started.
     Ready,
+    /// The server said `220` to STARTTLS. The driver throws away whatever else it has read
+    /// (it came before the handshake and cannot be trusted), runs the TLS handshake over
+    /// the connection, and then calls [`Client::tls_established`], or
+    /// [`Client::abort`] if the handshake failed. Until then nothing is transmitted, and
+    /// bytes given to [`Client::receive`] are discarded.
+    StartTls,
     /// A message's transaction finished (successfully or not).
     Delivered(Delivery),
     /// The connection is finished (QUIT answered, 421, protocol error, or the server's
@@ -97,8 +153,10 @@ pub enum ClientEvent {
 /// Where the connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Waiting for the greeting, or for the EHLO / HELO reply.
+    /// Waiting for the greeting, or for the EHLO / HELO, STARTTLS or AUTH replies.
     Opening,
+    /// STARTTLS answered `220`: waiting for the driver's TLS handshake.
+    StartingTls,
     /// Idle: a message may be started.
     Ready,
     /// A transaction is in flight.
@@ -115,6 +173,13 @@ enum Await {
     Greeting,
     Ehlo,
     Helo,
+    StartTls,
+    /// `AUTH LOGIN` sent: the `334` asking for the user name.
+    AuthLoginUser,
+    /// The user name sent: the `334` asking for the password.
+    AuthLoginPassword,
+    /// The credentials sent (PLAIN's initial response, or LOGIN's password): `235`.
+    Auth,
     Rset,
     Mail,
     Rcpt(usize),
@@ -135,6 +200,11 @@ struct Capabilities {
     /// The advertised limit; `None` for `SIZE` alone or `SIZE 0` (no fixed limit).
     size_limit: Option<u64>,
     eight_bit_mime: bool,
+    starttls: bool,
+    auth_plain: bool,
+    auth_login: bool,
+    /// AUTH was offered, whatever the mechanisms.
+    auth: bool,
 }
 
 /// One recipient while its transaction runs.
@@ -208,6 +278,17 @@ pub struct Client {
     events: VecDeque<ClientEvent>,
     /// Finds line-leading dots (after the first byte) in message content.
     line_dot: memmem::Finder<'static>,
+    /// How much TLS to ask for ([`Client::with_tls`]).
+    tls_level: TlsLevel,
+    /// Credentials for AUTH, used only over TLS ([`Client::with_auth`]).
+    auth: Option<Arc<Credentials>>,
+    /// The TLS handshake completed: the session runs inside TLS.
+    tls_active: bool,
+    /// Gave up on the connection on our own terms (TLS or AUTH could not be had): QUIT went
+    /// out, and the close reports this reply and reason whatever happens to the QUIT.
+    give_up: Option<(Reply, String)>,
+    /// The reply undecided recipients were deferred with when the connection closed.
+    close_reply: Option<Reply>,
 }
 
 impl Client {
@@ -238,16 +319,70 @@ impl Client {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             line_dot: memmem::Finder::new(b"\n.").into_owned(),
+            tls_level: TlsLevel::None,
+            auth: None,
+            tls_active: false,
+            give_up: None,
+            close_reply: None,
         }
+    }
+
+    /// The same client asking for TLS at `level` (Postfix's words): `none` never sends
+    /// STARTTLS; `may` sends it when offered and goes on in plaintext when it is not offered
+    /// or is refused; `encrypt` and `verify` require it (here they are the same: the
+    /// certificate check is the TLS layer's). Call before the greeting arrives.
+    pub fn with_tls(mut self, level: TlsLevel) -> Client {
+        self.tls_level = level;
+        self
+    }
+
+    /// The same client authenticating with `credentials` once in TLS. Credentials make TLS
+    /// required whatever the level, `none` included (a password never goes out in
+    /// plaintext), and AUTH required too: a next hop offering neither PLAIN nor LOGIN gets QUIT. Call before the
+    /// greeting arrives.
+    pub fn with_auth(mut self, credentials: Arc<Credentials>) -> Client {
+        self.auth = Some(credentials);
+        self
+    }
+
+    /// The driver's TLS handshake (after [`ClientEvent::StartTls`]) succeeded: from now on
+    /// the session runs inside TLS. What the server said before is forgotten (RFC 3207
+    /// §4.2) and EHLO goes out again. Ignored at any other time.
+    pub fn tls_established(&mut self) {
+        if self.phase != Phase::StartingTls {
+            return;
+        }
+        self.tls_active = true;
+        self.caps = Capabilities::default();
+        self.phase = Phase::Opening;
+        let cmd = format!("EHLO {}\r\n", self.helo);
+        self.send(Bytes::from(cmd), Await::Ehlo);
+    }
+
+    /// True once the TLS handshake has completed on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Once closed: the reply undecided recipients were (or would have been) deferred
+    /// with: the server's reply that ended the session, one made here (`421 4.4.2` for
+    /// [`Client::abort`], `451 4.5.0` for a protocol error), or, when the client gave up on
+    /// its own terms, `451 4.7.4` (TLS required but not offered or refused) or `454 4.7.0`
+    /// (AUTH refused or impossible). `None` while open.
+    pub fn close_reply(&self) -> Option<&Reply> {
+        self.close_reply.as_ref()
     }
 
     /// Feeds bytes received from the server; returns how many were consumed (a partial
     /// reply line stays unconsumed; the caller offers it again with more bytes). Complete
     /// lines of an unfinished multi-line reply are consumed and kept here. Once the
-    /// connection is closed, everything is consumed and ignored.
+    /// connection is closed, and from STARTTLS's `220` until [`Client::tls_established`],
+    /// everything is consumed and ignored.
     pub fn receive(&mut self, input: &[u8]) -> usize {
         let mut pos = 0;
-        while self.phase != Phase::Closed {
+        // Once STARTTLS is accepted, whatever follows the 220 in plaintext is discarded
+        // (RFC 3207 §4.2): it can only be an attacker's injection.
+        while !matches!(self.phase, Phase::Closed | Phase::StartingTls) {
             let rest = &input[pos..];
             let Some(lf) = memchr::memchr(b'\n', rest) else {
                 if rest.len() >= MAX_REPLY_LINE {
@@ -356,7 +491,7 @@ impl Client {
                 self.events.retain(|e| !matches!(e, ClientEvent::Ready));
                 self.send_quit();
             }
-            Phase::Opening | Phase::Busy => self.quit_requested = true,
+            Phase::Opening | Phase::StartingTls | Phase::Busy => self.quit_requested = true,
             Phase::Quitting | Phase::Closed => {}
         }
     }
@@ -440,7 +575,7 @@ impl Client {
             Await::Ehlo => {
                 if reply.is_positive() {
                     self.caps = parse_ehlo(&reply);
-                    self.become_ready();
+                    self.after_hello();
                 } else if reply.is_permanent() {
                     // An old server without ESMTP (500/502): plain SMTP, no extensions.
                     let cmd = format!("HELO {}\r\n", self.helo);
@@ -453,10 +588,43 @@ impl Client {
             Await::Helo => {
                 if reply.is_positive() {
                     self.caps = Capabilities::default();
-                    self.become_ready();
+                    self.after_hello();
                 } else {
                     let reason = format!("HELO refused: {}", reply.one_line());
                     self.close(&reply, reason);
+                }
+            }
+            Await::StartTls => self.starttls_reply(reply),
+            Await::AuthLoginUser | Await::AuthLoginPassword if reply.code() == 334 => {
+                let Some(credentials) = self.auth.clone() else {
+                    return self.unexpected("AUTH", &reply);
+                };
+                // LOGIN's challenges are always "Username:" then "Password:"; they are
+                // not read, only counted.
+                let (field, next) = if what == Await::AuthLoginUser {
+                    (credentials.user.as_str(), Await::AuthLoginPassword)
+                } else {
+                    (credentials.password.as_str(), Await::Auth)
+                };
+                let mut cmd = base64_encode(field.as_bytes());
+                cmd.push_str("\r\n");
+                self.send(Bytes::from(cmd), next);
+            }
+            Await::AuthLoginUser | Await::AuthLoginPassword | Await::Auth => {
+                if reply.is_positive() && what == Await::Auth {
+                    self.become_ready();
+                } else {
+                    // Even a 5xx (535 5.7.8: bad credentials) only defers: the fault is in
+                    // our configuration, which the operator can mend, not in the mail;
+                    // bouncing would lose it for good (Postfix's
+                    // smtp_sasl_auth_soft_bounce, on by default, does the same).
+                    self.give_up(
+                        Reply::new(
+                            454,
+                            format!("4.7.0 the next hop refused our AUTH: {}", reply.one_line()),
+                        ),
+                        format!("AUTH refused: {}", reply.one_line()),
+                    );
                 }
             }
             Await::Rset => {
@@ -477,6 +645,84 @@ impl Client {
                 self.close(&reply, reason);
             }
         }
+    }
+
+    /// TLS required: by the level, or by credentials that must not go out in plaintext.
+    fn tls_required(&self) -> bool {
+        self.tls_level.requires_tls() || self.auth.is_some()
+    }
+
+    /// The EHLO (or HELO) reply was positive: STARTTLS, AUTH, or ready.
+    fn after_hello(&mut self) {
+        if !self.tls_active {
+            if (self.tls_level != TlsLevel::None || self.auth.is_some()) && self.caps.starttls {
+                return self.send(Bytes::from_static(b"STARTTLS\r\n"), Await::StartTls);
+            }
+            if self.tls_required() {
+                return self.give_up(
+                    Reply::new(
+                        451,
+                        "4.7.4 TLS is required, but was not offered by the next hop",
+                    ),
+                    "TLS is required, but was not offered".into(),
+                );
+            }
+        }
+        if let Some(credentials) = self.auth.clone() {
+            if self.caps.auth_plain {
+                let cmd = format!(
+                    "AUTH PLAIN {}\r\n",
+                    plain_initial_response(&credentials.user, credentials.password.as_bytes())
+                );
+                return self.send(Bytes::from(cmd), Await::Auth);
+            }
+            if self.caps.auth_login {
+                return self.send(Bytes::from_static(b"AUTH LOGIN\r\n"), Await::AuthLoginUser);
+            }
+            let why = if self.caps.auth {
+                "AUTH is configured, but the next hop offers neither PLAIN nor LOGIN"
+            } else {
+                "AUTH is configured, but the next hop does not offer AUTH"
+            };
+            return self.give_up(Reply::new(454, format!("4.7.0 {why}")), why.into());
+        }
+        self.become_ready();
+    }
+
+    fn starttls_reply(&mut self, reply: Reply) {
+        if reply.code() == 220 {
+            self.phase = Phase::StartingTls;
+            self.events.push_back(ClientEvent::StartTls);
+        } else if self.tls_required() {
+            self.give_up(
+                Reply::new(
+                    451,
+                    format!(
+                        "4.7.4 TLS is required, but the next hop refused STARTTLS: {}",
+                        reply.one_line()
+                    ),
+                ),
+                format!(
+                    "TLS is required, but STARTTLS was refused: {}",
+                    reply.one_line()
+                ),
+            );
+        } else if reply.is_transient() || reply.is_permanent() {
+            // `may`: on in plaintext, as RFC 3207 §4 allows after a refusal; the
+            // capabilities from before still hold (nothing changed).
+            self.caps.starttls = false;
+            self.after_hello();
+        } else {
+            self.unexpected("STARTTLS", &reply);
+        }
+    }
+
+    /// Ends the session on our own terms: QUIT goes out, and the close that follows (the
+    /// QUIT's reply, or whatever breaks first) reports `reply` and `reason`.
+    fn give_up(&mut self, reply: Reply, reason: String) {
+        self.give_up = Some((reply, reason));
+        self.quit_requested = false;
+        self.send_quit();
     }
 
     fn mail_reply(&mut self, reply: Reply) {
@@ -677,11 +923,16 @@ impl Client {
     /// Ends the connection: undecided recipients are deferred with `why`, a `Delivered`
     /// reports them, then `Closed`.
     fn close(&mut self, why: &Reply, reason: String) {
+        let (why, reason) = match self.give_up.take() {
+            Some((reply, reason)) => (reply, reason),
+            None => (why.clone(), reason),
+        };
         if let Some(mut tx) = self.tx.take() {
             tx.settle(|| RcptOutcome::Deferred(why.clone()));
             self.events
                 .push_back(ClientEvent::Delivered(tx.into_delivery()));
         }
+        self.close_reply = Some(why);
         self.events.retain(|e| !matches!(e, ClientEvent::Ready));
         self.events.push_back(ClientEvent::Closed { reason });
         self.phase = Phase::Closed;
@@ -762,6 +1013,24 @@ fn parse_ehlo(reply: &Reply) -> Capabilities {
             caps.pipelining = true;
         } else if keyword.eq_ignore_ascii_case("8BITMIME") {
             caps.eight_bit_mime = true;
+        } else if keyword.eq_ignore_ascii_case("STARTTLS") {
+            caps.starttls = true;
+        } else if keyword.eq_ignore_ascii_case("AUTH")
+            || keyword
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("AUTH="))
+        {
+            // `AUTH PLAIN LOGIN`, or the pre-standard `AUTH=PLAIN LOGIN` some servers
+            // still send.
+            caps.auth = true;
+            let first = keyword.get(5..).filter(|m| !m.is_empty());
+            for mechanism in first.into_iter().chain(words.by_ref()) {
+                if mechanism.eq_ignore_ascii_case("PLAIN") {
+                    caps.auth_plain = true;
+                } else if mechanism.eq_ignore_ascii_case("LOGIN") {
+                    caps.auth_login = true;
+                }
+            }
         } else if keyword.eq_ignore_ascii_case("SIZE") {
             caps.size = true;
             // RFC 1870: no number or 0 means no fixed limit; a garbled one, the same.
@@ -1416,6 +1685,469 @@ mod tests {
         assert_eq!(h.sent(), "");
     }
 
+    // ---- STARTTLS and AUTH ----
+
+    const EHLO_STARTTLS: &[u8] =
+        b"250-mx.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 SIZE 10000\r\n";
+
+    fn credentials() -> Arc<Credentials> {
+        Arc::new(Credentials::new("user", "secret"))
+    }
+
+    impl Harness {
+        fn with(client: Client) -> Self {
+            Harness {
+                client,
+                pending: Vec::new(),
+            }
+        }
+
+        /// Greeted, EHLO answered with `ehlo_reply` (which offers STARTTLS), STARTTLS
+        /// accepted and the handshake reported done: EHLO has gone out again.
+        fn in_tls(client: Client, ehlo_reply: &[u8]) -> Self {
+            let mut h = Harness::with(client);
+            h.feed(GREETING);
+            assert_eq!(h.sent(), "EHLO relay.test\r\n");
+            h.feed(ehlo_reply);
+            assert_eq!(h.sent(), "STARTTLS\r\n");
+            assert_eq!(h.events(), []);
+            h.feed(b"220 2.0.0 Ready to start TLS\r\n");
+            assert_eq!(h.events(), [ClientEvent::StartTls]);
+            assert!(h.pending.is_empty());
+            h.client.tls_established();
+            assert!(h.client.tls_active());
+            assert_eq!(h.sent(), "EHLO relay.test\r\n");
+            h
+        }
+    }
+
+    #[test]
+    fn starttls_when_offered_then_ehlo_again_with_capabilities_forgotten() {
+        for level in [TlsLevel::May, TlsLevel::Encrypt, TlsLevel::Verify] {
+            let mut h = Harness::with(Client::new("relay.test").with_tls(level));
+            h.feed(GREETING);
+            assert_eq!(h.sent(), "EHLO relay.test\r\n");
+            h.feed(EHLO_STARTTLS);
+            assert_eq!(h.sent(), "STARTTLS\r\n", "{level:?}");
+            assert!(!h.client.is_ready());
+            // Bytes behind the 220 in the same read were sent before the handshake: an
+            // attacker's, perhaps (RFC 3207 §4.2). Consumed and thrown away.
+            let input = b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n";
+            assert_eq!(h.client.receive(input), input.len());
+            assert_eq!(h.events(), [ClientEvent::StartTls]);
+            assert_eq!(h.sent(), "", "nothing while the handshake runs");
+            assert_eq!(h.client.receive(b"250 more\r\n"), 10, "discarded");
+            assert!(!h.client.tls_active());
+            assert!(h.client.start(message(&["b@dst.test"], b"x\r\n")).is_err());
+            h.client.tls_established();
+            assert!(h.client.tls_active());
+            assert_eq!(h.sent(), "EHLO relay.test\r\n");
+            // The old PIPELINING and SIZE are forgotten; STARTTLS offered again is not
+            // taken up a second time.
+            h.feed(b"250-mx.test\r\n250 STARTTLS\r\n");
+            assert_eq!(h.events(), [ClientEvent::Ready]);
+            assert!(!h.client.pipelining());
+            assert_eq!(h.client.size_limit(), None);
+            h.client.start(message(&["b@dst.test"], b"x\r\n")).unwrap();
+            assert_eq!(h.sent(), "MAIL FROM:<a@src.test>\r\n");
+            // Ignored out of place.
+            h.client.tls_established();
+            assert_eq!(h.sent(), "");
+        }
+    }
+
+    #[test]
+    fn none_never_sends_starttls() {
+        for client in [
+            Client::new("relay.test"),
+            Client::new("relay.test").with_tls(TlsLevel::None),
+        ] {
+            let mut h = Harness::with(client);
+            h.feed(GREETING);
+            h.sent();
+            h.feed(EHLO_STARTTLS);
+            assert_eq!(h.events(), [ClientEvent::Ready]);
+            assert_eq!(h.sent(), "");
+            assert!(!h.client.tls_active());
+        }
+    }
+
+    #[test]
+    fn may_goes_on_in_plaintext_when_not_offered_or_refused() {
+        let mut h = Harness::with(Client::new("relay.test").with_tls(TlsLevel::May));
+        h.feed(GREETING);
+        h.sent();
+        h.feed(EHLO_PIPELINING);
+        assert_eq!(h.events(), [ClientEvent::Ready]);
+        assert_eq!(h.sent(), "");
+
+        let mut h = Harness::with(Client::new("relay.test").with_tls(TlsLevel::May));
+        h.feed(GREETING);
+        h.sent();
+        h.feed(EHLO_STARTTLS);
+        assert_eq!(h.sent(), "STARTTLS\r\n");
+        h.feed(b"454 4.7.0 TLS not available due to temporary reason\r\n");
+        assert_eq!(h.events(), [ClientEvent::Ready]);
+        assert_eq!(h.sent(), "", "no second STARTTLS");
+        // The capabilities from before the refusal still hold.
+        assert!(h.client.pipelining());
+        assert_eq!(h.client.size_limit(), Some(10000));
+        assert!(!h.client.tls_active());
+    }
+
+    #[test]
+    fn required_tls_not_offered_quits_and_defers() {
+        for level in [TlsLevel::Encrypt, TlsLevel::Verify] {
+            let mut h = Harness::with(Client::new("relay.test").with_tls(level));
+            h.feed(GREETING);
+            h.sent();
+            h.feed(EHLO_PIPELINING);
+            assert_eq!(h.events(), [], "no Ready: never plaintext");
+            assert_eq!(h.sent(), "QUIT\r\n");
+            assert!(h.client.close_reply().is_none());
+            h.feed(b"221 2.0.0 Bye\r\n");
+            assert_eq!(h.events(), [closed("TLS is required, but was not offered")]);
+            assert_eq!(
+                h.client.close_reply(),
+                Some(&r(
+                    451,
+                    "4.7.4 TLS is required, but was not offered by the next hop"
+                ))
+            );
+        }
+        // The same when the server is gone before answering QUIT, and after HELO (an old
+        // server has no extensions at all).
+        let mut h = Harness::with(Client::new("relay.test").with_tls(TlsLevel::Encrypt));
+        h.feed(GREETING);
+        h.sent();
+        h.feed(b"500 what\r\n");
+        assert_eq!(h.sent(), "HELO relay.test\r\n");
+        h.feed(b"250 mx.test\r\n");
+        assert_eq!(h.sent(), "QUIT\r\n");
+        h.client.abort("connection closed by the next hop");
+        assert_eq!(h.events(), [closed("TLS is required, but was not offered")]);
+        assert_eq!(
+            h.client.close_reply().map(Reply::code),
+            Some(451),
+            "{:?}",
+            h.client.close_reply()
+        );
+    }
+
+    #[test]
+    fn required_tls_refused_quits_and_defers() {
+        let mut h = Harness::with(Client::new("relay.test").with_tls(TlsLevel::Encrypt));
+        h.feed(GREETING);
+        h.sent();
+        h.feed(EHLO_STARTTLS);
+        assert_eq!(h.sent(), "STARTTLS\r\n");
+        h.feed(b"454 4.7.0 TLS not available\r\n");
+        assert_eq!(h.sent(), "QUIT\r\n");
+        h.feed(b"221 Bye\r\n");
+        assert_eq!(
+            h.events(),
+            [closed(
+                "TLS is required, but STARTTLS was refused: 454 4.7.0 TLS not available"
+            )]
+        );
+        assert_eq!(
+            h.client.close_reply(),
+            Some(&r(
+                451,
+                "4.7.4 TLS is required, but the next hop refused STARTTLS: 454 4.7.0 TLS not available"
+            ))
+        );
+    }
+
+    #[test]
+    fn a_failed_handshake_is_an_abort() {
+        let mut h = Harness::in_tls(
+            Client::new("relay.test").with_tls(TlsLevel::Verify),
+            EHLO_STARTTLS,
+        );
+        h.feed(b"250 mx.test\r\n");
+        assert_eq!(h.events(), [ClientEvent::Ready]);
+
+        let mut h = Harness::with(Client::new("relay.test").with_tls(TlsLevel::Verify));
+        h.feed(GREETING);
+        h.feed(EHLO_STARTTLS);
+        h.feed(b"220 go\r\n");
+        h.sent();
+        assert_eq!(h.events(), [ClientEvent::StartTls]);
+        h.client.quit();
+        h.client
+            .abort("TLS handshake failed: invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            h.events(),
+            [closed(
+                "TLS handshake failed: invalid peer certificate: UnknownIssuer"
+            )]
+        );
+        assert_eq!(h.sent(), "");
+        assert_eq!(h.client.close_reply().map(Reply::code), Some(421));
+    }
+
+    #[test]
+    fn auth_plain_after_tls_in_one_round_trip() {
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::May)
+            .with_auth(credentials());
+        let mut h = Harness::in_tls(client, EHLO_STARTTLS);
+        h.feed(b"250-mx.test\r\n250-PIPELINING\r\n250 AUTH LOGIN PLAIN CRAM-MD5\r\n");
+        // base64("\0user\0secret")
+        assert_eq!(h.sent(), "AUTH PLAIN AHVzZXIAc2VjcmV0\r\n");
+        assert_eq!(h.events(), []);
+        assert!(!h.client.is_ready());
+        h.feed(b"235 2.7.0 Authentication successful\r\n");
+        assert_eq!(h.events(), [ClientEvent::Ready]);
+        assert!(h.client.pipelining());
+        h.client.start(message(&["b@dst.test"], b"x\r\n")).unwrap();
+        assert!(h.sent().starts_with("MAIL FROM:<a@src.test>\r\n"));
+    }
+
+    #[test]
+    fn auth_login_when_plain_is_not_offered() {
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::Encrypt)
+            .with_auth(credentials());
+        let mut h = Harness::in_tls(client, EHLO_STARTTLS);
+        // The pre-standard form some servers still send.
+        h.feed(b"250-mx.test\r\n250 AUTH=LOGIN\r\n");
+        assert_eq!(h.sent(), "AUTH LOGIN\r\n");
+        h.feed(b"334 VXNlcm5hbWU6\r\n");
+        assert_eq!(h.sent(), "dXNlcg==\r\n");
+        h.feed(b"334 UGFzc3dvcmQ6\r\n");
+        assert_eq!(h.sent(), "c2VjcmV0\r\n");
+        assert_eq!(h.events(), []);
+        h.feed(b"235 2.7.0 ok\r\n");
+        assert_eq!(h.events(), [ClientEvent::Ready]);
+    }
+
+    #[test]
+    fn refused_credentials_defer_and_never_bounce() {
+        for (script, sent) in [
+            (
+                &[&b"535 5.7.8 Authentication credentials invalid\r\n"[..]][..],
+                "AUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n",
+            ),
+            (
+                &[&b"334 \r\n"[..]],
+                "AUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n",
+            ),
+        ] {
+            let client = Client::new("relay.test")
+                .with_tls(TlsLevel::May)
+                .with_auth(credentials());
+            let mut h = Harness::in_tls(client, EHLO_STARTTLS);
+            h.feed(b"250-mx.test\r\n250 AUTH PLAIN\r\n");
+            for s in script {
+                h.feed(s);
+            }
+            assert_eq!(h.sent(), sent);
+            h.feed(b"221 Bye\r\n");
+            let events = h.events();
+            assert!(
+                matches!(&events[..], [ClientEvent::Closed { reason }] if reason.starts_with("AUTH refused: ")),
+                "{events:?}"
+            );
+            let reply = h.client.close_reply().unwrap();
+            assert!(reply.is_transient(), "{reply}");
+            assert_eq!(reply.enhanced_status(), Some("4.7.0"));
+        }
+        // LOGIN refusing the user name.
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::May)
+            .with_auth(credentials());
+        let mut h = Harness::in_tls(client, EHLO_STARTTLS);
+        h.feed(b"250-mx.test\r\n250 AUTH LOGIN\r\n");
+        h.feed(b"334 VXNlcm5hbWU6\r\n535 5.7.8 no\r\n");
+        assert_eq!(h.sent(), "AUTH LOGIN\r\ndXNlcg==\r\nQUIT\r\n");
+        h.feed(b"221 Bye\r\n");
+        assert_eq!(h.events(), [closed("AUTH refused: 535 5.7.8 no")]);
+        assert_eq!(
+            h.client.close_reply(),
+            Some(&r(454, "4.7.0 the next hop refused our AUTH: 535 5.7.8 no"))
+        );
+    }
+
+    #[test]
+    fn credentials_go_only_over_tls_and_only_by_plain_or_login() {
+        // AUTH offered in plaintext, no STARTTLS: not used; QUIT instead.
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::May)
+            .with_auth(credentials());
+        let mut h = Harness::with(client);
+        h.feed(GREETING);
+        h.sent();
+        h.feed(b"250-mx.test\r\n250 AUTH PLAIN LOGIN\r\n");
+        assert_eq!(h.sent(), "QUIT\r\n");
+        h.feed(b"221 Bye\r\n");
+        assert_eq!(h.events(), [closed("TLS is required, but was not offered")]);
+        // A refused STARTTLS: the same, even at may.
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::May)
+            .with_auth(credentials());
+        let mut h = Harness::with(client);
+        h.feed(GREETING);
+        h.feed(EHLO_STARTTLS);
+        h.feed(b"454 4.7.0 no\r\n");
+        assert_eq!(h.sent(), "EHLO relay.test\r\nSTARTTLS\r\nQUIT\r\n");
+        // Over TLS, but no mechanism we speak, or no AUTH at all.
+        for (ehlo, reason) in [
+            (
+                &b"250-mx.test\r\n250 AUTH CRAM-MD5 XOAUTH2\r\n"[..],
+                "AUTH is configured, but the next hop offers neither PLAIN nor LOGIN",
+            ),
+            (
+                b"250 mx.test\r\n",
+                "AUTH is configured, but the next hop does not offer AUTH",
+            ),
+        ] {
+            let client = Client::new("relay.test")
+                .with_tls(TlsLevel::May)
+                .with_auth(credentials());
+            let mut h = Harness::in_tls(client, EHLO_STARTTLS);
+            h.feed(ehlo);
+            assert_eq!(h.sent(), "QUIT\r\n");
+            h.feed(b"221 Bye\r\n");
+            assert_eq!(h.events(), [closed(reason)]);
+            assert_eq!(
+                h.client.close_reply(),
+                Some(&r(454, &format!("4.7.0 {reason}")))
+            );
+        }
+    }
+
+    #[test]
+    fn a_421_while_giving_up_keeps_our_reason() {
+        let mut h = Harness::with(Client::new("relay.test").with_tls(TlsLevel::Encrypt));
+        h.feed(GREETING);
+        h.feed(EHLO_PIPELINING);
+        assert_eq!(h.sent(), "EHLO relay.test\r\nQUIT\r\n");
+        h.feed(b"421 4.3.2 going away\r\n");
+        assert_eq!(h.events(), [closed("TLS is required, but was not offered")]);
+    }
+
+    #[test]
+    fn quit_asked_during_the_opening_waits_for_tls_and_auth() {
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::May)
+            .with_auth(credentials());
+        let mut h = Harness::with(client);
+        h.feed(GREETING);
+        h.feed(EHLO_STARTTLS);
+        h.feed(b"220 go\r\n");
+        h.client.quit();
+        h.client.tls_established();
+        h.feed(b"250-mx.test\r\n250 AUTH PLAIN\r\n235 ok\r\n");
+        assert_eq!(
+            h.sent(),
+            "EHLO relay.test\r\nSTARTTLS\r\nEHLO relay.test\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\nQUIT\r\n"
+        );
+        assert_eq!(h.events(), [ClientEvent::StartTls], "no Ready");
+    }
+
+    #[test]
+    fn credentials_make_tls_required_even_at_none() {
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::None)
+            .with_auth(credentials());
+        let mut h = Harness::in_tls(client, EHLO_STARTTLS);
+        h.feed(b"250-mx.test\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(h.sent(), "AUTH PLAIN AHVzZXIAc2VjcmV0\r\n");
+    }
+
+    #[test]
+    fn credentials_do_not_show_the_password() {
+        let c = Credentials::new("user", "secret");
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("user") && !shown.contains("secret"),
+            "{shown}"
+        );
+        assert_eq!(c.user(), "user");
+        let client = Client::new("relay.test").with_auth(Arc::new(c));
+        assert!(!format!("{client:?}").contains("secret"));
+    }
+
+    /// A whole TLS + AUTH opening and one message, the server's bytes cut at `split` (or
+    /// byte by byte): the client's bytes and events are the same whatever the cut.
+    fn tls_script(split: Option<usize>) -> (String, Vec<ClientEvent>) {
+        let client = Client::new("relay.test")
+            .with_tls(TlsLevel::Verify)
+            .with_auth(credentials());
+        let mut h = Harness::with(client);
+        let phases: [&[u8]; 7] = [
+            b"220-mx.test ESMTP\r\n220 hi\r\n",
+            b"250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n",
+            b"220 2.0.0 Ready to start TLS\r\n",
+            b"250-mx.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 SIZE 1000\r\n",
+            b"235 2.7.0 ok\r\n",
+            b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n",
+            b"250 2.0.0 queued\r\n",
+        ];
+        let mut sent = String::new();
+        let mut events = Vec::new();
+        let react = |h: &mut Harness, sent: &mut String, events: &mut Vec<ClientEvent>| {
+            for e in h.events() {
+                match e {
+                    ClientEvent::StartTls => {
+                        // What a driver does: drop what it holds, then the handshake.
+                        h.pending.clear();
+                        h.client.tls_established();
+                    }
+                    ClientEvent::Ready if h.client.is_ready() && events.len() < 3 => {
+                        h.client.start(message(&["b@dst.test"], b"x\r\n")).unwrap();
+                    }
+                    _ => {}
+                }
+                events.push(e);
+            }
+            sent.push_str(&h.sent());
+        };
+        for phase in phases {
+            match split {
+                Some(at) => {
+                    let at = at.min(phase.len());
+                    h.feed(&phase[..at]);
+                    react(&mut h, &mut sent, &mut events);
+                    h.feed(&phase[at..]);
+                }
+                None => {
+                    for b in phase {
+                        h.feed(std::slice::from_ref(b));
+                        react(&mut h, &mut sent, &mut events);
+                    }
+                }
+            }
+            react(&mut h, &mut sent, &mut events);
+        }
+        (sent, events)
+    }
+
+    #[test]
+    fn tls_and_auth_opening_split_anywhere_gives_the_same_conversation() {
+        let expected = tls_script(Some(0));
+        assert_eq!(
+            expected.0,
+            "EHLO relay.test\r\nSTARTTLS\r\nEHLO relay.test\r\nAUTH PLAIN AHVzZXIAc2VjcmV0\r\n\
+             MAIL FROM:<a@src.test> SIZE=3\r\nRCPT TO:<b@dst.test>\r\nDATA\r\nx\r\n.\r\n"
+        );
+        assert_eq!(
+            expected.1,
+            [
+                ClientEvent::StartTls,
+                ClientEvent::Ready,
+                delivered(vec![Delivered(r(250, "2.0.0 queued"))]),
+                ClientEvent::Ready,
+            ]
+        );
+        for split in 1..80 {
+            assert_eq!(tls_script(Some(split)), expected, "split at {split}");
+        }
+        assert_eq!(tls_script(None), expected, "byte by byte");
+    }
+
     /// A whole connection in phases of server bytes; each phase is fed in two pieces cut
     /// at `split` (or byte by byte). The driver starts two messages, then quits.
     fn run_script(phases: &[&[u8]], split: Option<usize>) -> (String, Vec<ClientEvent>) {
@@ -1639,23 +2371,39 @@ mod tests {
                 0..20,
             ),
             prefix in 0..4usize,
+            secure in any::<bool>(),
         ) {
-            let mut h = Harness::new();
+            let mut h = if secure {
+                // STARTTLS and AUTH on the way: the random bytes meet those states too.
+                Harness::with(
+                    Client::new("relay.test")
+                        .with_tls(TlsLevel::May)
+                        .with_auth(credentials()),
+                )
+            } else {
+                Harness::new()
+            };
             let rcpts = ["b@dst.test", "c@dst.test"];
             if prefix >= 1 {
                 h.feed(GREETING);
             }
-            if prefix >= 2 {
+            if prefix >= 2 && !secure {
                 h.feed(EHLO_PIPELINING);
             }
-            if prefix >= 3 {
+            if prefix >= 3 && !secure {
                 h.client.start(message(&rcpts, b".x\r\n")).unwrap();
             }
             let mut events = h.events();
             for c in &chunks {
                 h.feed(c);
                 h.chunks();
-                events.extend(h.events());
+                for e in h.events() {
+                    if e == ClientEvent::StartTls {
+                        h.pending.clear();
+                        h.client.tls_established();
+                    }
+                    events.push(e);
+                }
                 prop_assert!(h.pending.len() < MAX_REPLY_LINE);
                 prop_assert!(h.client.reply_lines.len() <= MAX_REPLY_LINES);
                 prop_assert!(h.client.awaiting.len() <= rcpts.len() + 4);

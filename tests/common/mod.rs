@@ -13,6 +13,7 @@
 //! - [`spool`]: store and forward's side: `ringrelay queue`, the spool's segment files,
 //!   messages the sink can verify ([`verifiable_message`], [`write_manifest`]) and the
 //!   fields of a bounce ([`dsn_values`]).
+//! - [`python`]: Python next hops: `aiosmtpd` with STARTTLS and AUTH ([`Aiosmtpd`]).
 //!
 //! This file keeps what all of them share: the host name, timeouts, [`wait_for`],
 //! [`jnum`], [`Rng`] and the [`io_tests!`] macro. Everything is re-exported here, so a
@@ -24,13 +25,14 @@
 #![allow(dead_code)]
 
 mod peers;
+mod python;
 mod server;
 mod smtp;
 mod spool;
 
 // A test crate that takes nothing from one of them would call its re-export unused.
 #[allow(unused_imports)]
-pub use self::{peers::*, server::*, smtp::*, spool::*};
+pub use self::{peers::*, python::*, server::*, smtp::*, spool::*};
 
 use std::time::{Duration, Instant};
 
