@@ -72,6 +72,9 @@ impl std::str::FromStr for Spread {
 pub struct Config {
     /// Our host name; empty means the system host name.
     pub hostname: String,
+    /// This node's number in a farm (0–65535), part of every queue ID so that IDs stay
+    /// unique across nodes; unset: derived from the host name.
+    pub node_id: Option<u16>,
     /// Addresses to listen on.
     pub listen: Vec<SocketAddr>,
     /// Shard threads; 0 = one per available core.
@@ -273,6 +276,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             hostname: String::new(),
+            node_id: None,
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
             shards: 0,
             io: IoMode::Auto,
@@ -655,6 +659,12 @@ impl Config {
             outbound_tokio: is("RINGRELAY_OUTBOUND", "tokio"),
         };
         warnings
+    }
+
+    /// The node number queue IDs carry: `node_id`, else one derived from the host name.
+    pub fn effective_node_id(&self) -> u16 {
+        self.node_id
+            .unwrap_or_else(|| crate::id::node_id_from_hostname(&self.effective_hostname()))
     }
 
     /// The host name to use: the configured one, else the system's.

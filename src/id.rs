@@ -1,10 +1,17 @@
-//! Queue IDs: short, unique across shards and restarts, and cheap to make.
+//! Queue IDs: short, unique across the nodes of a farm, their shards and restarts, and
+//! cheap to make.
 //!
-//! An ID packs the generator's start time in microseconds (56 bits), the shard number
-//! (8 bits) and a per-generator sequence number (32 bits), printed in Crockford base 32
-//! (20 characters). Two generators share an ID only if they start in the same microsecond
-//! on the same shard number; when a sequence wraps, the generator takes a later start time.
-//! Restart uniqueness assumes the system clock does not step backwards across a restart.
+//! An ID packs the node's number (`node_id`, 16 bits), the generator's start time in
+//! milliseconds since 1970 (44 bits, good until the year 2527), the shard number (8 bits)
+//! and a per-generator sequence number (32 bits): 100 bits, printed in Crockford base 32
+//! (20 characters). Two generators share an ID only if they start in the same millisecond
+//! on the same node and shard number; when a sequence wraps, the generator takes a later
+//! start time. Restart uniqueness assumes the system clock does not step backwards across
+//! a restart. IDs are stored whole in the spool, so a spool moved to another node keeps
+//! its messages' IDs.
+//!
+//! (Spools written before node numbers held 96-bit IDs with the start time in
+//! microseconds; they read back unchanged, as opaque values.)
 
 use std::fmt;
 use std::str::FromStr;
@@ -18,14 +25,19 @@ const LEN: usize = 20;
 pub struct QueueId(u128);
 
 impl QueueId {
-    /// The raw 96-bit value.
+    /// The raw 100-bit value.
     pub fn as_u128(self) -> u128 {
         self.0
     }
 
     /// Rebuilds an ID from its raw value.
     pub fn from_u128(v: u128) -> Self {
-        QueueId(v & ((1u128 << 96) - 1))
+        QueueId(v & ((1u128 << 100) - 1))
+    }
+
+    /// The node number the ID was made on.
+    pub fn node(self) -> u16 {
+        (self.0 >> 84) as u16
     }
 
     /// The ID's printed form, without allocating.
@@ -75,21 +87,34 @@ impl FromStr for QueueId {
 /// Makes the IDs of one shard. Not shared: each shard owns one.
 #[derive(Debug)]
 pub struct IdGenerator {
-    start_micros: u64,
+    node: u16,
+    start_millis: u64,
     shard: u8,
     seq: u32,
 }
 
+/// The start time's field: 44 bits of milliseconds.
+const MILLIS_MASK: u64 = (1 << 44) - 1;
+
 impl IdGenerator {
-    /// A generator for `shard`, starting now.
+    /// A generator for `shard` on node 0, starting now.
     pub fn new(shard: usize) -> Self {
-        Self::starting_at(shard, now_micros())
+        Self::for_node(0, shard)
     }
 
-    /// A generator with an explicit start time (tests).
+    /// A generator for `shard` on node `node`, starting now.
+    pub fn for_node(node: u16, shard: usize) -> Self {
+        let mut g = Self::starting_at(shard, 0);
+        g.node = node;
+        g.start_millis = now_millis();
+        g
+    }
+
+    /// A generator on node 0 with an explicit start time in microseconds (tests).
     pub fn starting_at(shard: usize, start_micros: u64) -> Self {
         IdGenerator {
-            start_micros: start_micros & ((1 << 56) - 1),
+            node: 0,
+            start_millis: (start_micros / 1000) & MILLIS_MASK,
             shard: (shard & 0xff) as u8,
             seq: 0,
         }
@@ -98,11 +123,12 @@ impl IdGenerator {
     /// The next ID.
     pub fn next_id(&mut self) -> QueueId {
         if self.seq == u32::MAX {
-            // Sequence exhausted: move to a start time no earlier than one microsecond on.
-            self.start_micros = (self.start_micros + 1).max(now_micros()) & ((1 << 56) - 1);
+            // Sequence exhausted: move to a start time no earlier than one millisecond on.
+            self.start_millis = (self.start_millis + 1).max(now_millis()) & MILLIS_MASK;
             self.seq = 0;
         }
-        let id = (u128::from(self.start_micros) << 40)
+        let id = (u128::from(self.node) << 84)
+            | (u128::from(self.start_millis) << 40)
             | (u128::from(self.shard) << 32)
             | u128::from(self.seq);
         self.seq += 1;
@@ -110,11 +136,24 @@ impl IdGenerator {
     }
 }
 
-fn now_micros() -> u64 {
+fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+        & MILLIS_MASK
+}
+
+/// A node number derived from a host name (FNV-1a folded to 16 bits): the default
+/// `node_id`. Nodes of one farm should rather be numbered by hand; two names can fold to
+/// the same number.
+pub fn node_id_from_hostname(hostname: &str) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in hostname.to_ascii_lowercase().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    ((h >> 16) ^ (h & 0xffff)) as u16
 }
 
 #[cfg(test)]
@@ -135,10 +174,32 @@ mod tests {
 
     #[test]
     fn wrap_moves_start_time_forward() {
-        let mut g = IdGenerator::starting_at(0, 5);
+        let mut g = IdGenerator::starting_at(0, 5_000);
         g.seq = u32::MAX;
         let a = g.next_id();
-        assert!(a.as_u128() >> 40 > 5);
+        assert!((a.as_u128() >> 40) & u128::from(MILLIS_MASK) > 5);
+    }
+
+    #[test]
+    fn nodes_make_distinct_ids_and_the_node_reads_back() {
+        let mut a = IdGenerator::for_node(1, 0);
+        let mut b = IdGenerator::for_node(2, 0);
+        // Same start time and shard on two nodes: still distinct.
+        b.start_millis = a.start_millis;
+        let (x, y) = (a.next_id(), b.next_id());
+        assert_ne!(x, y);
+        assert_eq!((x.node(), y.node()), (1, 2));
+        let max = IdGenerator::for_node(u16::MAX, 255).next_id();
+        assert_eq!(max.to_string().parse::<QueueId>().unwrap(), max);
+        assert_eq!(max.node(), u16::MAX);
+        assert_eq!(
+            node_id_from_hostname("Relay1.Example"),
+            node_id_from_hostname("relay1.example")
+        );
+        assert_ne!(
+            node_id_from_hostname("relay1"),
+            node_id_from_hostname("relay2")
+        );
     }
 
     #[test]

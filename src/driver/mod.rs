@@ -164,6 +164,7 @@ where
             data_budget: Arc::clone(&data_budget),
             security: security.clone(),
             proxy_trusted: Arc::clone(&proxy_trusted),
+            node_id: config.effective_node_id(),
         };
         let kinds = kinds.clone();
         let make_handler = Arc::clone(&make_handler);
@@ -197,8 +198,9 @@ where
     }
     let addrs: Vec<String> = local_addrs.iter().map(ToString::to_string).collect();
     tracing::info!(
-        "listening on {} with {shards} shard(s), io {}{}{}",
+        "listening on {} with {shards} shard(s) as node {}, io {}{}{}",
         addrs.join(", "),
+        config.effective_node_id(),
         io.name(),
         if pin { ", pinned to cores" } else { "" },
         if steer {

@@ -59,6 +59,8 @@ pub(crate) struct ShardSettings {
     pub(crate) data_budget: Arc<DataBudget>,
     pub(crate) security: Option<Arc<Security>>,
     pub(crate) proxy_trusted: Arc<Vec<IpNet>>,
+    /// This node's number, in queue IDs.
+    pub(crate) node_id: u16,
 }
 
 impl<H: Handler> Shard<H> {
@@ -77,7 +79,7 @@ impl<H: Handler> Shard<H> {
             data_budget: settings.data_budget,
             security: settings.security,
             proxy_trusted: settings.proxy_trusted,
-            ids: RefCell::new(IdGenerator::new(settings.index)),
+            ids: RefCell::new(IdGenerator::for_node(settings.node_id, settings.index)),
             open: Cell::new(0),
             all_closed: Notify::new(),
         })

@@ -49,6 +49,8 @@ pub struct RelayConfig {
     pub outbound: OutboundConfig,
     /// The benches' A/B switches (the group commit's among them).
     pub ab: AbSwitches,
+    /// This node's number, in the queue IDs of bounces.
+    pub node_id: u16,
 }
 
 impl RelayConfig {
@@ -60,6 +62,7 @@ impl RelayConfig {
             max_queue_age: Duration::from_secs(config.delivery.max_queue_age_secs),
             outbound: OutboundConfig::from_config(config),
             ab: config.ab,
+            node_id: config.effective_node_id(),
         }
     }
 }
@@ -105,7 +108,7 @@ impl RelayService {
             in_flight: Cell::new(0),
             stopping: Cell::new(false),
             delivered: Notify::new(),
-            bounce_ids: RefCell::new(IdGenerator::new(shard | 0x80)),
+            bounce_ids: RefCell::new(IdGenerator::for_node(self.config.node_id, shard | 0x80)),
         });
         tokio::task::spawn_local(worker::run(Rc::clone(&shard)));
         let answering = Rc::clone(&shard);
