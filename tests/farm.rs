@@ -278,7 +278,77 @@ fn a_dead_nodes_spool_is_delivered_by_another_node(io: &str) {
     drop(b);
 }
 
+/// SIGTERM on one node: it stops accepting at once (so HAProxy's next health check fails
+/// and new connections go to the other node), finishes its transactions and exits 0; what
+/// it had queued is delivered when it starts again. No acknowledged message is lost.
+fn drain_a_node_behind_haproxy(io: &str) {
+    if !have_haproxy() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let manifest = work.path().join("manifest");
+    let m = manifest.to_str().expect("path");
+    let mut sink = Sink::start(&["--check-manifest", m, "--manifest-wait", "5"]);
+    let proxies: Vec<SocketAddr> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let spools: Vec<_> = (0..2)
+        .map(|i| work.path().join(format!("spool{i}")))
+        .collect();
+    let opts: Vec<Opts> = (0..2)
+        .map(|i| node_opts(io, i as u16 + 1, &spools[i], proxies[i], sink.addr))
+        .collect();
+    let mut nodes: Vec<Relay> = opts.iter().map(|o| Relay::start_with(o.clone())).collect();
+    let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _hp = Haproxy::start(front, &proxies);
+    wait_banner(front);
+    let mut send = SendRun::spawn(
+        front,
+        &[
+            "--messages",
+            "2000",
+            "--connections",
+            "10",
+            "--pipelining",
+            "--rate",
+            "1000",
+            "--manifest",
+            m,
+            "--timeout",
+            "10",
+            "--give-up-after",
+            "20",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    nodes[0].terminate();
+    let status = nodes[0].wait_exit(Duration::from_secs(40));
+    assert!(
+        status.success(),
+        "a drained node exits 0: {status:?}\n{}",
+        nodes[0].stderr()
+    );
+    let sent = send.wait(Duration::from_secs(90));
+    assert_eq!(sent.code, Some(0), "{}", sent.output);
+    let accepted = jnum(&sent.json, "messages.accepted");
+    // Its queue goes out when it is back.
+    nodes[0] = Relay::start_with(opts[0].clone());
+    for spool in &spools {
+        wait_queue_empty(spool, Duration::from_secs(30));
+    }
+    let (code, report) = sink.stop();
+    let mf = &report["manifest"];
+    assert_eq!(jnum(mf, "entries"), accepted, "{report:#}");
+    assert_eq!(
+        jnum(mf, "lost"),
+        0,
+        "ACKNOWLEDGED MESSAGES LOST: {report:#}"
+    );
+    assert_eq!(code, Some(0), "{}", sink.output());
+}
+
 io_tests!(
     kill_a_node_behind_haproxy_and_lose_nothing,
+    drain_a_node_behind_haproxy,
     a_dead_nodes_spool_is_delivered_by_another_node,
 );
