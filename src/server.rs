@@ -17,17 +17,29 @@ use crate::config::Config;
 use crate::driver::secure::Security;
 use crate::driver::{self, Phase};
 use crate::handler::Handler;
+use crate::observe::metrics::Registry;
 
 /// An SMTP server: listeners, shards and sessions, run with a [`Handler`].
 #[derive(Debug, Clone)]
 pub struct Server {
     config: Config,
+    metrics: Registry,
 }
 
 impl Server {
     /// A server with this (already validated) configuration.
     pub fn new(config: Config) -> Self {
-        Server { config }
+        Server {
+            config,
+            metrics: Registry::new(),
+        }
+    }
+
+    /// Counts into `metrics` (shard `i`'s counters are `metrics.shard_at(i)`, shared with
+    /// whatever else of that shard counts: the relay's queue manager).
+    pub fn with_metrics(mut self, metrics: Registry) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Binds the listeners and starts the shards; returns at once. `make_handler(shard)` is
@@ -38,7 +50,7 @@ impl Server {
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         let shutdown_timeout = Duration::from_secs(self.config.limits.shutdown_timeout_secs);
-        let started = driver::start(self.config, make_handler)?;
+        let started = driver::start(self.config, self.metrics, make_handler)?;
         Ok(ServerHandle {
             phase: started.phase,
             security: started.security,

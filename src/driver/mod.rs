@@ -30,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Config, IoMode, Spread};
+use crate::observe::metrics::Registry;
 use crate::handler::Handler;
 use crate::smtp::SessionConfig;
 use shard::{Shard, ShardSettings};
@@ -99,7 +100,11 @@ pub(crate) fn choose_driver(mode: IoMode) -> io::Result<IoDriver> {
 }
 
 /// Binds the listeners and starts one thread per shard.
-pub(crate) fn start<H, F>(config: Config, make_handler: F) -> io::Result<Started>
+pub(crate) fn start<H, F>(
+    config: Config,
+    metrics: Registry,
+    make_handler: F,
+) -> io::Result<Started>
 where
     H: Handler,
     F: Fn(usize) -> H + Send + Sync + 'static,
@@ -165,6 +170,7 @@ where
             security: security.clone(),
             proxy_trusted: Arc::clone(&proxy_trusted),
             node_id: config.effective_node_id(),
+            metrics: metrics.shard_at(index),
         };
         let kinds = kinds.clone();
         let make_handler = Arc::clone(&make_handler);

@@ -20,6 +20,7 @@ use super::secure::Security;
 use super::{ListenerKind, Phase};
 use crate::handler::Handler;
 use crate::id::{IdGenerator, QueueId};
+use crate::observe::metrics::{Rejection, ShardMetrics};
 use crate::policy::IpNet;
 use crate::smtp::{Hooks, Mailbox, Reply, ReversePath, SessionConfig};
 use bytes::BytesMut;
@@ -43,6 +44,8 @@ pub(crate) struct Shard<H> {
     pub(crate) security: Option<Arc<Security>>,
     /// Who may send a PROXY header (`proxy.trusted`).
     pub(crate) proxy_trusted: Arc<Vec<IpNet>>,
+    /// This shard's counters (read by the metrics endpoint).
+    pub(crate) metrics: Arc<ShardMetrics>,
     ids: RefCell<IdGenerator>,
     open: Cell<usize>,
     all_closed: Notify,
@@ -61,6 +64,8 @@ pub(crate) struct ShardSettings {
     pub(crate) proxy_trusted: Arc<Vec<IpNet>>,
     /// This node's number, in queue IDs.
     pub(crate) node_id: u16,
+    /// This shard's counters.
+    pub(crate) metrics: Arc<ShardMetrics>,
 }
 
 impl<H: Handler> Shard<H> {
@@ -79,6 +84,7 @@ impl<H: Handler> Shard<H> {
             data_budget: settings.data_budget,
             security: settings.security,
             proxy_trusted: settings.proxy_trusted,
+            metrics: settings.metrics,
             ids: RefCell::new(IdGenerator::for_node(settings.node_id, settings.index)),
             open: Cell::new(0),
             all_closed: Notify::new(),
@@ -88,6 +94,7 @@ impl<H: Handler> Shard<H> {
     /// Counts a connection as open until the returned guard drops.
     pub(crate) fn connection_opened(self: &Rc<Self>) -> OpenGuard<H> {
         self.open.set(self.open.get() + 1);
+        self.metrics.connections_open.set(self.open.get() as u64);
         OpenGuard {
             shard: Rc::clone(self),
             data_held: 0,
@@ -128,6 +135,7 @@ impl<H: Handler> Drop for OpenGuard<H> {
         self.shard.data_budget.update(&mut self.data_held, 0);
         let n = self.shard.open.get().saturating_sub(1);
         self.shard.open.set(n);
+        self.shard.metrics.connections_open.set(n as u64);
         if n == 0 {
             self.shard.all_closed.notify_one();
         }
@@ -220,6 +228,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(
     loop {
         match acceptor.accept().await {
             Ok((conn, peer)) => {
+                shard.metrics.connections_total.inc();
                 if kind == ListenerKind::Proxy {
                     // Only a trusted balancer may send a header; anyone else is closed
                     // unanswered (no banner: nothing is sent before the header).
@@ -255,11 +264,13 @@ async fn accept_loop<H: Handler, A: Acceptor>(
                         ));
                     }
                     Err(which) if implicit_tls => {
-                        tracing::debug!(%peer, ?which, "connection closed: cap reached");
+                        shard.metrics.reject(Rejection::ConnectionCap);
+                        tracing::info!(%peer, ?which, "connection closed: cap reached");
                         conn.close_both();
                     }
                     Err(which) => {
-                        tracing::debug!(%peer, ?which, "connection refused: cap reached");
+                        shard.metrics.reject(Rejection::ConnectionCap);
+                        tracing::info!(%peer, ?which, "connection refused: cap reached");
                         let host = &shard.session_config.hostname;
                         let reply = match which {
                             CapExceeded::Total | CapExceeded::PerIp => {

@@ -237,6 +237,16 @@ impl Registry {
         m
     }
 
+    /// Shard `index`'s counters, made on first use: the driver and the relay of one shard
+    /// get the same ones, whichever asks first.
+    pub fn shard_at(&self, index: usize) -> Arc<ShardMetrics> {
+        let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        while shards.len() <= index {
+            shards.push(Arc::new(ShardMetrics::default()));
+        }
+        Arc::clone(&shards[index])
+    }
+
     /// The counters in Prometheus text format; `now_unix` for the oldest message's age.
     pub fn render(&self, now_unix: u64) -> String {
         let shards = self
