@@ -91,16 +91,34 @@ struct ServeArgs {
     tls_key: Option<PathBuf>,
 }
 
+/// The queue commands. None of them creates a spool; all work on a running server and,
+/// but `flush`, on a stopped spool.
 #[derive(Subcommand)]
 enum QueueAction {
-    /// List queued messages.
+    /// List queued messages: size, arrival, sender, and each pending recipient with its
+    /// attempts, last reply and next attempt (held messages marked `!`).
     List(QueueArgs),
     /// Queue statistics.
     Stats(QueueArgs),
-    /// Retry every deferred message now.
+    /// Retry every deferred message not on hold now (a running server only), without
+    /// moving it along the retry schedule.
     Flush(QueueArgs),
-    /// Remove one message.
+    /// Remove one message (no bounce).
     Remove {
+        /// Queue ID.
+        id: String,
+        #[command(flatten)]
+        args: QueueArgs,
+    },
+    /// Put one message on hold: it stays queued and is not attempted until released.
+    Hold {
+        /// Queue ID.
+        id: String,
+        #[command(flatten)]
+        args: QueueArgs,
+    },
+    /// Release one message from hold: it is attempted now.
+    Release {
         /// Queue ID.
         id: String,
         #[command(flatten)]
@@ -110,10 +128,13 @@ enum QueueAction {
 
 #[derive(Args)]
 struct QueueArgs {
-    /// Spool directory.
+    /// TOML configuration file: its `spool.dir` is the spool (unless --spool is given).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Spool directory (default: the config's `spool.dir`, else ./spool).
     #[arg(long, value_name = "DIR")]
     spool: Option<PathBuf>,
-    /// JSON output.
+    /// JSON output on standard output (errors still go to standard error).
     #[arg(long)]
     json: bool,
 }
@@ -299,98 +320,230 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// The spool directory a queue command works on: `--spool`, else the config's default.
-fn spool_dir(args: &QueueArgs) -> PathBuf {
-    args.spool
-        .clone()
-        .unwrap_or_else(|| Config::default().spool.dir)
+/// The spool directory a queue command works on: `--spool`, else `spool.dir` from
+/// `--config`, else the default. A configuration that cannot be read is a usage error,
+/// even beside `--spool` (as for `serve`).
+fn spool_dir(args: &QueueArgs) -> Result<PathBuf, ExitCode> {
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return Err(fail(2, &e.to_string())),
+    };
+    Ok(args.spool.clone().unwrap_or(config.spool.dir))
+}
+
+/// Writes `text` to standard output. A reader that stops early (`| head`) is no failure.
+fn emit(text: &str) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(1, &format!("cannot write to standard output: {e}")),
+    }
+}
+
+/// Writes `value` as JSON (pretty) on standard output.
+fn print_json(value: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(j) => emit(&format!("{j}\n")),
+        Err(e) => fail(1, &e.to_string()),
+    }
 }
 
 fn queue(action: QueueAction) -> ExitCode {
     match action {
-        QueueAction::List(args) => match inspect::read(&spool_dir(&args)) {
-            Ok((list, stats)) => {
-                if args.json {
-                    match serde_json::to_string_pretty(&list) {
-                        Ok(j) => println!("{j}"),
-                        Err(e) => return fail(1, &e.to_string()),
-                    }
-                } else {
-                    for q in &list {
-                        println!(
-                            "{}  {:>9}  arrived {}  from <{}>  to {}",
-                            q.id,
-                            q.size,
-                            q.arrival_unix,
-                            q.from,
-                            q.pending
-                                .iter()
-                                .map(|r| format!("<{r}>"))
-                                .collect::<Vec<_>>()
-                                .join(" ")
-                        );
-                    }
-                    println!(
-                        "-- {} message(s), {} recipient(s) pending{}",
-                        stats.messages,
-                        stats.recipients,
-                        if stats.running {
-                            " (server running)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(1, &e.to_string()),
-        },
-        QueueAction::Stats(args) => match inspect::read(&spool_dir(&args)) {
-            Ok((_, stats)) => {
-                if args.json {
-                    match serde_json::to_string_pretty(&stats) {
-                        Ok(j) => println!("{j}"),
-                        Err(e) => return fail(1, &e.to_string()),
-                    }
-                } else {
-                    println!(
-                        "messages {}\nrecipients {}\nbytes {}\nsegments {}\noldest_age_secs {}\nrunning {}",
-                        stats.messages,
-                        stats.recipients,
-                        stats.bytes,
-                        stats.segments,
-                        stats.oldest_age_secs,
-                        stats.running
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(1, &e.to_string()),
-        },
-        QueueAction::Flush(args) => match control::flush(&spool_dir(&args)) {
-            Ok(Outcome::Flushed(n)) => {
-                println!("{n} deferred message(s) scheduled for delivery now");
-                ExitCode::SUCCESS
-            }
-            Ok(_) => {
-                println!("no server is running on this spool; every queued message is tried when it starts");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(1, &e.to_string()),
-        },
-        QueueAction::Remove { id, args } => {
-            let id: ringrelay::id::QueueId = match id.parse() {
-                Ok(id) => id,
-                Err(e) => return fail(2, &e),
+        QueueAction::List(args) => queue_list(&args),
+        QueueAction::Stats(args) => queue_stats(&args),
+        QueueAction::Flush(args) => queue_flush(&args),
+        QueueAction::Remove { id, args } => queue_on_message(&id, &args, MessageAction::Remove),
+        QueueAction::Hold { id, args } => queue_on_message(&id, &args, MessageAction::Hold),
+        QueueAction::Release { id, args } => queue_on_message(&id, &args, MessageAction::Release),
+    }
+}
+
+/// `queue list`: Postfix's `mailq` shape; one line per message (ID, `!` when on hold,
+/// size, arrival, sender), then one per pending recipient with its delivery state.
+fn queue_list(args: &QueueArgs) -> ExitCode {
+    let dir = match spool_dir(args) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let (list, stats) = match inspect::read(&dir) {
+        Ok(r) => r,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    if args.json {
+        return print_json(&list);
+    }
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if !list.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<25} {:>10}  {:<23}  SENDER / RECIPIENTS",
+            "QUEUE ID", "SIZE", "ARRIVAL"
+        );
+    }
+    for q in &list {
+        let mark = if q.held { "!" } else { "" };
+        let _ = writeln!(
+            out,
+            "{:<25} {:>10}  {:<23}  <{}>",
+            format!("{}{mark}", q.id),
+            q.size,
+            inspect::human_time(q.arrival_unix),
+            q.from
+        );
+        for r in &q.recipients {
+            let next = match (r.held, r.next_attempt_unix) {
+                (true, _) => "on hold".to_string(),
+                (false, Some(t)) => format!("next attempt {}", inspect::human_time(t)),
+                (false, None) if stats.running => "next attempt now".to_string(),
+                (false, None) => "next attempt at start".to_string(),
             };
-            match control::remove(&spool_dir(&args), id) {
-                Ok(Outcome::Removed) => {
-                    println!("{id} removed");
-                    ExitCode::SUCCESS
-                }
-                Ok(_) => fail(1, &format!("{id}: no such message waiting in the queue")),
-                Err(e) => fail(1, &e.to_string()),
-            }
+            let last = r
+                .last_error
+                .as_deref()
+                .filter(|e| !e.is_empty())
+                .map_or(String::new(), |e| format!("; last reply: {e}"));
+            let _ = writeln!(
+                out,
+                "{:>39}<{}>  attempts {}; {next}{last}",
+                "", r.address, r.attempts
+            );
         }
+    }
+    let _ = writeln!(
+        out,
+        "-- {} message(s), {} recipient(s) pending, {} on hold{}",
+        stats.messages,
+        stats.recipients,
+        stats.held,
+        if stats.running {
+            " (server running)"
+        } else {
+            ""
+        }
+    );
+    emit(&out)
+}
+
+fn queue_stats(args: &QueueArgs) -> ExitCode {
+    let dir = match spool_dir(args) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let stats = match inspect::read(&dir) {
+        Ok((_, stats)) => stats,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    if args.json {
+        return print_json(&stats);
+    }
+    emit(&format!(
+        "messages {}\nrecipients {}\nheld {}\nbytes {}\nsegments {}\noldest_age_secs {}\nrunning {}\n",
+        stats.messages,
+        stats.recipients,
+        stats.held,
+        stats.bytes,
+        stats.segments,
+        stats.oldest_age_secs,
+        stats.running
+    ))
+}
+
+/// `queue flush`: only a running server has anything to flush; with none, it fails as
+/// Postfix's `postqueue -f` does with the mail system down.
+fn queue_flush(args: &QueueArgs) -> ExitCode {
+    let dir = match spool_dir(args) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    match control::flush(&dir) {
+        Ok(Outcome::Flushed(n)) if args.json => print_json(&serde_json::json!({
+            "action": "flush",
+            "flushed": n,
+        })),
+        Ok(Outcome::Flushed(n)) => emit(&format!(
+            "{n} deferred message(s) scheduled for delivery now\n"
+        )),
+        Ok(_) => fail(
+            1,
+            &format!(
+                "no server is running on spool {}: nothing to flush (every message not on hold is tried when it starts)",
+                dir.display()
+            ),
+        ),
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum MessageAction {
+    Remove,
+    Hold,
+    Release,
+}
+
+/// `queue remove|hold|release ID`. Putting a held message on hold again, or releasing one
+/// that is not held, changes nothing and succeeds (`"changed": false`).
+fn queue_on_message(id: &str, args: &QueueArgs, action: MessageAction) -> ExitCode {
+    let id: ringrelay::id::QueueId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return fail(2, &e),
+    };
+    let dir = match spool_dir(args) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let result = match action {
+        MessageAction::Remove => control::remove(&dir, id),
+        MessageAction::Hold => control::hold(&dir, id),
+        MessageAction::Release => control::release(&dir, id),
+    };
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    let (json, text) = match outcome {
+        Outcome::Removed => (
+            serde_json::json!({"action": "remove", "id": id.to_string(), "removed": true}),
+            format!("{id} removed"),
+        ),
+        Outcome::Held | Outcome::AlreadyHeld => {
+            let changed = outcome == Outcome::Held;
+            (
+                serde_json::json!({"action": "hold", "id": id.to_string(), "held": true, "changed": changed}),
+                if changed {
+                    format!("{id} held")
+                } else {
+                    format!("{id} was on hold already")
+                },
+            )
+        }
+        Outcome::Released | Outcome::NotHeld => {
+            let changed = outcome == Outcome::Released;
+            (
+                serde_json::json!({"action": "release", "id": id.to_string(), "held": false, "changed": changed}),
+                if changed {
+                    format!("{id} released")
+                } else {
+                    format!("{id} was not on hold")
+                },
+            )
+        }
+        Outcome::Delivering => {
+            return fail(
+                1,
+                &format!("{id} is being delivered right now; try again in a moment"),
+            )
+        }
+        Outcome::Absent | Outcome::Flushed(_) | Outcome::NotRunning => {
+            return fail(1, &format!("{id}: no such message waiting in the queue"))
+        }
+    };
+    if args.json {
+        print_json(&json)
+    } else {
+        emit(&format!("{text}\n"))
     }
 }

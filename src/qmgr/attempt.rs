@@ -5,7 +5,7 @@
 //! (bounced to the reverse path: an RFC 3464 report, spooled like any message; never for
 //! `<>`). A message still pending past `delivery.max_queue_age_secs` fails for good too.
 
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -163,7 +163,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
 
 /// Back into the queue, due after the next step of the retry schedule.
 fn reschedule(shard: &Shard, mut entry: Entry) {
-    entry.attempts += 1;
+    entry.count_attempt();
     let delay = retry_delay(&shard.config.retry_schedule, entry.attempts);
     tracing::debug!(
         id = %entry.id(),
@@ -171,10 +171,7 @@ fn reschedule(shard: &Shard, mut entry: Entry) {
         delay.as_secs(),
         entry.last_error.as_deref().unwrap_or("")
     );
-    shard
-        .queue
-        .borrow_mut()
-        .defer(entry, Instant::now() + delay);
+    shard.defer(entry, delay);
 }
 
 /// Spools a bounce for the failed recipients (none for a `<>` sender). True when there is

@@ -6,7 +6,7 @@
 //! A message moves forward only: [`RelayHandler::on_message`] → `Spool::accept` →
 //! [`queue`] → [`worker`] → [`attempt`] → `Outbound` → `Spool::settle`.
 //!
-//! - [`queue`]: ready and deferred messages, retry times.
+//! - [`queue`]: ready, deferred and held messages, retry times.
 //! - [`worker`]: starts deliveries as messages fall due, tidies once a second.
 //! - [`attempt`]: one delivery attempt of one message: recipients grouped by domain, each
 //!   outcome recorded, failures bounced (RFC 3464, spooled like any message).
@@ -19,7 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
@@ -30,8 +30,8 @@ use crate::outbound::{Outbound, OutboundConfig};
 use crate::smtp::command::BodyType;
 use crate::smtp::{Envelope, Reply};
 use crate::spool::control::{self, Answer, Request};
-use crate::spool::{AcceptError, NewMessage, Spool, SpoolDir};
-use queue::{Entry, Queue};
+use crate::spool::{AcceptError, DeliveryState, NewMessage, Queued, Spool, SpoolDir};
+use queue::{Entry, HoldChange, Queue};
 
 /// Ready messages whose content a shard keeps in memory.
 const MAX_READY_IN_MEMORY: usize = 1024;
@@ -95,8 +95,17 @@ impl RelayService {
     pub fn handler(&self, shard: usize) -> RelayHandler {
         let (spool, recovered) = self.spool.shard(shard, self.config.ab);
         let mut queue = Queue::default();
-        for msg in recovered {
-            queue.push_ready(Entry::new(msg, None));
+        for (msg, state) in recovered {
+            requeue(&mut queue, msg, state, &self.config.retry_schedule);
+        }
+        if queue.held_len() + queue.deferred_len() > 0 {
+            tracing::info!(
+                shard,
+                "{} recovered message(s) on hold, {} waiting for their next retry, {} ready",
+                queue.held_len(),
+                queue.deferred_len(),
+                queue.ready_len()
+            );
         }
         let shard = Rc::new(Shard {
             index: shard,
@@ -146,7 +155,22 @@ impl Shard {
         self.wake.notify_one();
     }
 
-    /// `ringrelay queue flush|remove`, as this shard sees it.
+    /// Puts a message whose attempt left recipients pending back in the queue, due in
+    /// `delay`, and records its schedule in the spool (for `queue list`, and a restart).
+    fn defer(&self, entry: Entry, delay: Duration) {
+        self.spool.defer(
+            &entry.msg,
+            entry.attempts,
+            SystemTime::now() + delay,
+            entry.last_error.as_deref().unwrap_or(""),
+        );
+        let id = entry.id();
+        if self.queue.borrow_mut().defer(entry, Instant::now() + delay) {
+            tracing::info!(shard = self.index, %id, "on hold after its attempt");
+        }
+    }
+
+    /// `ringrelay queue flush|remove|hold|release`, as this shard sees it.
     fn control(&self, request: Request) -> Answer {
         match request {
             Request::Flush => {
@@ -155,15 +179,72 @@ impl Shard {
                 Answer::Flushed(n)
             }
             Request::Remove(id) => self.remove(id),
+            Request::Hold(id) => {
+                let change = self.queue.borrow_mut().hold(id);
+                match change {
+                    HoldChange::Changed(location) => {
+                        self.spool.set_held(id, &location, true);
+                        tracing::info!(shard = self.index, %id, "put on hold");
+                        Answer::Held
+                    }
+                    HoldChange::Unchanged => Answer::AlreadyHeld,
+                    HoldChange::Absent => Answer::Absent,
+                }
+            }
+            Request::Release(id) => {
+                let change = self.queue.borrow_mut().release(id);
+                match change {
+                    HoldChange::Changed(location) => {
+                        self.spool.set_held(id, &location, false);
+                        tracing::info!(shard = self.index, %id, "released from hold");
+                        self.wake.notify_one();
+                        Answer::Released
+                    }
+                    HoldChange::Unchanged => Answer::NotHeld,
+                    HoldChange::Absent => Answer::Absent,
+                }
+            }
         }
     }
 
     fn remove(&self, id: QueueId) -> Answer {
-        let Some(entry) = self.queue.borrow_mut().remove(id) else {
-            return Answer::Absent;
+        let removed = self.queue.borrow_mut().remove(id);
+        let Some(entry) = removed else {
+            return if self.queue.borrow().is_delivering(id) {
+                Answer::Delivering
+            } else {
+                Answer::Absent
+            };
         };
         self.spool.remove(&entry.msg);
         Answer::Removed
+    }
+}
+
+/// Queues a message found at start-up as its records left it: on hold; deferred until its
+/// next attempt (at most the schedule's longest step from now, whatever the clock did
+/// meanwhile); or ready, when that time has passed, it was never deferred, or it was
+/// released from hold (then, as after a release on a running server, its next attempt
+/// does not move it along the retry schedule).
+fn requeue(queue: &mut Queue, msg: Queued, state: DeliveryState, schedule: &[u64]) {
+    let mut entry = Entry::new(msg, None);
+    entry.attempts = state.attempts;
+    entry.last_error = state.last_reply;
+    entry.early = state.next_attempt.is_none();
+    if state.held {
+        queue.push_held(entry);
+        return;
+    }
+    let longest = Duration::from_secs(schedule.iter().copied().max().unwrap_or(60));
+    let wait = state
+        .next_attempt
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .map(|w| w.min(longest));
+    match wait {
+        Some(w) if !w.is_zero() => {
+            queue.defer(entry, Instant::now() + w);
+        }
+        _ => queue.push_ready(entry),
     }
 }
 

@@ -1,14 +1,21 @@
-//! One shard's delivery queue, in memory: which messages are ready now and which are
-//! deferred until when. It is rebuilt from the segments at start-up, so it holds nothing
-//! that is not also on disk. No clock inside: the time is always an argument.
+//! One shard's delivery queue, in memory: which messages are ready now, which are deferred
+//! until when, which are on hold, and which are being delivered. It is rebuilt from the
+//! segments at start-up, so it holds nothing that is not also on disk. No clock inside: the
+//! time is always an argument.
+//!
+//! An operator can make messages ready before their time (`queue flush`, `queue release`);
+//! the attempt that follows does not move the message along the retry schedule
+//! ([`Entry::count_attempt`]), so flushing a queue whose next hop is still down does not
+//! stretch every message's next retry. Held messages are never made ready but by
+//! `release`.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::id::QueueId;
-use crate::spool::Queued;
+use crate::spool::{Location, Queued};
 
 /// A message waiting for delivery: what the spool holds of it, and the queue manager's
 /// own state.
@@ -16,12 +23,15 @@ use crate::spool::Queued;
 pub struct Entry {
     /// The spooled message: envelope, pending recipients, where its record is.
     pub msg: Queued,
-    /// Delivery attempts made so far.
+    /// Delivery attempts the retry schedule has counted so far (attempts made early, at an
+    /// operator's flush or release, are not counted; see [`Entry::count_attempt`]).
     pub attempts: u32,
     /// Content, while it is kept in memory (fresh messages); deferred ones are read back.
     pub data: Option<Bytes>,
     /// Why the last attempt did not finish it.
     pub last_error: Option<String>,
+    /// Made ready before its time by an operator (flush, release).
+    pub(super) early: bool,
 }
 
 impl Entry {
@@ -32,6 +42,7 @@ impl Entry {
             attempts: 0,
             data,
             last_error: None,
+            early: false,
         }
     }
 
@@ -39,15 +50,43 @@ impl Entry {
     pub fn id(&self) -> QueueId {
         self.msg.id
     }
+
+    /// Counts the attempt that just left the message pending, unless it was made early at
+    /// an operator's request: then the schedule stays where it was (a message's first
+    /// attempt always counts). Call once per attempt, before computing the next delay.
+    pub fn count_attempt(&mut self) {
+        let early = std::mem::take(&mut self.early);
+        if !early || self.attempts == 0 {
+            self.attempts += 1;
+        }
+    }
 }
 
-/// Ready and deferred messages.
+/// What [`Queue::hold`] and [`Queue::release`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldChange {
+    /// Changed: record it in the message's segment, at this location.
+    Changed(Location),
+    /// Nothing to change (already on hold, or not on hold).
+    Unchanged,
+    /// No such message here.
+    Absent,
+}
+
+/// Ready, deferred and held messages, and those being delivered.
 #[derive(Debug, Default)]
 pub struct Queue {
+    /// Every waiting message: ready, deferred or held.
     entries: HashMap<QueueId, Entry>,
     ready: VecDeque<QueueId>,
     deferred: BTreeSet<(Instant, QueueId)>,
     deferred_at: HashMap<QueueId, Instant>,
+    /// On hold: in `entries`, in neither `ready` nor `deferred`.
+    held: HashSet<QueueId>,
+    /// Taken out for an attempt, with where their records are.
+    delivering: HashMap<QueueId, Location>,
+    /// Put on hold during an attempt: held when the attempt gives them back.
+    hold_after: HashSet<QueueId>,
 }
 
 impl Queue {
@@ -58,24 +97,48 @@ impl Queue {
         self.ready.push_back(id);
     }
 
+    /// Adds a message that is on hold (found so at start-up).
+    pub fn push_held(&mut self, entry: Entry) {
+        let id = entry.id();
+        self.entries.insert(id, entry);
+        self.held.insert(id);
+    }
+
     /// Takes the next ready message out of the queue for delivery; give it back with
-    /// [`Queue::defer`] or drop it when finished.
+    /// [`Queue::defer`], and say when its attempt is over with [`Queue::attempt_ended`].
     pub fn pop_ready(&mut self) -> Option<Entry> {
         while let Some(id) = self.ready.pop_front() {
             if let Some(e) = self.entries.remove(&id) {
+                self.delivering.insert(id, e.msg.location);
                 return Some(e);
             }
         }
         None
     }
 
-    /// Puts a message back, deferred until `until` (its content is dropped from memory).
-    pub fn defer(&mut self, mut entry: Entry, until: Instant) {
+    /// Puts a message back, deferred until `until` (its content is dropped from memory);
+    /// or on hold, if it was put on hold during its attempt. True when it is held.
+    pub fn defer(&mut self, mut entry: Entry, until: Instant) -> bool {
         entry.data = None;
         let id = entry.id();
+        self.delivering.remove(&id);
         self.entries.insert(id, entry);
+        if self.hold_after.remove(&id) {
+            self.held.insert(id);
+            return true;
+        }
         self.deferred.insert((until, id));
         self.deferred_at.insert(id, until);
+        false
+    }
+
+    /// The attempt at `id` is over (the message was given back with [`Queue::defer`], or it
+    /// is finished).
+    pub fn attempt_ended(&mut self, id: QueueId) {
+        if !self.entries.contains_key(&id) {
+            self.delivering.remove(&id);
+            self.hold_after.remove(&id);
+        }
     }
 
     /// Moves every deferred message due by `now` to the ready list; returns when the next
@@ -92,14 +155,62 @@ impl Queue {
         None
     }
 
-    /// Makes every deferred message ready now (`ringrelay queue flush`).
+    /// Makes every deferred message ready now (`ringrelay queue flush`), without moving it
+    /// along the retry schedule; held messages stay held. Returns how many.
     pub fn flush(&mut self) -> usize {
         let n = self.deferred.len();
         for (_, id) in std::mem::take(&mut self.deferred) {
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.early = true;
+            }
             self.ready.push_back(id);
         }
         self.deferred_at.clear();
         n
+    }
+
+    /// Puts a message on hold: taken off the ready or deferred list, or, if it is being
+    /// delivered, held when its attempt gives it back.
+    pub fn hold(&mut self, id: QueueId) -> HoldChange {
+        if self.held.contains(&id) || self.hold_after.contains(&id) {
+            return HoldChange::Unchanged;
+        }
+        if let Some(&location) = self.delivering.get(&id) {
+            self.hold_after.insert(id);
+            return HoldChange::Changed(location);
+        }
+        let Some(entry) = self.entries.get(&id) else {
+            return HoldChange::Absent;
+        };
+        let location = entry.msg.location;
+        if let Some(at) = self.deferred_at.remove(&id) {
+            self.deferred.remove(&(at, id));
+        }
+        self.ready.retain(|r| *r != id);
+        self.held.insert(id);
+        HoldChange::Changed(location)
+    }
+
+    /// Takes a message off hold: ready now (an attempt under way just goes on).
+    pub fn release(&mut self, id: QueueId) -> HoldChange {
+        if self.hold_after.remove(&id) {
+            if let Some(&location) = self.delivering.get(&id) {
+                return HoldChange::Changed(location);
+            }
+        }
+        if self.held.remove(&id) {
+            if let Some(entry) = self.entries.get_mut(&id) {
+                entry.early = true;
+                let location = entry.msg.location;
+                self.ready.push_back(id);
+                return HoldChange::Changed(location);
+            }
+        }
+        if self.entries.contains_key(&id) || self.delivering.contains_key(&id) {
+            HoldChange::Unchanged
+        } else {
+            HoldChange::Absent
+        }
     }
 
     /// Removes a waiting message (not one being delivered right now).
@@ -108,8 +219,14 @@ impl Queue {
         if let Some(at) = self.deferred_at.remove(&id) {
             self.deferred.remove(&(at, id));
         }
+        self.held.remove(&id);
         self.ready.retain(|r| *r != id);
         Some(entry)
+    }
+
+    /// True while an attempt at `id` is under way.
+    pub fn is_delivering(&self, id: QueueId) -> bool {
+        self.delivering.contains_key(&id)
     }
 
     /// Messages ready now.
@@ -122,7 +239,12 @@ impl Queue {
         self.deferred.len()
     }
 
-    /// Messages waiting (ready or deferred), not counting those in delivery.
+    /// Messages on hold.
+    pub fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Messages waiting (ready, deferred or held), not counting those in delivery.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -201,5 +323,99 @@ mod tests {
         assert_eq!(retry_delay(&s, 3), Duration::from_secs(900));
         assert_eq!(retry_delay(&s, 30), Duration::from_secs(900));
         assert_eq!(retry_delay(&[], 1), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn an_early_attempt_keeps_the_schedule_where_it_was() {
+        let mut ids = IdGenerator::starting_at(0, 2);
+        let mut q = Queue::default();
+        let t0 = Instant::now();
+        q.push_ready(entry(&mut ids));
+        // The first attempt counts.
+        let mut e = q.pop_ready().unwrap();
+        e.count_attempt();
+        assert_eq!(e.attempts, 1);
+        q.defer(e, t0 + Duration::from_secs(60));
+        // Flushed twice: neither attempt counts.
+        for _ in 0..2 {
+            assert_eq!(q.flush(), 1);
+            let mut e = q.pop_ready().unwrap();
+            e.count_attempt();
+            assert_eq!(e.attempts, 1, "a flush does not advance the schedule");
+            q.defer(e, t0 + Duration::from_secs(60));
+        }
+        // Due by the schedule: counts.
+        assert_eq!(q.promote_due(t0 + Duration::from_secs(60)), None);
+        let mut e = q.pop_ready().unwrap();
+        e.count_attempt();
+        assert_eq!(e.attempts, 2);
+        // A never-tried message made ready early (released) still counts its first attempt.
+        let mut fresh = entry(&mut ids);
+        fresh.early = true;
+        fresh.count_attempt();
+        assert_eq!(fresh.attempts, 1);
+    }
+
+    #[test]
+    fn held_messages_are_never_ready_until_released() {
+        let mut ids = IdGenerator::starting_at(0, 3);
+        let mut q = Queue::default();
+        let t0 = Instant::now();
+        let (a, b) = (entry(&mut ids), entry(&mut ids));
+        let (ida, idb) = (a.id(), b.id());
+        q.push_ready(a);
+        q.defer(b, t0 + Duration::from_secs(5));
+        assert!(matches!(q.hold(ida), HoldChange::Changed(_)));
+        assert!(matches!(q.hold(idb), HoldChange::Changed(_)));
+        assert_eq!(q.hold(ida), HoldChange::Unchanged);
+        assert_eq!((q.held_len(), q.ready_len(), q.deferred_len()), (2, 0, 0));
+        assert_eq!(q.flush(), 0, "a flush leaves held messages alone");
+        assert_eq!(q.promote_due(t0 + Duration::from_secs(60)), None);
+        assert!(q.pop_ready().is_none());
+        assert_eq!(q.len(), 2, "still queued");
+        // Released: ready at once.
+        assert!(matches!(q.release(idb), HoldChange::Changed(_)));
+        assert_eq!(q.release(idb), HoldChange::Unchanged, "not held any more");
+        assert_eq!(q.pop_ready().unwrap().id(), idb);
+        // A held message can be removed; unknown IDs are absent.
+        assert!(q.remove(ida).is_some());
+        assert_eq!(q.hold(ida), HoldChange::Absent);
+        assert_eq!(q.release(ida), HoldChange::Absent);
+    }
+
+    #[test]
+    fn a_message_held_during_its_attempt_is_held_when_it_comes_back() {
+        let mut ids = IdGenerator::starting_at(0, 4);
+        let mut q = Queue::default();
+        let t0 = Instant::now();
+        let (a, b) = (entry(&mut ids), entry(&mut ids));
+        let (ida, idb) = (a.id(), b.id());
+        q.push_ready(a);
+        q.push_ready(b);
+        let a = q.pop_ready().unwrap();
+        let b = q.pop_ready().unwrap();
+        assert!(q.is_delivering(ida));
+        assert!(q.remove(ida).is_none(), "not while it is being delivered");
+        assert!(matches!(q.hold(ida), HoldChange::Changed(_)));
+        assert!(matches!(q.hold(idb), HoldChange::Changed(_)));
+        assert_eq!(q.hold(ida), HoldChange::Unchanged);
+        // b is released again before its attempt ends: deferred as usual.
+        assert!(matches!(q.release(idb), HoldChange::Changed(_)));
+        assert!(q.defer(a, t0), "held when its attempt gives it back");
+        q.attempt_ended(ida);
+        assert!(!q.defer(b, t0));
+        q.attempt_ended(idb);
+        assert_eq!(q.promote_due(t0), None);
+        assert_eq!(q.pop_ready().unwrap().id(), idb);
+        assert_eq!(q.held_len(), 1);
+        // A message that finished during its attempt leaves nothing behind.
+        let c = entry(&mut ids);
+        let idc = c.id();
+        q.push_ready(c);
+        let _c = q.pop_ready().unwrap();
+        assert!(matches!(q.hold(idc), HoldChange::Changed(_)));
+        q.attempt_ended(idc);
+        assert!(!q.is_delivering(idc));
+        assert_eq!(q.hold(idc), HoldChange::Absent);
     }
 }

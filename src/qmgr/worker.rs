@@ -38,7 +38,9 @@ pub(crate) async fn run(shard: Rc<Shard>) {
 }
 
 async fn deliver(shard: Rc<Shard>, entry: Entry) {
+    let id = entry.id();
     attempt::run(&shard, entry).await;
+    shard.queue.borrow_mut().attempt_ended(id);
     shard.in_flight.set(shard.in_flight.get().saturating_sub(1));
     shard.wake.notify_one();
     shard.delivered.notify_one();

@@ -1,5 +1,10 @@
 //! `ringrelay queue list|stats`: what waits in a spool, read from the segments without
 //! changing anything, so it works the same on a running server and on a stopped spool.
+//!
+//! Like Postfix's `mailq`, a message shows its size, arrival, sender and each pending
+//! recipient with the delivery state its records hold: attempts counted, the last reply,
+//! the next attempt, and whether it is on hold. Times come as Unix seconds and as ISO 8601
+//! UTC text ([`iso8601`]).
 
 use std::io;
 use std::path::Path;
@@ -17,6 +22,8 @@ pub struct Queued {
     pub id: String,
     /// Arrival, seconds since the Unix epoch.
     pub arrival_unix: u64,
+    /// Arrival, ISO 8601 UTC (`2026-12-01T09:30:00Z`).
+    pub arrival: String,
     /// Reverse path ("" for `<>`).
     pub from: String,
     /// Recipients not yet finished.
@@ -25,6 +32,37 @@ pub struct Queued {
     pub size: u64,
     /// Segment file holding it.
     pub segment: String,
+    /// On hold (`queue hold`): not attempted until released.
+    pub held: bool,
+    /// Attempts the retry schedule has counted (those made at a flush or release are not).
+    pub attempts: u32,
+    /// The last attempt's reply, or why it had none.
+    pub last_error: Option<String>,
+    /// When the next attempt is due, seconds since the Unix epoch; `None` when it is due
+    /// now (never tried, or released) or the message is on hold.
+    pub next_attempt_unix: Option<u64>,
+    /// The same, ISO 8601 UTC.
+    pub next_attempt: Option<String>,
+    /// Each pending recipient with its delivery state (one attempt covers all of a
+    /// message's pending recipients, so today they share the message's values).
+    pub recipients: Vec<PendingRecipient>,
+}
+
+/// A recipient still to deliver, and its delivery state.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingRecipient {
+    /// The forward path.
+    pub address: String,
+    /// Attempts counted.
+    pub attempts: u32,
+    /// The last reply, or why there was none.
+    pub last_error: Option<String>,
+    /// Next attempt, seconds since the Unix epoch (`None`: due now, or on hold).
+    pub next_attempt_unix: Option<u64>,
+    /// Next attempt, ISO 8601 UTC.
+    pub next_attempt: Option<String>,
+    /// On hold.
+    pub held: bool,
 }
 
 /// Totals.
@@ -42,16 +80,13 @@ pub struct Stats {
     pub segments: usize,
     /// Age in seconds of the oldest message (0 when empty).
     pub oldest_age_secs: u64,
+    /// Messages on hold.
+    pub held: usize,
 }
 
-/// Reads the queue of `spool`.
+/// Reads the queue of `spool` (which must exist: nothing is created).
 pub fn read(spool: &Path) -> io::Result<(Vec<Queued>, Stats)> {
-    if !spool.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("spool {} does not exist", spool.display()),
-        ));
-    }
+    super::require_existing(spool)?;
     let report = segment::recover(spool, false)?;
     let now = SystemTime::now();
     let mut stats = Stats {
@@ -63,22 +98,36 @@ pub fn read(spool: &Path) -> io::Result<(Vec<Queued>, Stats)> {
         .messages
         .into_iter()
         .map(|m| {
-            let pending: Vec<String> = m
+            let state = m.state;
+            let next = state.next_attempt.filter(|_| !state.held).map(unix_secs);
+            let recipients: Vec<PendingRecipient> = m
                 .pending
                 .iter()
-                .filter_map(|&i| m.message.rcpts.get(i as usize).map(|r| r.to_string()))
+                .filter_map(|&i| m.message.rcpts.get(i as usize))
+                .map(|r| PendingRecipient {
+                    address: r.to_string(),
+                    attempts: state.attempts,
+                    last_error: state.last_reply.clone(),
+                    next_attempt_unix: next,
+                    next_attempt: next.map(iso8601),
+                    held: state.held,
+                })
                 .collect();
+            let arrival_unix = unix_secs(m.message.arrival);
             Queued {
                 id: m.message.id.to_string(),
-                arrival_unix: m
-                    .message
-                    .arrival
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
+                arrival_unix,
+                arrival: iso8601(arrival_unix),
                 from: m.message.from.to_string(),
-                pending,
+                pending: recipients.iter().map(|r| r.address.clone()).collect(),
                 size: m.location.len,
                 segment: m.location.segment.file_name(),
+                held: state.held,
+                attempts: state.attempts,
+                last_error: state.last_reply,
+                next_attempt_unix: next,
+                next_attempt: next.map(iso8601),
+                recipients,
             }
         })
         .collect();
@@ -86,11 +135,120 @@ pub fn read(spool: &Path) -> io::Result<(Vec<Queued>, Stats)> {
     stats.messages = list.len();
     stats.recipients = list.iter().map(|q| q.pending.len()).sum();
     stats.bytes = list.iter().map(|q| q.size).sum();
-    let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    stats.held = list.iter().filter(|q| q.held).count();
+    let now_secs = unix_secs(now);
     stats.oldest_age_secs = list
         .iter()
         .map(|q| now_secs.saturating_sub(q.arrival_unix))
         .max()
         .unwrap_or(0);
     Ok((list, stats))
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Seconds since the Unix epoch as ISO 8601 UTC: `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339).
+pub fn iso8601(unix: u64) -> String {
+    let (date, (h, m, s)) = civil(unix);
+    format!("{date}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`, for people.
+pub fn human_time(unix: u64) -> String {
+    let (date, (h, m, s)) = civil(unix);
+    format!("{date} {h:02}:{m:02}:{s:02} UTC")
+}
+
+/// The proleptic Gregorian date (`YYYY-MM-DD`) and the time of day of a Unix time.
+fn civil(unix: u64) -> (String, (u64, u64, u64)) {
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Shifted to a year that starts on 1 March, so the leap day is the year's last day;
+    // then 400-year eras of 146 097 days, each alike.
+    let z = days + 719_468; // days from 0000-03-01 to 1970-01-01
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (
+        format!("{year:04}-{month:02}-{day:02}"),
+        (secs / 3_600, secs % 3_600 / 60, secs % 60),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_8601_dates() {
+        for (unix, want) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (59, "1970-01-01T00:00:59Z"),
+            (86_399, "1970-01-01T23:59:59Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (951_868_800, "2000-03-01T00:00:00Z"),
+            (1_700_000_000, "2023-11-14T22:13:20Z"),
+            (1_709_164_800, "2024-02-29T00:00:00Z"),
+            (1_735_689_599, "2024-12-31T23:59:59Z"),
+            (1_796_390_180, "2026-12-04T13:16:20Z"),
+            (4_107_542_400, "2100-03-01T00:00:00Z"),
+            (253_402_300_799, "9999-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(iso8601(unix), want, "{unix}");
+        }
+        assert_eq!(human_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
+    }
+
+    /// Day by day over four centuries (leap years, the 100- and 400-year rules), against
+    /// a plain count of month lengths.
+    #[test]
+    fn every_day_follows_the_calendar() {
+        let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let (mut y, mut m, mut d) = (1970u64, 1u64, 1u64);
+        for day in 0..(400 * 366) {
+            let want = format!("{y:04}-{m:02}-{d:02}T00:00:00Z");
+            assert_eq!(iso8601(day * 86_400), want);
+            let len = match m {
+                2 if leap(y) => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            };
+            d += 1;
+            if d > len {
+                (m, d) = (m + 1, 1);
+                if m > 12 {
+                    (y, m) = (y + 1, 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reading_a_spool_that_does_not_exist_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("spool");
+        let err = read(&missing).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("spool {} does not exist", missing.display())
+        );
+        assert!(!missing.exists());
+        // A directory no server has used (no lock file) is no spool either.
+        let err = read(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }

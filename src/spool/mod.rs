@@ -11,8 +11,12 @@
 //!   the last one (held open a little longer under load); only then is `250` sent.
 //! - `lock`: one owner per spool directory.
 //! - [`inspect`]: `queue list|stats`, read-only.
-//! - [`control`]: `queue flush|remove` requests to a running server (files plus SIGUSR1),
-//!   and `remove` on a stopped spool.
+//! - [`control`]: `queue flush|remove|hold|release` requests to a running server (files
+//!   plus SIGUSR1), and `remove|hold|release` on a stopped spool.
+//!
+//! Besides messages and outcomes the segments hold each deferred message's schedule
+//! (attempts, next attempt, last reply) and its hold, so `queue list` shows them and a
+//! restart keeps them ([`DeliveryState`]). No queue command creates a spool.
 //!
 //! A `250 2.0.0 Ok: queued as ID` is a promise: by then the message's record is synced.
 
@@ -41,7 +45,24 @@ use segment::{OpenSegment, Recovered, ShardStore};
 
 use record::MessageRecord;
 pub use record::{RcptOutcome, MAX_PAYLOAD};
-pub use segment::Location;
+pub use segment::{DeliveryState, Location};
+
+/// Checks that `dir` is a spool some server has used (it has a lock file), so that a queue
+/// command never creates one (an error naming the directory otherwise).
+pub(crate) fn require_existing(dir: &Path) -> io::Result<()> {
+    if dir.join("lock").is_file() {
+        return Ok(());
+    }
+    let why = if dir.is_dir() {
+        format!(
+            "spool {} does not exist (the directory has no lock file: no ringrelay server has used it)",
+            dir.display()
+        )
+    } else {
+        format!("spool {} does not exist", dir.display())
+    };
+    Err(io::Error::new(io::ErrorKind::NotFound, why))
+}
 
 /// A message for [`Spool::accept`]: its envelope (taken over by the [`Queued`] it
 /// becomes) and its content (written from where it is, not copied).
@@ -176,9 +197,10 @@ impl SpoolDir {
         &self.dir
     }
 
-    /// Shard `index`'s spool and the recovered messages it is to deliver. Call once per
-    /// shard, on its thread, inside its runtime: it starts the shard's committer task.
-    pub fn shard(&self, index: usize, ab: AbSwitches) -> (Spool, Vec<Queued>) {
+    /// Shard `index`'s spool and the recovered messages it is to deliver, each with what
+    /// its records say of its schedule and hold. Call once per shard, on its thread, inside
+    /// its runtime: it starts the shard's committer task.
+    pub fn shard(&self, index: usize, ab: AbSwitches) -> (Spool, Vec<(Queued, DeliveryState)>) {
         let share = self
             .shares
             .lock()
@@ -199,7 +221,14 @@ impl SpoolDir {
             }
         };
         let recovered = if store.open_segments() > 0 {
-            share.messages.into_iter().map(Queued::from).collect()
+            share
+                .messages
+                .into_iter()
+                .map(|mut r| {
+                    let state = std::mem::take(&mut r.state);
+                    (Queued::from(r), state)
+                })
+                .collect()
         } else {
             Vec::new()
         };
@@ -276,6 +305,30 @@ impl Spool {
                 .record_recipient(&message.location, message.id, index, outcome)
         {
             tracing::warn!(id = %message.id, "cannot record a recipient's outcome: {e}");
+        }
+    }
+
+    /// Records that an attempt left the message's recipients pending: the `attempts` the
+    /// retry schedule has counted, when the next is due, and the last reply. Written only
+    /// when a message is deferred, and not synced on its own: a lost one only means an
+    /// earlier attempt after a crash.
+    pub fn defer(&self, message: &Queued, attempts: u32, next_attempt: SystemTime, reply: &str) {
+        if let Err(e) = self.store.borrow_mut().record_deferral(
+            &message.location,
+            message.id,
+            attempts,
+            next_attempt,
+            reply,
+        ) {
+            tracing::warn!(id = %message.id, "cannot record a deferral: {e}");
+        }
+    }
+
+    /// Records that the message at `location` is on hold (`held`) or released, so a restart
+    /// keeps it so. Not synced on its own, like the outcome records.
+    pub fn set_held(&self, id: QueueId, location: &Location, held: bool) {
+        if let Err(e) = self.store.borrow_mut().record_hold(location, id, held) {
+            tracing::warn!(%id, "cannot record a hold or release: {e}");
         }
     }
 

@@ -10,6 +10,14 @@
 //! - `Recipient`: one recipient's final outcome (delivered, bounced, removed).
 //! - `Finished`: the whole message is done (removed by the operator, or a failed sync
 //!   withdrew it).
+//! - `Deferred`: an attempt left recipients pending: how many attempts the retry schedule
+//!   has counted, when the next one is due, and the last reply (for `queue list`, and so a
+//!   restart keeps the schedule). Written only when a message is deferred, never for one
+//!   delivered at its first attempt.
+//! - `Hold`: the operator put the message on hold, or released it (`queue hold|release`).
+//!
+//! The last two kinds came later: spools written before them read as they always did, and
+//! a later record of a message overrides an earlier one of the same kind.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +36,12 @@ pub const MAX_PAYLOAD: usize = 1 << 31;
 const KIND_MESSAGE: u8 = 1;
 const KIND_RECIPIENT: u8 = 2;
 const KIND_FINISHED: u8 = 3;
+const KIND_DEFERRED: u8 = 4;
+const KIND_HOLD: u8 = 5;
+
+/// The longest last reply a deferral record keeps, in bytes (longer ones are cut at a
+/// character boundary).
+pub const MAX_REPLY_LEN: usize = 512;
 
 /// A recipient's final outcome, as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +89,24 @@ pub enum Record {
     Finished {
         /// Queue ID.
         id: QueueId,
+    },
+    /// An attempt at message `id` left recipients pending.
+    Deferred {
+        /// Queue ID.
+        id: QueueId,
+        /// Attempts the retry schedule has counted so far.
+        attempts: u32,
+        /// When the next attempt is due (whole seconds).
+        next_attempt: SystemTime,
+        /// The last reply, or why there was none (at most [`MAX_REPLY_LEN`] bytes).
+        last_reply: String,
+    },
+    /// Message `id` was put on hold (`held`) or released.
+    Hold {
+        /// Queue ID.
+        id: QueueId,
+        /// On hold from now on, or released.
+        held: bool,
     },
 }
 
@@ -144,11 +176,7 @@ pub fn encode_message_head(out: &mut BytesMut, msg: &MessageRecord<'_>) {
     let from = msg.from.mailbox().map_or("", Mailbox::as_str);
     let start = begin(out, KIND_MESSAGE, head_len - HEADER_LEN, msg.data.len());
     out.put_u128_le(msg.id.as_u128());
-    out.put_u64_le(
-        msg.arrival
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    );
+    out.put_u64_le(unix_secs(msg.arrival));
     put_str(out, from);
     out.put_u8(u8::from(msg.eight_bit));
     out.put_u32_le(msg.rcpts.len() as u32);
@@ -174,6 +202,49 @@ pub fn encode_finished(out: &mut BytesMut, id: QueueId) {
     let start = begin(out, KIND_FINISHED, 16, 0);
     out.put_u128_le(id.as_u128());
     finish(out, start);
+}
+
+/// Appends a deferral record: `attempts` counted so far, the next one due at
+/// `next_attempt`, and the last reply (made one line and cut to [`MAX_REPLY_LEN`] bytes).
+pub fn encode_deferred(
+    out: &mut BytesMut,
+    id: QueueId,
+    attempts: u32,
+    next_attempt: SystemTime,
+    last_reply: &str,
+) {
+    let reply = one_line(last_reply, MAX_REPLY_LEN);
+    let start = begin(out, KIND_DEFERRED, 16 + 4 + 8 + 2 + reply.len(), 0);
+    out.put_u128_le(id.as_u128());
+    out.put_u32_le(attempts);
+    out.put_u64_le(unix_secs(next_attempt));
+    put_str(out, &reply);
+    finish(out, start);
+}
+
+/// Appends a hold record: the message is on hold from now on (`held`), or released.
+pub fn encode_hold(out: &mut BytesMut, id: QueueId, held: bool) {
+    let start = begin(out, KIND_HOLD, 16 + 1, 0);
+    out.put_u128_le(id.as_u128());
+    out.put_u8(u8::from(held));
+    finish(out, start);
+}
+
+/// `text` on one line (control characters become spaces), at most `max` bytes, cut at a
+/// character boundary.
+fn one_line(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Starts a record of `kind` whose payload is `in_out` bytes appended to `out` after this
@@ -256,6 +327,8 @@ pub fn decode(buf: &Bytes) -> Decoded {
         KIND_FINISHED => Reader::new(&payload).u128().map(|v| Record::Finished {
             id: QueueId::from_u128(v),
         }),
+        KIND_DEFERRED => decode_deferred(&payload),
+        KIND_HOLD => decode_hold(&payload),
         _ => None,
     };
     match record {
@@ -276,6 +349,33 @@ fn decode_recipient(payload: &[u8]) -> Option<Record> {
     };
     r.end()?;
     Some(Record::Recipient { id, index, outcome })
+}
+
+fn decode_deferred(payload: &[u8]) -> Option<Record> {
+    let mut r = Reader::new(payload);
+    let id = QueueId::from_u128(r.u128()?);
+    let attempts = r.u32()?;
+    let next_attempt = UNIX_EPOCH + Duration::from_secs(r.u64()?);
+    let last_reply = r.str()?.to_string();
+    r.end()?;
+    Some(Record::Deferred {
+        id,
+        attempts,
+        next_attempt,
+        last_reply,
+    })
+}
+
+fn decode_hold(payload: &[u8]) -> Option<Record> {
+    let mut r = Reader::new(payload);
+    let id = QueueId::from_u128(r.u128()?);
+    let held = match r.u8()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    r.end()?;
+    Some(Record::Hold { id, held })
 }
 
 fn decode_message(payload: Bytes) -> Option<StoredMessage> {
@@ -539,5 +639,121 @@ mod tests {
                 Decoded::Incomplete | Decoded::Corrupt(_) => {}
             }
         }
+    }
+
+    #[test]
+    fn deferral_and_hold_records_round_trip() {
+        let id = IdGenerator::starting_at(2, 7).next_id();
+        let mut out = BytesMut::new();
+        let next = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        encode_deferred(&mut out, id, 3, next, "127.0.0.1: 451 4.3.0 try later");
+        encode_hold(&mut out, id, true);
+        encode_hold(&mut out, id, false);
+        assert_eq!(
+            decode_all(out.freeze()),
+            vec![
+                Record::Deferred {
+                    id,
+                    attempts: 3,
+                    next_attempt: next,
+                    last_reply: "127.0.0.1: 451 4.3.0 try later".into(),
+                },
+                Record::Hold { id, held: true },
+                Record::Hold { id, held: false },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_long_or_multi_line_reply_is_kept_to_one_bounded_line() {
+        let id = QueueId::from_u128(9);
+        // 'é' is two bytes: 511 'x' then 'é' would end at 513, so the cut comes before it.
+        let long = format!("{}é{}", "x".repeat(MAX_REPLY_LEN - 1), "y".repeat(100));
+        for (text, want) in [
+            (
+                "451-first\r\n451 second".to_string(),
+                "451-first  451 second".to_string(),
+            ),
+            (long, "x".repeat(MAX_REPLY_LEN - 1)),
+        ] {
+            let mut out = BytesMut::new();
+            encode_deferred(&mut out, id, 1, UNIX_EPOCH, &text);
+            let Decoded::Record(Record::Deferred { last_reply, .. }, _) = decode(&out.freeze())
+            else {
+                panic!()
+            };
+            assert_eq!(last_reply, want);
+        }
+    }
+
+    /// The layouts of the later record kinds, pinned like the message record's.
+    #[test]
+    fn the_deferral_and_hold_layouts_are_pinned() {
+        let id = QueueId::from_u128(0x0102);
+        let whole = |kind: u8, payload: &[u8]| {
+            let mut kind_and_len = vec![kind, 0, 0, 0];
+            kind_and_len.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&kind_and_len), payload);
+            let mut v = b"1LRR".to_vec();
+            v.extend_from_slice(&kind_and_len);
+            v.extend_from_slice(&crc.to_le_bytes());
+            v.extend_from_slice(payload);
+            v
+        };
+        let mut id_bytes = vec![2, 1];
+        id_bytes.resize(16, 0);
+
+        let mut out = BytesMut::new();
+        encode_deferred(
+            &mut out,
+            id,
+            0x0a0b_0c0d,
+            UNIX_EPOCH + Duration::from_secs(0x1122_3344),
+            "451 x",
+        );
+        let mut payload = id_bytes.clone();
+        payload.extend_from_slice(&0x0a0b_0c0du32.to_le_bytes());
+        payload.extend_from_slice(&0x1122_3344u64.to_le_bytes());
+        payload.extend_from_slice(b"\x05\x00451 x");
+        assert_eq!(&out[..], &whole(4, &payload)[..]);
+
+        for held in [true, false] {
+            let mut out = BytesMut::new();
+            encode_hold(&mut out, id, held);
+            let mut payload = id_bytes.clone();
+            payload.push(u8::from(held));
+            assert_eq!(&out[..], &whole(5, &payload)[..]);
+        }
+    }
+
+    #[test]
+    fn a_damaged_deferral_or_hold_record_is_never_used() {
+        let id = QueueId::from_u128(5);
+        let mut out = BytesMut::new();
+        encode_deferred(&mut out, id, 2, UNIX_EPOCH, "451 later");
+        let deferred_len = out.len();
+        encode_hold(&mut out, id, true);
+        let whole = out.freeze();
+        for (from, to) in [(0, deferred_len), (deferred_len, whole.len())] {
+            let record = whole.slice(from..to);
+            for cut in 0..record.len() {
+                assert!(matches!(decode(&record.slice(..cut)), Decoded::Incomplete));
+            }
+            for i in 0..record.len() {
+                let mut bad = BytesMut::from(&record[..]);
+                bad[i] ^= 0x40;
+                assert!(
+                    !matches!(decode(&bad.freeze()), Decoded::Record(..)),
+                    "flip at {i} of {from}..{to} went unnoticed"
+                );
+            }
+        }
+        // A hold flag other than 0 or 1 is malformed even with a good checksum.
+        let mut bad = BytesMut::new();
+        let start = begin(&mut bad, KIND_HOLD, 17, 0);
+        bad.put_u128_le(5);
+        bad.put_u8(2);
+        finish(&mut bad, start);
+        assert!(matches!(decode(&bad.freeze()), Decoded::Corrupt(_)));
     }
 }

@@ -19,6 +19,7 @@ use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 
@@ -85,6 +86,46 @@ impl Location {
     }
 }
 
+/// What a message's deferral and hold records say about its delivery so far (the latest
+/// of each kind counts).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryState {
+    /// Attempts the retry schedule has counted (0: never deferred).
+    pub attempts: u32,
+    /// When the next attempt is due; `None` when it is due now (never deferred, or
+    /// released from hold since).
+    pub next_attempt: Option<SystemTime>,
+    /// The last attempt's reply, or why it had none.
+    pub last_reply: Option<String>,
+    /// On hold: not to be attempted until released.
+    pub held: bool,
+}
+
+impl DeliveryState {
+    fn apply(&mut self, record: Record) {
+        match record {
+            Record::Deferred {
+                attempts,
+                next_attempt,
+                last_reply,
+                ..
+            } => {
+                self.attempts = attempts;
+                self.next_attempt = Some(next_attempt);
+                self.last_reply = Some(last_reply);
+            }
+            Record::Hold { held, .. } => {
+                self.held = held;
+                if !held {
+                    // Released: due at once, whatever the schedule said.
+                    self.next_attempt = None;
+                }
+            }
+            Record::Message(_) | Record::Recipient { .. } | Record::Finished { .. } => {}
+        }
+    }
+}
+
 /// A message found by recovery that still has recipients to deliver.
 #[derive(Debug, Clone)]
 pub struct Recovered {
@@ -94,6 +135,8 @@ pub struct Recovered {
     pub location: Location,
     /// Recipient indexes not yet finished.
     pub pending: Vec<u32>,
+    /// Attempts, next attempt, last reply, hold.
+    pub state: DeliveryState,
 }
 
 #[derive(Debug)]
@@ -252,6 +295,27 @@ impl ShardStore {
         self.append_small(loc.segment, |buf| {
             record::encode_recipient(buf, id, index, outcome)
         })
+    }
+
+    /// Records that an attempt left the message's recipients pending: `attempts` counted so
+    /// far, the next due at `next_attempt`, and the last reply. Not synced on its own: a
+    /// lost one only means the message is tried at once after a crash.
+    pub fn record_deferral(
+        &mut self,
+        loc: &Location,
+        id: QueueId,
+        attempts: u32,
+        next_attempt: SystemTime,
+        last_reply: &str,
+    ) -> io::Result<()> {
+        self.append_small(loc.segment, |buf| {
+            record::encode_deferred(buf, id, attempts, next_attempt, last_reply)
+        })
+    }
+
+    /// Records that the message is on hold (`held`) or released.
+    pub fn record_hold(&mut self, loc: &Location, id: QueueId, held: bool) -> io::Result<()> {
+        self.append_small(loc.segment, |buf| record::encode_hold(buf, id, held))
     }
 
     /// Records that a message is finished as a whole, and lets its segment go when it was
@@ -507,23 +571,13 @@ fn recover_segment(
         Err(e) if !repair && e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     };
-    // id -> (message, location, finished flags)
-    let mut live: Vec<(StoredMessage, Location, Vec<bool>)> = Vec::new();
+    let mut live: Vec<Found> = Vec::new();
     let mut index: HashMap<QueueId, usize> = HashMap::new();
-    let mut finished: Vec<bool> = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
         match record::decode(&bytes.slice(at..)) {
             Decoded::Record(rec, n) => {
-                apply(
-                    rec,
-                    id,
-                    at as u64,
-                    n as u64,
-                    &mut live,
-                    &mut index,
-                    &mut finished,
-                );
+                apply(rec, id, at as u64, n as u64, &mut live, &mut index);
                 at += n;
             }
             Decoded::Incomplete | Decoded::Corrupt(_) => {
@@ -562,8 +616,15 @@ fn recover_segment(
     }
     let valid_end = at.min(bytes.len()) as u64;
     let mut live_count = 0;
-    for (i, (mut message, location, done)) in live.into_iter().enumerate() {
-        if finished[i] {
+    for Found {
+        mut message,
+        location,
+        done,
+        finished,
+        state,
+    } in live
+    {
+        if finished {
             continue;
         }
         let pending: Vec<u32> = done
@@ -582,6 +643,7 @@ fn recover_segment(
             message,
             location,
             pending,
+            state,
         });
     }
     if live_count == 0 {
@@ -599,40 +661,56 @@ fn recover_segment(
     Ok(())
 }
 
+/// A message recovery has read so far in one segment.
+struct Found {
+    message: StoredMessage,
+    location: Location,
+    /// Per recipient: an outcome is recorded.
+    done: Vec<bool>,
+    /// The message is finished as a whole.
+    finished: bool,
+    state: DeliveryState,
+}
+
 fn apply(
     rec: Record,
     seg: SegmentId,
     offset: u64,
     len: u64,
-    live: &mut Vec<(StoredMessage, Location, Vec<bool>)>,
+    live: &mut Vec<Found>,
     index: &mut HashMap<QueueId, usize>,
-    finished: &mut Vec<bool>,
 ) {
     match rec {
         Record::Message(m) => {
             let n = m.rcpts.len();
             index.insert(m.id, live.len());
-            live.push((
-                m,
-                Location {
+            live.push(Found {
+                message: m,
+                location: Location {
                     segment: seg,
                     offset,
                     len,
                 },
-                vec![false; n],
-            ));
-            finished.push(false);
+                done: vec![false; n],
+                finished: false,
+                state: DeliveryState::default(),
+            });
         }
         Record::Recipient { id, index: i, .. } => {
             if let Some(&k) = index.get(&id) {
-                if let Some(flag) = live[k].2.get_mut(i as usize) {
+                if let Some(flag) = live[k].done.get_mut(i as usize) {
                     *flag = true;
                 }
             }
         }
         Record::Finished { id } => {
             if let Some(&k) = index.get(&id) {
-                finished[k] = true;
+                live[k].finished = true;
+            }
+        }
+        Record::Deferred { id, .. } | Record::Hold { id, .. } => {
+            if let Some(&k) = index.get(&id) {
+                live[k].state.apply(rec);
             }
         }
     }
@@ -937,5 +1015,75 @@ mod tests {
             store.take_sync_targets().dir,
             Some(dir.path().to_path_buf())
         );
+    }
+
+    #[test]
+    fn recovery_keeps_each_message_s_schedule_and_hold() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = IdGenerator::starting_at(0, 17);
+        let mut store = fresh(dir.path());
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let (a, la) = add(&mut store, &mut ids, 1, "a\r\n");
+        let (b, lb) = add(&mut store, &mut ids, 1, "b\r\n");
+        let (c, lc) = add(&mut store, &mut ids, 2, "c\r\n");
+        let (d, _) = add(&mut store, &mut ids, 1, "d\r\n");
+        // a: deferred twice; the later record counts.
+        store.record_deferral(&la, a, 1, t(100), "first").unwrap();
+        store.record_deferral(&la, a, 2, t(400), "second").unwrap();
+        // b: deferred, then put on hold; a deferral after the hold keeps it held.
+        store.record_deferral(&lb, b, 1, t(100), "451 b").unwrap();
+        store.record_hold(&lb, b, true).unwrap();
+        store
+            .record_deferral(&lb, b, 2, t(500), "451 b again")
+            .unwrap();
+        // c: deferred, held, released: due at once, attempts and reply kept.
+        store.record_deferral(&lc, c, 3, t(900), "451 c").unwrap();
+        store.record_hold(&lc, c, true).unwrap();
+        store.record_hold(&lc, c, false).unwrap();
+        store
+            .record_recipient(&lc, c, 0, RcptOutcome::Delivered)
+            .unwrap();
+        drop(store);
+        let (_, report) = reopen(dir.path());
+        let state = |id| {
+            let m = report.messages.iter().find(|m| m.message.id == id).unwrap();
+            m.state.clone()
+        };
+        assert_eq!(
+            state(a),
+            DeliveryState {
+                attempts: 2,
+                next_attempt: Some(t(400)),
+                last_reply: Some("second".into()),
+                held: false,
+            }
+        );
+        assert_eq!(
+            state(b),
+            DeliveryState {
+                attempts: 2,
+                next_attempt: Some(t(500)),
+                last_reply: Some("451 b again".into()),
+                held: true,
+            }
+        );
+        assert_eq!(
+            state(c),
+            DeliveryState {
+                attempts: 3,
+                next_attempt: None,
+                last_reply: Some("451 c".into()),
+                held: false,
+            }
+        );
+        assert_eq!(state(d), DeliveryState::default(), "never deferred");
+        let pending_c = &report
+            .messages
+            .iter()
+            .find(|m| m.message.id == c)
+            .unwrap()
+            .pending;
+        assert_eq!(pending_c, &[1]);
     }
 }
