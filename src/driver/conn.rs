@@ -24,6 +24,7 @@ use super::secure::{self, TlsLayer};
 use super::shard::{OpenGuard, Shard, ShardHooks};
 use super::{ListenerKind, Phase};
 use crate::handler::Handler;
+use crate::observe::log;
 use crate::proxy;
 use crate::smtp::{Reply, Session};
 
@@ -191,9 +192,14 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             continue;
         }
         if let Some(envelope) = session.take_message() {
+            // The delivery log's line for it, made only when that log is on.
+            let accepted = log::enabled().then(|| Accepted::of(&envelope));
             // Boxed (one allocation per message): a handler's future would otherwise
             // size every connection's task, idle ones included.
             let result = Box::pin(shard.handler.on_message(envelope)).await;
+            if let (Some(a), true) = (accepted, result.is_ok()) {
+                a.log(&session);
+            }
             session.message_result(result);
             // Commands pipelined behind the message were waiting in the buffer.
             let used = session.receive(&buf, SystemTime::now(), &mut hooks);
@@ -329,6 +335,43 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     }
     io.close_both();
     shard.pool.give(buf);
+}
+
+/// What the delivery log says of an accepted message, taken before the handler gets it.
+struct Accepted {
+    id: crate::id::QueueId,
+    helo: Arc<str>,
+    ip: std::net::IpAddr,
+    from: String,
+    size: usize,
+    nrcpt: usize,
+}
+
+impl Accepted {
+    fn of(e: &crate::smtp::Envelope) -> Box<Accepted> {
+        Box::new(Accepted {
+            id: e.id,
+            helo: Arc::clone(&e.helo),
+            ip: e.peer.ip().to_canonical(),
+            from: e.from.to_string(),
+            size: e.data.len(),
+            nrcpt: e.to.len(),
+        })
+    }
+
+    fn log(&self, session: &Session) {
+        let tls = session.tls().map(|t| t.version);
+        log::accepted(&log::Accepted {
+            id: self.id,
+            helo: &self.helo,
+            ip: self.ip,
+            from: &self.from,
+            size: self.size,
+            nrcpt: self.nrcpt,
+            tls,
+            user: session.authenticated_user(),
+        });
+    }
 }
 
 /// Longest a balancer may take to send its PROXY header (bounded by the command timeout).

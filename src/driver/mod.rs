@@ -30,8 +30,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Config, IoMode, Spread};
-use crate::observe::metrics::Registry;
 use crate::handler::Handler;
+use crate::observe::metrics::Registry;
 use crate::smtp::SessionConfig;
 use shard::{Shard, ShardSettings};
 
@@ -100,11 +100,7 @@ pub(crate) fn choose_driver(mode: IoMode) -> io::Result<IoDriver> {
 }
 
 /// Binds the listeners and starts one thread per shard.
-pub(crate) fn start<H, F>(
-    config: Config,
-    metrics: Registry,
-    make_handler: F,
-) -> io::Result<Started>
+pub(crate) fn start<H, F>(config: Config, metrics: Registry, make_handler: F) -> io::Result<Started>
 where
     H: Handler,
     F: Fn(usize) -> H + Send + Sync + 'static,

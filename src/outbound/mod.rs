@@ -34,6 +34,31 @@ use route::{HopCache, NextHop, Plan, Routes};
 /// Most addresses tried for one domain in one attempt (Postfix's smtp_mx_address_limit).
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
 
+/// The next hop an attempt ended at: its name, and the address when one was tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopUsed {
+    /// Host name (MX host, route or smarthost), or an address literal.
+    pub host: String,
+    /// The address connected to (or tried last).
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+impl HopUsed {
+    fn named(host: &str) -> Self {
+        HopUsed {
+            host: host.to_string(),
+            addr: None,
+        }
+    }
+
+    fn at(target: &Target) -> Self {
+        HopUsed {
+            host: target.host.clone(),
+            addr: Some(target.addr),
+        }
+    }
+}
+
 /// What the outbound half needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct OutboundConfig {
@@ -192,7 +217,7 @@ impl Outbound {
         domain: &str,
         targets: &[Target],
         outgoing: Outgoing,
-    ) -> (String, Vec<RcptOutcome>) {
+    ) -> (HopUsed, Vec<RcptOutcome>) {
         let n = outgoing.rcpts.len();
         let deferred = |reply: &Reply| -> Vec<RcptOutcome> {
             (0..n)
@@ -210,7 +235,7 @@ impl Outbound {
                         let host = self.smarthost.as_ref().map_or("(smarthost)", NextHop::host);
                         let reply =
                             Reply::new(454, format!("4.7.0 no AUTH to the smarthost: {why}"));
-                        return (host.to_string(), deferred(&reply));
+                        return (HopUsed::named(host), deferred(&reply));
                     }
                 }
             }
@@ -218,7 +243,7 @@ impl Outbound {
         };
         let level = self.tls.level(domain);
         let mut last = (
-            "(none)".to_string(),
+            HopUsed::named("(none)"),
             Reply::new(451, "4.4.1 no address to deliver to"),
         );
         for target in targets.iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
@@ -236,14 +261,14 @@ impl Outbound {
             let mut conn = match checkout {
                 Ok(c) => c,
                 Err(e) => {
-                    last = (target.host.clone(), e.reply);
+                    last = (HopUsed::at(target), e.reply);
                     continue;
                 }
             };
             if conn.client.start(outgoing).is_err() {
                 self.pool.checkin(conn);
                 let reply = Reply::new(451, "4.4.1 connection was not ready");
-                return (target.host.clone(), deferred(&reply));
+                return (HopUsed::at(target), deferred(&reply));
             }
             let timeout = self.pool.reply_timeout();
             let outcomes = loop {
@@ -258,7 +283,7 @@ impl Outbound {
                 }
             };
             self.pool.checkin(conn);
-            return (target.host.clone(), outcomes);
+            return (HopUsed::at(target), outcomes);
         }
         let (host, reply) = last;
         (host, deferred(&reply))

@@ -5,14 +5,15 @@
 //! (bounced to the reverse path: an RFC 3464 report, spooled like any message; never for
 //! `<>`). A message still pending past `delivery.max_queue_age_secs` fails for good too.
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
 use super::queue::{retry_delay, Entry};
 use super::Shard;
-use crate::outbound::dsn;
+use crate::observe::log::{self, Status};
 use crate::outbound::route::Plan;
+use crate::outbound::{dsn, HopUsed};
 use crate::smtp::client::{Outgoing, RcptOutcome as ClientOutcome};
 use crate::smtp::{Mailbox, Reply, ReversePath};
 use crate::spool::{NewMessage, RcptOutcome};
@@ -45,6 +46,7 @@ fn by_domain(rcpts: &[Mailbox], pending: &[u32]) -> Vec<(String, Vec<u32>)> {
 /// One delivery attempt of one message: every pending recipient is delivered, deferred or
 /// failed, and the outcome recorded.
 pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
+    let started = Instant::now();
     let data = match entry.data.take() {
         Some(d) => d,
         None => match shard.spool.read(&entry.msg.location) {
@@ -63,6 +65,9 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
         let targets = match shard.outbound.plan(&domain).await {
             Plan::Targets(t) => t,
             Plan::Fail(reply) => {
+                for &i in &indexes {
+                    report(shard, &entry, i, None, Status::Bounced, &reply, started);
+                }
                 let reason = format!("its domain cannot receive mail ({})", reply.one_line());
                 failed.extend(indexes.iter().map(|&index| Failure {
                     index,
@@ -73,6 +78,9 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
                 continue;
             }
             Plan::Defer(reply) => {
+                for &i in &indexes {
+                    report(shard, &entry, i, None, Status::Deferred, &reply, started);
+                }
                 still_pending.extend(&indexes);
                 last_error = Some(reply.to_string());
                 continue;
@@ -88,9 +96,27 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
             data: data.clone(),
             eight_bit: entry.msg.eight_bit,
         };
-        let (host, outcomes) = shard.outbound.deliver(&domain, &targets, outgoing).await;
+        let (hop, outcomes) = shard.outbound.deliver(&domain, &targets, outgoing).await;
+        let host = &hop.host;
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&index) = indexes.get(k) else { break };
+            let status = match &outcome {
+                ClientOutcome::Delivered(_) => Status::Sent,
+                ClientOutcome::Deferred(_) => Status::Deferred,
+                ClientOutcome::Failed(_) => Status::Bounced,
+            };
+            report(
+                shard,
+                &entry,
+                index,
+                Some(&hop),
+                status,
+                outcome.reply(),
+                started,
+            );
+            if status == Status::Sent {
+                shard.metrics.delivered_to(&domain, 1);
+            }
             match outcome {
                 ClientOutcome::Delivered(_) => {
                     shard
@@ -131,6 +157,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
                     age.as_secs()
                 ),
             );
+            report(shard, &entry, index, None, Status::Expired, &reply, started);
             failed.push(Failure {
                 index,
                 reason: format!("it could not be delivered in time ({})", reply.one_line()),
@@ -159,6 +186,57 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
         entry.data = Some(data);
         reschedule(shard, entry);
     }
+}
+
+/// One recipient's outcome on this attempt: the delivery log's line and the counters.
+fn report(
+    shard: &Shard,
+    entry: &Entry,
+    index: u32,
+    hop: Option<&HopUsed>,
+    status: Status,
+    reply: &Reply,
+    started: Instant,
+) {
+    let m = &shard.metrics;
+    match status {
+        Status::Sent => m.recipients_delivered.inc(),
+        Status::Deferred => m.recipients_deferred.inc(),
+        Status::Bounced | Status::Expired => m.recipients_bounced.inc(),
+    }
+    if hop.is_some() {
+        m.delivery_duration.observe(started.elapsed().as_secs_f64());
+    }
+    if !log::enabled() {
+        return;
+    }
+    let rcpt = entry
+        .msg
+        .rcpts
+        .get(index as usize)
+        .map_or_else(String::new, ToString::to_string);
+    let dsn = match (reply.enhanced_status(), status) {
+        (Some(s), _) => s.to_string(),
+        (None, Status::Sent) => "2.0.0".into(),
+        (None, Status::Deferred) => "4.0.0".into(),
+        (None, _) => "5.0.0".into(),
+    };
+    let line = reply.one_line();
+    log::outcome(&log::Outcome {
+        id: entry.id(),
+        rcpt: &rcpt,
+        relay: log::RelayHost {
+            host: hop.map_or("none", |h| h.host.as_str()),
+            addr: hop.and_then(|h| h.addr),
+        },
+        delay: SystemTime::now()
+            .duration_since(entry.msg.arrival)
+            .unwrap_or_default(),
+        attempts: entry.attempts + 1,
+        dsn: &dsn,
+        status,
+        reply: &line,
+    });
 }
 
 /// Back into the queue, due after the next step of the retry schedule.

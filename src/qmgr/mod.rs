@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use crate::config::{AbSwitches, Config};
 use crate::handler::Handler;
 use crate::id::{IdGenerator, QueueId};
+use crate::observe::metrics::{Registry, Rejection, ShardMetrics};
 use crate::outbound::{Outbound, OutboundConfig};
 use crate::smtp::command::BodyType;
 use crate::smtp::{Envelope, Reply};
@@ -51,6 +52,8 @@ pub struct RelayConfig {
     pub ab: AbSwitches,
     /// This node's number, in the queue IDs of bounces.
     pub node_id: u16,
+    /// Where each shard counts (shard `i` uses `metrics.shard_at(i)`, as the server does).
+    pub metrics: Registry,
 }
 
 impl RelayConfig {
@@ -63,6 +66,7 @@ impl RelayConfig {
             outbound: OutboundConfig::from_config(config),
             ab: config.ab,
             node_id: config.effective_node_id(),
+            metrics: Registry::new(),
         }
     }
 }
@@ -93,7 +97,9 @@ impl RelayService {
     /// The handler for `shard`; call once per shard, on its thread, inside its runtime
     /// (it starts the shard's committer, delivery and control tasks).
     pub fn handler(&self, shard: usize) -> RelayHandler {
-        let (spool, recovered) = self.spool.shard(shard, self.config.ab);
+        let (spool, recovered) =
+            self.spool
+                .shard(shard, self.config.ab, self.config.metrics.shard_at(shard));
         let mut queue = Queue::default();
         for (msg, state) in recovered {
             requeue(&mut queue, msg, state, &self.config.retry_schedule);
@@ -118,6 +124,7 @@ impl RelayService {
             stopping: Cell::new(false),
             delivered: Notify::new(),
             bounce_ids: RefCell::new(IdGenerator::for_node(self.config.node_id, shard | 0x80)),
+            metrics: self.config.metrics.shard_at(shard),
         });
         tokio::task::spawn_local(worker::run(Rc::clone(&shard)));
         let answering = Rc::clone(&shard);
@@ -146,6 +153,8 @@ pub(crate) struct Shard {
     /// IDs for bounces: a generator apart from the sessions' (shard number + 128, so the
     /// two never make the same ID).
     bounce_ids: RefCell<IdGenerator>,
+    /// This shard's counters.
+    metrics: Arc<ShardMetrics>,
 }
 
 impl Shard {
@@ -278,6 +287,7 @@ impl Handler for RelayHandler {
             })
             .await;
         let msg = accepted.map_err(|e| {
+            shard.metrics.reject(Rejection::Spool);
             tracing::warn!(shard = shard.index, "{e}; answering 451");
             Reply::local_error(match e {
                 AcceptError::Write(_) => "cannot write to the spool; try again later",
@@ -287,6 +297,7 @@ impl Handler for RelayHandler {
         // A long ready queue (a slow next hop) must not pin every message in memory: past
         // this many, content is read back from the spool when its turn comes.
         let keep_in_memory = shard.queue.borrow().ready_len() < MAX_READY_IN_MEMORY;
+        shard.metrics.messages_received.inc();
         shard.enqueue(Entry::new(msg, keep_in_memory.then_some(envelope.data)));
         Ok(())
     }

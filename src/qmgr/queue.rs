@@ -229,6 +229,16 @@ impl Queue {
         self.delivering.contains_key(&id)
     }
 
+    /// When the oldest waiting message arrived (unix seconds): for the metrics, once a
+    /// second (it looks at every entry).
+    pub fn oldest_arrival_unix(&self) -> Option<u64> {
+        self.entries
+            .values()
+            .filter_map(|e| e.msg.arrival.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .min()
+    }
+
     /// Messages ready now.
     pub fn ready_len(&self) -> usize {
         self.ready.len()

@@ -32,6 +32,9 @@ pub(crate) async fn run(shard: Rc<Shard>) {
             _ = tidy.tick() => {
                 shard.outbound.tidy();
                 shard.spool.tidy();
+                let queue = shard.queue.borrow();
+                shard.metrics.queue_messages.set((queue.len() + shard.in_flight.get()) as u64);
+                shard.metrics.oldest_queued_unix.set(queue.oldest_arrival_unix().unwrap_or(0));
             }
         }
     }

@@ -40,11 +40,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
 use super::segment::ShardStore;
+use crate::observe::metrics::ShardMetrics;
 
 /// Counters of the committer (for logs and the benches).
 #[derive(Debug, Default, Clone, Copy)]
@@ -136,6 +138,8 @@ pub struct GroupCommit {
     /// Hold syncs open for the adaptive window (`RINGRELAY_COMMIT_WINDOW=on`).
     windowed: bool,
     stats: Cell<CommitStats>,
+    /// The shard's counters (sync latency, batch sizes), when it has any.
+    metrics: Option<Arc<ShardMetrics>>,
 }
 
 impl GroupCommit {
@@ -149,7 +153,22 @@ impl GroupCommit {
             one_by_one,
             windowed,
             stats: Cell::new(CommitStats::default()),
+            metrics: None,
         })
+    }
+
+    /// The same, counting its syncs into `metrics`.
+    pub fn with_metrics(
+        store: Rc<RefCell<ShardStore>>,
+        one_by_one: bool,
+        windowed: bool,
+        metrics: Arc<ShardMetrics>,
+    ) -> Rc<Self> {
+        let mut commit = Self::new(store, one_by_one, windowed);
+        if let Some(c) = Rc::get_mut(&mut commit) {
+            c.metrics = Some(metrics);
+        }
+        commit
     }
 
     /// Waits until everything appended so far is durable. Call right after appending.
@@ -209,6 +228,12 @@ impl GroupCommit {
                 waiters.extend(std::mem::take(&mut *self.waiting.borrow_mut()));
             }
             self.count(waiters.len() as u64, result.is_err(), took);
+            if !took.is_zero() {
+                if let Some(m) = &self.metrics {
+                    m.spool_sync_duration.observe(took.as_secs_f64());
+                    m.commit_batch.observe(waiters.len() as f64);
+                }
+            }
             for w in waiters {
                 let _ = w.send(result.clone());
             }

@@ -31,13 +31,14 @@ use std::cell::RefCell;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use crate::config::AbSwitches;
 use crate::id::QueueId;
+use crate::observe::metrics::ShardMetrics;
 use crate::smtp::{Mailbox, ReversePath};
 use commit::GroupCommit;
 use lock::SpoolLock;
@@ -200,7 +201,12 @@ impl SpoolDir {
     /// Shard `index`'s spool and the recovered messages it is to deliver, each with what
     /// its records say of its schedule and hold. Call once per shard, on its thread, inside
     /// its runtime: it starts the shard's committer task.
-    pub fn shard(&self, index: usize, ab: AbSwitches) -> (Spool, Vec<(Queued, DeliveryState)>) {
+    pub fn shard(
+        &self,
+        index: usize,
+        ab: AbSwitches,
+        metrics: Arc<ShardMetrics>,
+    ) -> (Spool, Vec<(Queued, DeliveryState)>) {
         let share = self
             .shares
             .lock()
@@ -233,7 +239,12 @@ impl SpoolDir {
             Vec::new()
         };
         let store = Rc::new(RefCell::new(store));
-        let commit = GroupCommit::new(Rc::clone(&store), ab.one_sync_per_message, ab.commit_window);
+        let commit = GroupCommit::with_metrics(
+            Rc::clone(&store),
+            ab.one_sync_per_message,
+            ab.commit_window,
+            metrics,
+        );
         tokio::task::spawn_local(Rc::clone(&commit).run());
         let spool = Spool {
             index,
