@@ -1,6 +1,7 @@
 //! `loadgen`: SMTP load generator (`send`) and verifying sink (`sink`). This file owns the
 //! entry point: argument parsing, the one-line error convention and the exit codes.
 
+mod base64;
 mod cli;
 mod data_scan;
 mod ids;
