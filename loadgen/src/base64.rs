@@ -41,7 +41,7 @@ fn value(c: u8) -> Option<u32> {
 /// character, or any character outside the alphabet is an error naming what is wrong.
 pub fn decode(text: &str) -> Result<Vec<u8>, String> {
     let s = text.as_bytes();
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return Err(format!(
             "length {} is not a multiple of 4 (base64 with padding)",
             s.len()
