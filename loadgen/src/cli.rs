@@ -1,4 +1,4 @@
-//! Command-line definitions for `loadgen send` and `loadgen sink`. The flag names listed in
+//! Command-line definitions for `loadgen send`, `loadgen sink` and `loadgen merge`. The flag names listed in
 //! the README are a contract: tests outside this repository drive them.
 
 use crate::message::SizeRange;
@@ -23,6 +23,9 @@ pub enum Cmd {
     Send(SendArgs),
     /// Run an SMTP sink that verifies and counts what loadgen sent.
     Sink(SinkArgs),
+    /// Combine the --json reports of send runs made at the same time (say, from several
+    /// machines) into one report, percentiles from all samples.
+    Merge(MergeArgs),
 }
 
 fn size_range(s: &str) -> Result<SizeRange, String> {
@@ -176,4 +179,14 @@ pub struct SinkArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    /// Reports written by `loadgen send --json`.
+    #[arg(value_name = "REPORT", required = true)]
+    pub reports: Vec<PathBuf>,
+    /// Write the merged report as JSON to FILE (a send report, so it can be merged again).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
