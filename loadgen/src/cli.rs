@@ -130,6 +130,13 @@ pub struct SendArgs {
     /// Authenticate every connection with AUTH PLAIN (after TLS with --starttls).
     #[arg(long, value_name = "USER:PASS")]
     pub auth: Option<String>,
+    /// Bind every connection to this local address (e.g. 127.0.0.2).
+    #[arg(long, value_name = "IP", conflicts_with = "source_range")]
+    pub source_addr: Option<String>,
+    /// Spread connections round-robin over the addresses of this range, e.g. 127.0.0.0/24
+    /// (IPv4 network and broadcast addresses left out; at most 65536 addresses).
+    #[arg(long, value_name = "CIDR")]
+    pub source_range: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -14,6 +14,7 @@ mod send;
 mod sink;
 mod smtp_client;
 mod smtp_server;
+mod source;
 mod tls;
 
 use clap::Parser;

@@ -179,6 +179,8 @@ fn config(inputs: &[Input]) -> SendConfigReport {
         starttls: c().any(|c| c.starttls),
         tls_verify: c().any(|c| c.tls_verify),
         auth_user: names(|c| c.auth_user.as_deref()),
+        source_addr: names(|c| c.source_addr.as_deref()),
+        source_range: names(|c| c.source_range.as_deref()),
     }
 }
 
@@ -329,6 +331,8 @@ mod tests {
                 starttls: false,
                 tls_verify: false,
                 auth_user: None,
+                source_addr: None,
+                source_range: None,
             },
             Duration::from_secs_f64(elapsed),
             None,

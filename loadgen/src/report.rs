@@ -306,6 +306,11 @@ pub struct SendConfigReport {
     /// Certificates checked (`--tls-verify` or `--tls-ca`).
     pub tls_verify: bool,
     pub auth_user: Option<String>,
+    /// `--source-addr` and `--source-range`, as given.
+    #[serde(default)]
+    pub source_addr: Option<String>,
+    #[serde(default)]
+    pub source_range: Option<String>,
 }
 
 /// AUTH results of a `send --auth` run.
