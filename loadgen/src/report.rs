@@ -46,7 +46,7 @@ impl Latency {
         let _ = self.0.add(&o.0);
     }
 
-    /// The histogram in HDR's V2 encoding (the one HdrHistogram in Java, Go and C reads),
+    /// The histogram in HDR's V2 encoding (the one HdrHistogram implementations share),
     /// uncompressed, as base64 text: lossless, so that runs can be merged later.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
