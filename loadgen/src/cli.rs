@@ -1,4 +1,4 @@
-//! Command-line definitions for `loadgen send` and `loadgen sink`. The flag names listed in
+//! Command-line definitions for `loadgen send`, `loadgen sink` and `loadgen merge`. The flag names listed in
 //! the README are a contract: tests outside this repository drive them.
 
 use crate::message::SizeRange;
@@ -23,6 +23,9 @@ pub enum Cmd {
     Send(SendArgs),
     /// Run an SMTP sink that verifies and counts what loadgen sent.
     Sink(SinkArgs),
+    /// Combine the --json reports of send runs made at the same time (say, from several
+    /// machines) into one report, percentiles from all samples.
+    Merge(MergeArgs),
 }
 
 fn size_range(s: &str) -> Result<SizeRange, String> {
@@ -127,6 +130,13 @@ pub struct SendArgs {
     /// Authenticate every connection with AUTH PLAIN (after TLS with --starttls).
     #[arg(long, value_name = "USER:PASS")]
     pub auth: Option<String>,
+    /// Bind every connection to this local address (e.g. 127.0.0.2).
+    #[arg(long, value_name = "IP", conflicts_with = "source_range")]
+    pub source_addr: Option<String>,
+    /// Spread connections round-robin over the addresses of this range, e.g. 127.0.0.0/24
+    /// (IPv4 network and broadcast addresses left out; at most 65536 addresses).
+    #[arg(long, value_name = "CIDR")]
+    pub source_range: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -176,4 +186,14 @@ pub struct SinkArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    /// Reports written by `loadgen send --json`.
+    #[arg(value_name = "REPORT", required = true)]
+    pub reports: Vec<PathBuf>,
+    /// Write the merged report as JSON to FILE (a send report, so it can be merged again).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }

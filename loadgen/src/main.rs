@@ -1,16 +1,20 @@
-//! `loadgen`: SMTP load generator (`send`) and verifying sink (`sink`). This file owns the
-//! entry point: argument parsing, the one-line error convention and the exit codes.
+//! `loadgen`: SMTP load generator (`send`), verifying sink (`sink`) and the combiner of send
+//! reports from several machines (`merge`). This file owns the entry point: argument
+//! parsing, the one-line error convention and the exit codes.
 
+mod base64;
 mod cli;
 mod data_scan;
 mod ids;
 mod manifest;
+mod merge;
 mod message;
 mod report;
 mod send;
 mod sink;
 mod smtp_client;
 mod smtp_server;
+mod source;
 mod tls;
 
 use clap::Parser;
@@ -84,20 +88,26 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            // clap's message spans several lines (usage, hints); keep only the reason.
+            // clap's message spans several lines (usage, hints); keep only the reason, with
+            // the indented lines that complete it ("not provided:\n  <REPORT>...").
             let text = e.render().to_string();
-            let first = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("loadgen: {first} (see --help)");
+            let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+            let first = lines.next().unwrap_or("invalid arguments");
+            let mut reason = first.strip_prefix("error: ").unwrap_or(first).to_string();
+            if reason.ends_with(':') {
+                for l in lines.take_while(|l| l.starts_with("  ")) {
+                    reason.push(' ');
+                    reason.push_str(l.trim());
+                }
+            }
+            eprintln!("loadgen: {reason} (see --help)");
             std::process::exit(EXIT_USAGE);
         }
     };
     let r = match cli.cmd {
         cli::Cmd::Send(a) => send::run(a),
         cli::Cmd::Sink(a) => sink::run(a),
+        cli::Cmd::Merge(a) => merge::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

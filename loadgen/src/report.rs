@@ -1,8 +1,10 @@
-//! Statistics and reports: HDR latency histograms, the counters `send` and `sink` keep per
-//! thread (merged at the end), their `--json` documents and the human summaries.
+//! Statistics and reports: HDR latency histograms (and their text form in `send --json`), the
+//! counters `send` and `sink` keep per thread (merged at the end), their `--json` documents
+//! and the human summaries.
 
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -11,9 +13,17 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct Latency(Histogram<u64>);
 
+/// The highest latency a default `Latency` records, µs: one hour.
+const LATENCY_MAX: u64 = 3_600_000_000;
+
+/// HDR histogram V2 encoding (uncompressed): the cookie, and the header before the counts
+/// (cookie, payload length, normalizing offset, significant digits, lowest, highest, ratio).
+const V2_COOKIE: u32 = 0x1c84_9313;
+const V2_HEADER: usize = 40;
+
 impl Default for Latency {
     fn default() -> Self {
-        Latency::new(3_600_000_000)
+        Latency::new(LATENCY_MAX)
     }
 }
 
@@ -34,6 +44,55 @@ impl Latency {
     pub fn merge(&mut self, o: &Latency) {
         // Same bounds on both sides, so adding cannot fail; ignore the impossible error.
         let _ = self.0.add(&o.0);
+    }
+
+    /// The histogram in HDR's V2 encoding (the one HdrHistogram implementations share),
+    /// uncompressed, as base64 text: lossless, so that runs can be merged later.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Into a Vec, with u64 counts far below i64::MAX: this cannot fail.
+        V2Serializer::new()
+            .serialize(&self.0, &mut buf)
+            .expect("V2 encoding into memory");
+        crate::base64::encode(&buf)
+    }
+
+    /// Reads what `encode` wrote into a default (1 µs to 1 hour) histogram. The header is
+    /// checked before anything is allocated, so a hostile file cannot make us reserve
+    /// gigabytes: one uncompressed V2 histogram, nothing after it, bounds within ours.
+    pub fn decode(text: &str) -> Result<Latency, String> {
+        let b = crate::base64::decode(text).map_err(|e| format!("not base64: {e}"))?;
+        let be32 = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let be64 = |i: usize| (u64::from(be32(i)) << 32) | u64::from(be32(i + 4));
+        if b.len() < V2_HEADER || be32(0) != V2_COOKIE {
+            return Err("not an uncompressed HDR histogram (V2)".into());
+        }
+        if be32(4) as usize != b.len() - V2_HEADER {
+            return Err(format!(
+                "HDR histogram says {} bytes of counts but holds {}",
+                be32(4),
+                b.len() - V2_HEADER
+            ));
+        }
+        let (low, high) = (be64(16), be64(24));
+        if low == 0 || low > high || high > LATENCY_MAX || be32(12) > 5 {
+            return Err(format!(
+                "HDR histogram bounds {low}..{high} with {} digits are not loadgen's",
+                be32(12)
+            ));
+        }
+        let h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut &b[..])
+            .map_err(|e| format!("bad HDR histogram: {e}"))?;
+        let mut l = Latency::default();
+        l.0.add(&h)
+            .map_err(|_| "HDR histogram values out of range".to_string())?;
+        Ok(l)
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> u64 {
+        self.0.len()
     }
 
     pub fn summary(&self) -> LatencySummary {
@@ -63,7 +122,7 @@ impl Latency {
 }
 
 /// Percentiles of one histogram; values in the unit the field name says (µs for latencies).
-#[derive(Serialize, Clone, Copy, Debug, Default)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default)]
 pub struct LatencySummary {
     pub count: u64,
     pub min: u64,
@@ -76,7 +135,7 @@ pub struct LatencySummary {
 }
 
 /// Ways a send transaction or connection attempt can fail, as opposed to being rejected.
-#[derive(Serialize, Clone, Copy, Debug, Default)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default)]
 pub struct ErrorCounts {
     /// TCP connect failed or timed out.
     pub connect: u64,
@@ -230,7 +289,7 @@ impl SendStats {
     }
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct SendConfigReport {
     pub connections: usize,
     pub threads: usize,
@@ -247,10 +306,15 @@ pub struct SendConfigReport {
     /// Certificates checked (`--tls-verify` or `--tls-ca`).
     pub tls_verify: bool,
     pub auth_user: Option<String>,
+    /// `--source-addr` and `--source-range`, as given.
+    #[serde(default)]
+    pub source_addr: Option<String>,
+    #[serde(default)]
+    pub source_range: Option<String>,
 }
 
 /// AUTH results of a `send --auth` run.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct AuthReport {
     /// Connections that got 235.
     pub succeeded: u64,
@@ -258,7 +322,7 @@ pub struct AuthReport {
     pub failed: u64,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct SendMessages {
     pub sent: u64,
     pub accepted: u64,
@@ -268,14 +332,14 @@ pub struct SendMessages {
     pub errors: u64,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct SendConnections {
     pub opened: u64,
     pub failed: u64,
     pub without_pipelining: u64,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct Recipients {
     pub accepted: u64,
     pub rejected: u64,
@@ -297,7 +361,7 @@ pub struct SendLatency {
     pub end_of_data: LatencySummary,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct Schedule {
     pub rate: f64,
     /// Messages the schedule asked for.
@@ -312,7 +376,7 @@ pub struct Schedule {
     pub behind_at_end_ms: f64,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct ManifestInfo {
     pub file: String,
     pub entries: u64,
@@ -344,6 +408,66 @@ pub struct SendReport {
     pub tls: Option<TlsReport>,
     /// Present with `--auth`.
     pub auth: Option<AuthReport>,
+    /// Present in the output of `loadgen merge`: the reports that went into it.
+    pub merged_from: Option<Vec<MergedInput>>,
+    /// Every histogram behind the summaries above, for `loadgen merge`.
+    pub histograms: SendHistograms,
+}
+
+/// The histograms of a send run, each `Latency::encode`d (HDR V2, base64), all in µs.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct SendHistograms {
+    pub connect_us: String,
+    pub banner_us: String,
+    pub transaction_us: String,
+    pub end_of_data_us: String,
+    /// Start lag against the schedule (`--rate`); empty in closed loop.
+    pub lag_us: String,
+    /// STARTTLS handshakes; empty without `--starttls`.
+    pub tls_handshake_us: String,
+}
+
+impl SendHistograms {
+    fn encode(s: &SendStats) -> SendHistograms {
+        SendHistograms {
+            connect_us: s.connect.encode(),
+            banner_us: s.banner.encode(),
+            transaction_us: s.txn.encode(),
+            end_of_data_us: s.end_of_data.encode(),
+            lag_us: s.lag.encode(),
+            tls_handshake_us: s.tls_handshake.encode(),
+        }
+    }
+
+    /// Decodes every histogram into `s`; an error names the histogram.
+    pub fn decode_into(&self, s: &mut SendStats) -> Result<(), String> {
+        for (name, text, into) in [
+            ("connect_us", &self.connect_us, &mut s.connect),
+            ("banner_us", &self.banner_us, &mut s.banner),
+            ("transaction_us", &self.transaction_us, &mut s.txn),
+            ("end_of_data_us", &self.end_of_data_us, &mut s.end_of_data),
+            ("lag_us", &self.lag_us, &mut s.lag),
+            (
+                "tls_handshake_us",
+                &self.tls_handshake_us,
+                &mut s.tls_handshake,
+            ),
+        ] {
+            *into = Latency::decode(text).map_err(|e| format!("histograms.{name}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One report that went into a `loadgen merge`.
+#[derive(Serialize, Debug)]
+pub struct MergedInput {
+    pub file: String,
+    pub run_id: String,
+    pub target: String,
+    pub stop_reason: String,
+    pub elapsed_s: f64,
+    pub accepted: u64,
 }
 
 fn per_s(n: u64, secs: f64) -> f64 {
@@ -434,6 +558,8 @@ impl SendReport {
             config,
             schedule,
             manifest,
+            merged_from: None,
+            histograms: SendHistograms::encode(s),
         }
     }
 
@@ -648,7 +774,7 @@ pub struct Faults {
 }
 
 /// TLS sessions of a run (`send --starttls`, or a sink with a certificate).
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Deserialize, Debug)]
 pub struct TlsReport {
     /// Handshakes completed.
     pub sessions: u64,

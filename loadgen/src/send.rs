@@ -8,6 +8,7 @@ use crate::manifest::ManifestWriter;
 use crate::message::{rfc5322_date, MessageBuilder, MessageSpec, MsgId};
 use crate::report::{ManifestInfo, Schedule, SendConfigReport, SendReport, SendStats};
 use crate::smtp_client::{auth_plain_blob, ClientError, RcptTally, SmtpClient, TxnResult};
+use crate::source::Sources;
 use crate::Failure;
 use std::cell::RefCell;
 use std::io::IsTerminal;
@@ -195,6 +196,8 @@ struct Cfg {
     tls: Option<(TlsConnector, rustls::pki_types::ServerName<'static>)>,
     /// `--auth`: the AUTH PLAIN initial response.
     auth: Option<String>,
+    /// `--source-addr`/`--source-range`: the local addresses to connect from.
+    source: Option<Sources>,
 }
 
 fn count_error(s: &mut SendStats, e: &ClientError) {
@@ -264,16 +267,19 @@ enum Opened {
 /// Opens a connection and gets it to the point where a transaction can start.
 async fn open(cfg: &Cfg, stats: &RefCell<SendStats>) -> Result<Opened, OpenFailure> {
     let t = Instant::now();
-    let stream = match timeout(cfg.timeout, TcpStream::connect(cfg.addr)).await {
+    // Plain and STARTTLS connections alike start here, from the next source address if any.
+    let local = cfg.source.as_ref().map(Sources::next);
+    let stream = match timeout(cfg.timeout, crate::source::connect(cfg.addr, local)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".to_string()),
     };
     let stream = stream.map_err(|e| {
         stats.borrow_mut().errors.connect += 1;
+        let from = local.map(|ip| format!(" from {ip}")).unwrap_or_default();
         OpenFailure {
             reason: format!("connect: {e}"),
-            message: format!("cannot connect to {}: {e}", cfg.target),
+            message: format!("cannot connect to {}{from}: {e}", cfg.target),
         }
     })?;
     let connected = Instant::now();
@@ -672,12 +678,40 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
             a.target
         )));
     }
-    let addr = a
+    let source = match (&a.source_addr, &a.source_range) {
+        (Some(ip), _) => Some(Sources::single(ip).map_err(Failure::Usage)?),
+        (None, Some(cidr)) => Some(Sources::range(cidr).map_err(Failure::Usage)?),
+        (None, None) => None,
+    };
+    let mut addrs = a
         .target
         .to_socket_addrs()
         .map_err(|e| Failure::Runtime(format!("cannot resolve --target '{}': {e}", a.target)))?
-        .next()
-        .ok_or_else(|| Failure::Runtime(format!("cannot resolve --target '{}'", a.target)))?;
+        .peekable();
+    if addrs.peek().is_none() {
+        return Err(Failure::Runtime(format!(
+            "cannot resolve --target '{}'",
+            a.target
+        )));
+    }
+    // With source addresses, the first target address of their family.
+    let addr = match &source {
+        None => addrs.next(),
+        Some(s) => addrs.find(|t| t.is_ipv4() == s.is_ipv4()),
+    }
+    .ok_or_else(|| {
+        let family = |v4| if v4 { "IPv4" } else { "IPv6" };
+        let v4 = source.as_ref().is_some_and(Sources::is_ipv4);
+        Failure::Usage(format!(
+            "the source addresses are {} but --target '{}' has no {} address",
+            family(v4),
+            a.target,
+            family(v4)
+        ))
+    })?;
+    if let Some(s) = &source {
+        s.check().map_err(Failure::Usage)?;
+    }
     let domains: Vec<String> = a
         .domains
         .iter()
@@ -758,6 +792,7 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
         new_conn: a.new_connection_per_message,
         tls,
         auth: auth.as_ref().map(|(_, blob)| blob.clone()),
+        source,
         spec: MessageSpec {
             run,
             from: a.from.clone(),
@@ -900,6 +935,8 @@ pub fn run(a: SendArgs) -> Result<i32, Failure> {
             starttls: a.starttls,
             tls_verify: a.tls_verify || a.tls_ca.is_some(),
             auth_user: auth.map(|(user, _)| user),
+            source_addr: a.source_addr.clone(),
+            source_range: a.source_range.clone(),
         },
         elapsed,
         schedule,

@@ -1,14 +1,15 @@
 //! Helpers shared by the integration tests: running `loadgen send`/`sink` as child processes
-//! with hard time limits, reading the sink's bound address, JSON reports and scratch dirs.
+//! with hard time limits, reading the sink's bound address, JSON reports and scratch dirs; a
+//! scriptable fake SMTP server and a TCP balancer, both recording client addresses.
 #![allow(dead_code)]
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
@@ -240,6 +241,8 @@ pub struct FakeCounts {
     pub messages: AtomicU64,
     pub auth_ok: AtomicU64,
     pub auth_failed: AtomicU64,
+    /// The client address of every connection, in order of arrival.
+    pub peers: Mutex<Vec<IpAddr>>,
 }
 
 /// A tiny SMTP server on a thread per connection, for the cases the sink does not cover:
@@ -256,13 +259,16 @@ impl FakeSmtp {
         refuse: impl Fn(u64, u64) -> Option<String> + Send + 'static,
         auth: Option<&'static str>,
     ) -> FakeSmtp {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let counts = Arc::new(FakeCounts::default());
         let c = counts.clone();
         std::thread::spawn(move || {
             for s in l.incoming() {
                 let Ok(s) = s else { continue };
+                if let Ok(peer) = s.peer_addr() {
+                    c.peers.lock().unwrap().push(peer.ip());
+                }
                 let n = c.connections.fetch_add(1, Relaxed);
                 if let Some(reply) = refuse(n, c.open.load(Relaxed)) {
                     c.refused.fetch_add(1, Relaxed);
@@ -284,6 +290,75 @@ impl FakeSmtp {
     pub fn count(&self, f: impl Fn(&FakeCounts) -> &AtomicU64) -> u64 {
         f(&self.counts).load(Relaxed)
     }
+
+    /// The client addresses seen so far.
+    pub fn peers(&self) -> Vec<IpAddr> {
+        self.counts.peers.lock().unwrap().clone()
+    }
+}
+
+/// A TCP balancer in the manner of HAProxy's `mode tcp`, on a thread per direction of every
+/// connection: connection n goes to backend n mod k, or to the next backend that accepts if
+/// that one refuses. When either side of a connection ends, both are closed, as a balancer
+/// does when the node behind it dies. Runs until the test process exits.
+pub struct Balancer {
+    pub addr: String,
+    /// Client address of every connection accepted.
+    pub peers: Arc<Mutex<Vec<IpAddr>>>,
+    /// Connections handed to each backend.
+    pub per_backend: Arc<Vec<AtomicU64>>,
+}
+
+impl Balancer {
+    pub fn start(backends: Vec<SocketAddr>) -> Balancer {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let per_backend: Arc<Vec<AtomicU64>> =
+            Arc::new(backends.iter().map(|_| AtomicU64::new(0)).collect());
+        let (p, pb) = (peers.clone(), per_backend.clone());
+        std::thread::spawn(move || {
+            for (n, client) in l.incoming().enumerate() {
+                let Ok(client) = client else { continue };
+                if let Ok(peer) = client.peer_addr() {
+                    p.lock().unwrap().push(peer.ip());
+                }
+                let k = backends.len();
+                let backend = (0..k).map(|i| (n + i) % k).find_map(|b| {
+                    let s = TcpStream::connect(backends[b]).ok()?;
+                    pb[b].fetch_add(1, Relaxed);
+                    Some(s)
+                });
+                // No backend: close the client at once, as HAProxy does.
+                let Some(backend) = backend else { continue };
+                let (Ok(c2), Ok(b2)) = (client.try_clone(), backend.try_clone()) else {
+                    continue;
+                };
+                std::thread::spawn(move || pipe(client, backend));
+                std::thread::spawn(move || pipe(b2, c2));
+            }
+        });
+        Balancer {
+            addr,
+            peers,
+            per_backend,
+        }
+    }
+
+    pub fn peers(&self) -> Vec<IpAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+
+    pub fn connections_to(&self, backend: usize) -> u64 {
+        self.per_backend[backend].load(Relaxed)
+    }
+}
+
+/// Copies one direction until it ends, then closes both sockets both ways.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 fn fake_session(s: std::net::TcpStream, auth: Option<&str>, c: &FakeCounts) -> std::io::Result<()> {
