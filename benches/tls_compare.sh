@@ -44,6 +44,8 @@
 #   env CONNS (50), SIZE (1024), PF_PLAIN (1), HS_N (500), HS_ROUNDS (2), HS_COLD (100),
 #       HS_WARM (200), NEWCONN_MSGS (5000), IDLE_N (10000), IDLE_IO ("uring epoll"),
 #       IDLE_REPS (1), KEY ("rsa:2048", or "ec" for P-256), SKIP_BUILD=1, QBASE (/var/tmp),
+#       SECTIONS ("1 2 3": which parts run), PF (1; 0 leaves Postfix out of part 1, e.g.
+#       `PF=0 SECTIONS=1 benches/tls_compare.sh 7` for more reps of ringrelay's A/B alone),
 #       ports RR_PORT (2650) SINK_PORT (2651) IDLE_PORT (2652) PF_PORT (2654),
 #       DRAIN_TIMEOUT (300 s)
 # Needs root (cgroups, a private Postfix), postfix 3.7, openssl, python3, jq.
@@ -59,7 +61,11 @@ MSGS_PF=${2:-5000}
 MSGS_RR=${3:-30000}
 CONNS=${CONNS:-50}
 SIZE=${SIZE:-1024}
+PF=${PF:-1}
 PF_PLAIN=${PF_PLAIN:-1}
+[ "$PF" = 1 ] || PF_PLAIN=0
+SECTIONS=${SECTIONS:-1 2 3}
+on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 HS_N=${HS_N:-500}
 HS_ROUNDS=${HS_ROUNDS:-2}
 HS_COLD=${HS_COLD:-100}
@@ -352,6 +358,7 @@ run() {
 echo "# tls_compare on $(hostname) ($(nproc) vCPUs), $(date -u +%Y-%m-%dT%H:%M:%SZ), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# ringrelay $(git rev-parse --short HEAD) ($(git status --porcelain -- src loadgen Cargo.toml Cargo.lock | wc -l) files in src/, loadgen/ or Cargo.* differ from it), binary built $(date -u -r "$RR" +%H:%M:%SZ)"
 echo "# postfix $(postconf -d -h mail_version), $(openssl version | cut -d' ' -f1-2), key $KEY, ${SIZE} B messages, $CONNS connections, spool/queue under $QBASE ($(df --output=fstype "$QBASE" | tail -1))"
+if on 1; then
 echo
 echo "## 1. relays, $REPS reps interleaved: Postfix $MSGS_PF msgs per run, ringrelay $MSGS_RR"
 echo "# delivered/s: msgs / (send start -> sink has all); cpu: the relay's cgroup; RSS/PSS: peak of its processes' sum"
@@ -361,7 +368,7 @@ printf "%-17s %6s %9s %9s %9s %7s %7s %5s %7s %7s %9s %9s %6s\n" variant msgs "a
 : >"$WORK/runs"
 RRV=(rr-tls rr-plain rr-plain-tlsconf)
 for rep in $(seq 1 "$REPS"); do
-    run pf-tls
+    [ "$PF" = 1 ] && run pf-tls
     # ringrelay's variants in a rotated order each rep, so none always runs first
     for k in 0 1 2; do run "${RRV[$(((rep - 1 + k) % 3))]}"; done
     [ "$PF_PLAIN" = 1 ] && run pf-plain
@@ -382,9 +389,9 @@ row() { # VARIANT BASE (ratios: VARIANT / BASE)
         echo
     fi
 }
-row pf-tls
+[ "$PF" = 1 ] && row pf-tls
 [ "$PF_PLAIN" = 1 ] && row pf-plain pf-tls
-row rr-tls pf-tls
+[ "$PF" = 1 ] && row rr-tls pf-tls
 row rr-plain
 row rr-plain-tlsconf rr-plain
 [ "$PF_PLAIN" = 1 ] && row rr-plain pf-plain
@@ -393,8 +400,10 @@ echo "# targets (issue 14): rr-tls ÷ pf-tls delivered/s >= 10x, cpu <= 0.1x; rr
 echo "# per-run A/B pairs (same rep), delivered/s and cpu: rr-plain-tlsconf ÷ rr-plain"
 paste <(awk '$1 == "rr-plain" {print $4, $5}' "$WORK/runs") <(awk '$1 == "rr-plain-tlsconf" {print $4, $5}' "$WORK/runs") |
     awk '{printf "  rep %d: %.3fx msgs/s, %.3fx cpu\n", NR, $3 / $1, $4 / $2}'
+fi
 
 # ---------------------------------------------------------------- 2. handshakes
+if on 2; then
 echo
 echo "## 2. handshake cost against ringrelay (rr-tls config, delivering to a TLS sink)"
 sink_start tls 0
@@ -475,8 +484,10 @@ echo "ringrelay logged $(grep -c 'TLS connection established to' "$WORK/rr.log" 
 grep -m1 'TLS connection established to' "$WORK/rr.log" | sed 's/^[^ ]* *//' || true
 relay_stop_any
 wait_free "$SINK_PORT"; wait_free "$RR_PORT"
+fi
 
 # ---------------------------------------------------------------- 3. idle connections
+on 3 || exit 0
 echo
 echo "## 3. $IDLE_N idle connections, \`ringrelay serve --sink\`, a fresh server per run"
 echo "# greet: idle_connections.py (greeting only, no [tls]); ehlo: idle_tls.py plain ([tls] configured); starttls: idle_tls.py starttls"

@@ -97,6 +97,8 @@ pub struct Config {
     pub auth: Auth,
     /// Listeners behind a load balancer (PROXY protocol).
     pub proxy: Proxy,
+    /// The Prometheus endpoint.
+    pub metrics: Metrics,
     /// Switches for A/B measurements; not in the file (see [`Config::apply_env`]).
     #[serde(skip)]
     pub ab: AbSwitches,
@@ -134,6 +136,21 @@ impl Tls {
     /// True when a certificate and key are configured.
     pub fn enabled(&self) -> bool {
         !self.cert_file.as_os_str().is_empty()
+    }
+}
+
+/// `[metrics]`: where `GET /metrics` is served (Prometheus text format).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// `host:port` to listen on; empty for no endpoint.
+    pub listen: String,
+}
+
+impl Metrics {
+    /// The address to listen on, if any (validated).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
     }
 }
 
@@ -288,6 +305,7 @@ impl Default for Config {
             tls: Tls::default(),
             auth: Auth::default(),
             proxy: Proxy::default(),
+            metrics: Metrics::default(),
             ab: AbSwitches::default(),
         }
     }
@@ -546,6 +564,23 @@ impl Config {
                     "tls.implicit_listen",
                     format!("{addr} is also in listen (one address, one kind of listener)"),
                 );
+            }
+        }
+        if !self.metrics.listen.is_empty() {
+            match self.metrics.listen.parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 => {
+                    return err("metrics.listen", "needs a port (1-65535)".into())
+                }
+                Ok(a) if self.listen.contains(&a) => {
+                    return err("metrics.listen", format!("{a} is also an SMTP listener"))
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    return err(
+                        "metrics.listen",
+                        format!("{:?} is not an ip:port address", self.metrics.listen),
+                    )
+                }
             }
         }
         for (i, net) in self.proxy.trusted.iter().enumerate() {

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use ringrelay::config::{Config, IoMode};
+use ringrelay::observe::http::MetricsServer;
+use ringrelay::observe::metrics::Registry;
 use ringrelay::qmgr::{RelayConfig, RelayService};
 use ringrelay::sink::{SinkHandler, SinkTotals};
 use ringrelay::spool::control::{self, Outcome};
@@ -83,6 +85,10 @@ struct ServeArgs {
     /// DNS server IP:PORT (repeatable).
     #[arg(long = "nameserver", value_name = "IP:PORT")]
     nameserver: Vec<SocketAddr>,
+    /// Log format on stderr: text (Postfix-shaped delivery lines) or json (one JSON object
+    /// per line, the same fields).
+    #[arg(long = "log-format", value_name = "text|json", default_value = "text")]
+    log_format: LogFormat,
     /// TLS certificate chain (PEM): STARTTLS is offered (with --tls-key).
     #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -93,6 +99,13 @@ struct ServeArgs {
 
 /// The queue commands. None of them creates a spool; all work on a running server and,
 /// but `flush`, on a stopped spool.
+/// `serve --log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum QueueAction {
     /// List queued messages: size, arrival, sender, and each pending recipient with its
@@ -164,14 +177,29 @@ fn main() -> ExitCode {
             return fail(2, &format!("{first} (see --help)"));
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    // Our own lines at info; dependencies' (the resolver's internals, rustls) only from
+    // warn up, unless RUST_LOG asks for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,hickory_proto=warn,hickory_resolver=warn,rustls=warn",
         )
-        .init();
+    });
+    let json = matches!(&cli.command, Command::Serve(a) if a.log_format == LogFormat::Json);
+    if json {
+        ringrelay::observe::log::set_json(true);
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter)
+            .init();
+    }
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Passwd { name } => passwd(&name),
@@ -291,7 +319,18 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = config.validate().and_then(|()| config.check_files()) {
         return fail(2, &e.to_string());
     }
-    let server = Server::new(config.clone());
+    let registry = Registry::new();
+    let _metrics = match config.metrics.listen_addr() {
+        Some(addr) => match MetricsServer::start(addr, registry.clone()) {
+            Ok(m) => {
+                tracing::info!("metrics on http://{}/metrics", m.local_addr());
+                Some(m)
+            }
+            Err(e) => return fail(1, &e.to_string()),
+        },
+        None => None,
+    };
+    let server = Server::new(config.clone()).with_metrics(registry.clone());
     let result = if args.sink {
         let totals = Arc::new(SinkTotals::default());
         let shard_totals = Arc::clone(&totals);
@@ -307,6 +346,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         r
     } else {
         let relay = RelayConfig::from_config(&config);
+        let mut relay = relay;
+        relay.metrics = registry;
         let service = match RelayService::open(relay, &config.spool.dir, config.effective_shards())
         {
             Ok(s) => s,

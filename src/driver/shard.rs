@@ -168,6 +168,14 @@ impl<H: Handler> Hooks for ShardHooks<'_, H> {
     fn check_data(&mut self) -> Result<(), Reply> {
         self.shard.handler.on_data()
     }
+    fn rcpt_refused(&mut self, helo: &str, reply: &str, from: &str, to: &str) {
+        if reply.contains(" 5.7.1 ") {
+            self.shard.metrics.reject(Rejection::RelayDenied);
+        } else {
+            self.shard.metrics.reject(Rejection::Policy);
+        }
+        crate::observe::log::rejected(helo, self.peer.ip().to_canonical(), reply, from, to);
+    }
 }
 
 /// Runs a shard until shutdown has finished: one accept task per listener, then waits.

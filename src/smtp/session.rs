@@ -218,6 +218,13 @@ pub trait Hooks {
         Ok(())
     }
 
+    /// A recipient was refused (for the delivery log's `NOQUEUE: reject` line): the
+    /// reply's text on one line, the reverse path and the recipient as given. Not called
+    /// for `452` (too many recipients), which is no refusal of the address.
+    fn rcpt_refused(&mut self, helo: &str, reply: &str, from: &str, to: &str) {
+        let _ = (helo, reply, from, to);
+    }
+
     /// May this transaction send its content? Asked at DATA, before the `354`. `Err` is
     /// the reply (a refusal here is the server's doing, so it does not count as a client
     /// error).
@@ -802,6 +809,18 @@ impl Session {
             to,
             hooks,
         );
+        let refused = match &taken {
+            Ok(()) => None,
+            Err(RcptRefusal::Wire(wire)) => {
+                Some(String::from_utf8_lossy(wire).trim_end().to_string())
+            }
+            Err(RcptRefusal::Hook(reply)) => Some(reply.one_line()),
+        };
+        if let Some(text) = refused {
+            let from = self.tx.from.map_or("", |e| self.tx.addresses.get(e));
+            let to = to.map_or("postmaster", |m| m.as_str());
+            hooks.rcpt_refused(self.helo.as_deref().unwrap_or(""), &text, from, to);
+        }
         match taken {
             Ok(()) => self.reply(b"250 2.1.5 Ok\r\n"),
             Err(RcptRefusal::Wire(wire)) => self.error(wire),
