@@ -154,24 +154,47 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Passwd { name } => passwd(&name),
-        Command::CheckConfig { config } => {
-            match Config::load(config.as_deref()).and_then(|c| c.check_files().map(|()| c)) {
-                Ok(c) => {
-                    println!(
-                    "configuration ok: hostname {}, listen {:?}, {} shard(s), io {:?}, spool {}",
-                    c.effective_hostname(),
-                    c.listen,
-                    c.effective_shards(),
-                    c.io,
-                    c.spool.dir.display()
-                );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(2, &e.to_string()),
-            }
-        }
+        Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Queue { action } => queue(action),
     }
+}
+
+/// `ringrelay check-config`: refuses what `serve` would refuse (exit 2, the same line),
+/// warns on stderr about what is allowed but looks wrong, and prints the effective
+/// configuration, defaults included, as TOML that reads back to the same configuration.
+fn check_config(path: Option<&std::path::Path>) -> ExitCode {
+    let config = match Config::load(path).and_then(|c| c.check_files().map(|()| c)) {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e.to_string()),
+    };
+    let text = match config.to_toml() {
+        Ok(t) => t,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    for warning in config.warnings() {
+        eprintln!("ringrelay: warning: {warning}");
+    }
+    let source = path.map_or_else(
+        || "no file: the defaults".to_string(),
+        |p| p.display().to_string(),
+    );
+    println!("# ringrelay check-config: {source}; the configuration is valid.");
+    println!("# Every key with its effective value, defaults included. Resolved at start:");
+    if config.hostname.is_empty() {
+        println!(
+            "#   hostname \"\" is the system host name: {}",
+            config.effective_hostname()
+        );
+    }
+    if config.shards == 0 {
+        println!(
+            "#   shards 0 is one per available core: {}",
+            config.effective_shards()
+        );
+    }
+    println!("#   spool directory: {}", config.spool.dir.display());
+    print!("{text}");
+    ExitCode::SUCCESS
 }
 
 /// `ringrelay passwd NAME`: one line from standard input is the password (a terminal's
@@ -269,6 +292,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Err(e) = config.validate().and_then(|()| config.check_files()) {
         return fail(2, &e.to_string());
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
     }
     let server = Server::new(config.clone());
     let result = if args.sink {
