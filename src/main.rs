@@ -12,6 +12,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use ringrelay::config::{Config, IoMode};
 use ringrelay::qmgr::{RelayConfig, RelayService};
+use ringrelay::server::Lifecycle;
 use ringrelay::sink::{SinkHandler, SinkTotals};
 use ringrelay::spool::control::{self, Outcome};
 use ringrelay::spool::inspect;
@@ -257,6 +258,39 @@ fn fail(code: u8, why: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `$NOTIFY_SOCKET`, set by systemd for a `Type=notify` service; read once, here, so the
+/// library reads no environment.
+fn notify_socket() -> Option<std::ffi::OsString> {
+    std::env::var_os("NOTIFY_SOCKET").filter(|s| !s.is_empty())
+}
+
+/// Sends `state` (`READY=1`, `STOPPING=1`, `STATUS=…` lines) to the service manager, as
+/// `sd_notify(3)` does: one datagram to a unix socket, whose name starts with `@` when it
+/// is in the abstract namespace.
+fn sd_notify(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let name = socket.as_bytes();
+    let addr = match name.strip_prefix(b"@") {
+        Some(abstract_name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(abstract_name)?
+        }
+        None if name.starts_with(b"/") => SocketAddr::from_pathname(socket)?,
+        None => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "neither an absolute path nor @abstract",
+            ))
+        }
+    };
+    let sent = UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+    if sent != state.len() {
+        return Err(std::io::Error::other("the datagram was cut short"));
+    }
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
@@ -296,11 +330,29 @@ fn serve(args: ServeArgs) -> ExitCode {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    let notify = notify_socket();
+    let events = move |event: Lifecycle<'_>| {
+        let Some(socket) = &notify else { return };
+        let state = match event {
+            Lifecycle::Ready(addrs) => {
+                let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                format!("READY=1\nSTATUS=listening on {}", addrs.join(", "))
+            }
+            Lifecycle::Stopping => {
+                "STOPPING=1\nSTATUS=stopping: finishing transactions in flight".to_string()
+            }
+            _ => return,
+        };
+        if let Err(e) = sd_notify(socket, &state) {
+            tracing::warn!("cannot tell the service manager at NOTIFY_SOCKET {socket:?}: {e}");
+        }
+    };
     let server = Server::new(config.clone());
     let result = if args.sink {
         let totals = Arc::new(SinkTotals::default());
         let shard_totals = Arc::clone(&totals);
-        let r = server.run(move |_| SinkHandler::new(Arc::clone(&shard_totals)));
+        let r =
+            server.run_with_events(move |_| SinkHandler::new(Arc::clone(&shard_totals)), events);
         if r.is_ok() {
             tracing::info!(
                 "sink: accepted {} messages, {} recipients, {} bytes",
@@ -317,7 +369,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(1, &e.to_string()),
         };
-        server.run(move |shard| service.handler(shard))
+        server.run_with_events(move |shard| service.handler(shard), events)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
