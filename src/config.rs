@@ -9,14 +9,15 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::{IpNet, RelayPolicy};
 use crate::smtp::command::valid_domain;
+use crate::smtp::Mailbox;
 use crate::tls::TlsLevel;
 
 /// Which I/O driver runs the shards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum IoMode {
     /// io_uring when the kernel allows it, else epoll (with one log line saying why).
@@ -43,7 +44,7 @@ impl std::str::FromStr for IoMode {
 }
 
 /// How connections are spread over the shards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Spread {
     /// Connections over loopback go to the shard on the CPU they arrive on (the client's
@@ -67,7 +68,7 @@ impl std::str::FromStr for Spread {
 }
 
 /// The whole configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Our host name; empty means the system host name.
@@ -121,7 +122,7 @@ pub struct AbSwitches {
 }
 
 /// `[tls]`: inbound TLS. With a certificate and key, STARTTLS is offered on every listener.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
     /// PEM certificate chain (leaf first); empty for no TLS.
@@ -140,7 +141,7 @@ impl Tls {
 }
 
 /// `[metrics]`: where `GET /metrics` is served (Prometheus text format).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
     /// `host:port` to listen on; empty for no endpoint.
@@ -156,7 +157,7 @@ impl Metrics {
 
 /// `[proxy]`: listeners that take a PROXY protocol header (v1 or v2) before SMTP, from a
 /// load balancer such as HAProxy (`send-proxy-v2`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Proxy {
     /// Listeners that require the header first (plain SMTP after it).
@@ -182,7 +183,7 @@ impl Proxy {
 }
 
 /// `[auth]`: SMTP AUTH (PLAIN, LOGIN) for clients, offered only over TLS.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// `name:HASH` lines (`ringrelay passwd NAME`); empty for no AUTH.
@@ -197,7 +198,7 @@ impl Auth {
 }
 
 /// `[limits]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest message in bytes (advertised as SIZE).
@@ -222,17 +223,20 @@ pub struct Limits {
 }
 
 /// `[relay]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Relay {
     /// Client networks that may relay anywhere (CIDR).
     pub mynetworks: Vec<String>,
     /// Domains anyone may send to (`.example.com` also covers subdomains).
     pub domains: Vec<String>,
+    /// Where a bare `<postmaster>` and double bounces go; empty: `<postmaster>` is
+    /// refused (`550 5.1.1`) and double bounces are dropped (logged).
+    pub postmaster: String,
 }
 
 /// `[spool]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Spool {
     /// Spool directory.
@@ -240,7 +244,7 @@ pub struct Spool {
 }
 
 /// `[delivery]`
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Delivery {
     /// Static routes: domain → `host:port`, skipping MX lookup.
@@ -332,6 +336,7 @@ impl Default for Relay {
         Relay {
             mynetworks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             domains: Vec::new(),
+            postmaster: String::new(),
         }
     }
 }
@@ -436,6 +441,13 @@ impl Config {
         if self.listen.is_empty() {
             return err("listen", "at least one address is needed".into());
         }
+        self.validate_listeners()?;
+        if self.spool.dir.as_os_str().is_empty() {
+            return err(
+                "spool.dir",
+                "is empty; the spool needs a directory of its own".into(),
+            );
+        }
         if self.shards > 128 {
             // Queue IDs carry the shard number in 8 bits, half of them for bounces.
             return err("shards", format!("{} is more than 128", self.shards));
@@ -504,9 +516,21 @@ impl Config {
                 );
             }
         }
+        if let Err(why) = self.postmaster() {
+            return err("relay.postmaster", why);
+        }
+        let mut route_domains = std::collections::BTreeSet::new();
         for (domain, target) in &self.delivery.routes {
             if !valid_domain(domain) {
                 return err("delivery.routes", format!("{domain:?} is not a domain"));
+            }
+            // Domains are matched without regard to case: two keys for one domain would
+            // leave which route wins to chance.
+            if !route_domains.insert(domain.to_ascii_lowercase()) {
+                return err(
+                    "delivery.routes",
+                    format!("{domain:?} is given twice (domains ignore case)"),
+                );
             }
             if let Err(why) = check_host_port(target) {
                 return err(&format!("delivery.routes.{domain}"), why);
@@ -515,6 +539,14 @@ impl Config {
         if !self.delivery.smarthost.is_empty() {
             if let Err(why) = check_host_port(&self.delivery.smarthost) {
                 return err("delivery.smarthost", why);
+            }
+        }
+        for (i, ns) in self.delivery.nameservers.iter().enumerate() {
+            if ns.port() == 0 || ns.ip().is_unspecified() {
+                return err(
+                    &format!("delivery.nameservers[{i}]"),
+                    format!("{ns} is not an address a query can be sent to"),
+                );
             }
         }
         if self.delivery.smtp_port == 0 {
@@ -540,6 +572,41 @@ impl Config {
         self.validate_tls()
     }
 
+    /// `listen` and `tls.implicit_listen` together: no address twice, and no two that the
+    /// kernel would refuse to bind side by side (a wildcard and an address it covers, on
+    /// one port), so `serve` never fails with "Address already in use" on its own
+    /// configuration. Port 0 (any free port) never conflicts.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let all: Vec<(String, SocketAddr)> = (self.listen.iter().enumerate())
+            .map(|(i, a)| (format!("listen[{i}]"), *a))
+            .chain(
+                (self.tls.implicit_listen.iter().enumerate())
+                    .map(|(i, a)| (format!("tls.implicit_listen[{i}]"), *a)),
+            )
+            .collect();
+        for (j, (key, addr)) in all.iter().enumerate() {
+            for (earlier_key, earlier) in &all[..j] {
+                if addr.port() == 0 || addr.port() != earlier.port() {
+                    continue;
+                }
+                let (a, b) = (earlier.ip().to_canonical(), addr.ip().to_canonical());
+                let why = if a == b {
+                    format!("{addr} is also {earlier_key} (one address, one listener)")
+                } else if covers(a, b) || covers(b, a) {
+                    format!(
+                        "{addr} overlaps {earlier_key} ({earlier}): a wildcard address \
+                         already takes every connection to its port (on Linux [::] \
+                         takes IPv4 too); keep one of them"
+                    )
+                } else {
+                    continue;
+                };
+                return Err(ConfigError(format!("{key}: {why}")));
+            }
+        }
+        Ok(())
+    }
+
     /// The TLS and AUTH keys, without reading any file (see [`Config::check_files`]).
     fn validate_tls(&self) -> Result<(), ConfigError> {
         let err = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
@@ -557,14 +624,6 @@ impl Config {
                 "tls.implicit_listen",
                 "needs tls.cert_file and tls.key_file".into(),
             );
-        }
-        for addr in &t.implicit_listen {
-            if self.listen.contains(addr) {
-                return err(
-                    "tls.implicit_listen",
-                    format!("{addr} is also in listen (one address, one kind of listener)"),
-                );
-            }
         }
         if !self.metrics.listen.is_empty() {
             match self.metrics.listen.parse::<SocketAddr>() {
@@ -675,6 +734,64 @@ impl Config {
         Ok(())
     }
 
+    /// `relay.postmaster` as a mailbox; `None` when it is empty.
+    pub fn postmaster(&self) -> Result<Option<Mailbox>, String> {
+        let p = self.relay.postmaster.trim();
+        if p.is_empty() {
+            return Ok(None);
+        }
+        let bare = p
+            .strip_prefix('<')
+            .and_then(|p| p.strip_suffix('>'))
+            .unwrap_or(p);
+        Mailbox::parse(bare).map(Some).map_err(|e| {
+            let why = match e {
+                crate::smtp::path::PathError::TooLong => "too long",
+                crate::smtp::path::PathError::Syntax => "expected local@domain",
+            };
+            format!("{p:?} is not a mailbox ({why}); \"\" refuses <postmaster> instead")
+        })
+    }
+
+    /// What is allowed but probably a mistake, one line each, for `check-config` to print
+    /// and `serve` to log at start: a network in `relay.mynetworks` with host bits set
+    /// (`10.0.0.1/8` is taken as `10.0.0.0/8`), a host name that is not fully qualified
+    /// (others reject or distrust `HELO vm`, and bounces say `postmaster@vm`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (i, net) in self.relay.mynetworks.iter().enumerate() {
+            if let Ok(parsed) = net.parse::<IpNet>() {
+                if parsed.has_host_bits() {
+                    warnings.push(format!(
+                        "relay.mynetworks[{i}]: {net:?} has host bits set; it means {}",
+                        parsed.network()
+                    ));
+                }
+            }
+        }
+        let hostname = self.effective_hostname();
+        if !hostname.contains('.') {
+            let whence = if self.hostname.is_empty() {
+                "the system host name"
+            } else {
+                "hostname"
+            };
+            warnings.push(format!(
+                "{whence} {hostname:?} is not fully qualified (no dot); other servers may \
+                 refuse it in HELO: set hostname = \"relay.example.net\" (your own name)"
+            ));
+        }
+        warnings
+    }
+
+    /// The whole configuration as TOML, every key with its value (defaults included), in
+    /// the form `from_toml` reads back to the same configuration. The A/B switches are
+    /// not configuration and are left out.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self)
+            .map_err(|e| ConfigError(format!("cannot write the configuration as TOML: {e}")))
+    }
+
     /// Reads the A/B switches of the benches from the environment, once, for the command
     /// line: `RINGRELAY_REUSEPORT=hash|local-cpu` overrides `spread`, and the switches in
     /// [`AbSwitches`]. Returns warnings to log (a value that was not understood).
@@ -752,9 +869,33 @@ impl Config {
     }
 }
 
+/// True when a listener on `wide` would take connections meant for `narrow` on the same
+/// port: `wide` is a wildcard of its family, or `[::]`, which takes IPv4 as well unless
+/// `net.ipv6.bindv6only` is set (listeners keep the system's default).
+fn covers(wide: std::net::IpAddr, narrow: std::net::IpAddr) -> bool {
+    if !wide.is_unspecified() {
+        return false;
+    }
+    match (wide.is_ipv6(), narrow.is_ipv6()) {
+        (true, false) => !ipv6_only_by_default(),
+        (v6_wide, v6_narrow) => v6_wide == v6_narrow,
+    }
+}
+
+/// `net.ipv6.bindv6only`: an IPv6 wildcard socket takes IPv4 connections unless it is 1.
+fn ipv6_only_by_default() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|s| s.trim() == "1")
+}
+
 /// `host:port` or `[v6]:port`, with a port in 1..=65535.
 fn check_host_port(s: &str) -> Result<(), String> {
-    if s.parse::<SocketAddr>().is_ok() {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("{s:?} has no valid port (1..=65535)"));
+        }
+        if addr.ip().is_unspecified() {
+            return Err(format!("{s:?} is not an address to connect to"));
+        }
         return Ok(());
     }
     let (host, port) = s
@@ -861,6 +1002,168 @@ max_queue_age_secs  = 432000
         // The largest message with the most recipients of the longest addresses fits.
         let envelope = MAX_RECIPIENTS * (2 + 320) + 2 + 320 + 64;
         assert!(MAX_MESSAGE_SIZE + 1024 + envelope <= crate::spool::MAX_PAYLOAD);
+    }
+
+    /// What `serve` would only find out at start (and die of, with exit 1) is a
+    /// configuration error here, so `check-config` refuses it too.
+    #[test]
+    fn what_serve_would_fail_on_is_a_config_error() {
+        let e = |t: &str| Config::from_toml(t).unwrap_err().0;
+        assert!(e("[spool]\ndir = \"\"").starts_with("spool.dir: "));
+        let dup = e("listen = [\"127.0.0.1:2525\", \"127.0.0.1:2525\"]");
+        assert!(
+            dup.starts_with("listen[1]: 127.0.0.1:2525 is also listen[0]"),
+            "{dup}"
+        );
+        let wild = e("listen = [\"0.0.0.0:25\", \"127.0.0.1:25\"]");
+        assert!(
+            wild.starts_with("listen[1]: ") && wild.contains("overlaps listen[0]"),
+            "{wild}"
+        );
+        let wild = e("listen = [\"[::1]:25\", \"[::]:25\"]");
+        assert!(wild.starts_with("listen[1]: "), "{wild}");
+        if !ipv6_only_by_default() {
+            assert!(e("listen = [\"[::]:25\", \"0.0.0.0:25\"]").starts_with("listen[1]: "));
+        }
+        // Different ports, different addresses, or any free port: fine.
+        for ok in [
+            "listen = [\"0.0.0.0:25\", \"127.0.0.1:587\"]",
+            "listen = [\"127.0.0.1:25\", \"127.0.0.2:25\", \"[::1]:25\"]",
+            "listen = [\"127.0.0.1:0\", \"127.0.0.1:0\"]",
+            "listen = [\"0.0.0.0:25\", \"[::1]:25\"]",
+        ] {
+            assert!(Config::from_toml(ok).is_ok(), "{ok}");
+        }
+        let tls = "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let across = e(&format!(
+            "listen = [\"127.0.0.1:465\"]\n{tls}implicit_listen = [\"127.0.0.1:465\"]"
+        ));
+        assert!(
+            across.starts_with("tls.implicit_listen[0]: 127.0.0.1:465 is also listen[0]"),
+            "{across}"
+        );
+        let within = e(&format!(
+            "{tls}implicit_listen = [\"127.0.0.1:465\", \"127.0.0.1:465\"]"
+        ));
+        assert!(within.starts_with("tls.implicit_listen[1]: "), "{within}");
+        let route = e("[delivery]\nroutes = { \"a.test\" = \"127.0.0.1:0\" }");
+        assert!(
+            route.starts_with("delivery.routes.a.test: ") && route.contains("port"),
+            "{route}"
+        );
+        assert!(e("[delivery]\nroutes = { \"a.test\" = \"mx.a.test:0\" }").contains("port"));
+        assert!(e("[delivery]\nroutes = { \"a.test\" = \"0.0.0.0:25\" }")
+            .starts_with("delivery.routes.a.test: "));
+        assert!(e("[delivery]\nsmarthost = \"[::1]:0\"").starts_with("delivery.smarthost: "));
+        assert!(e(
+            "[delivery]\nroutes = { \"a.test\" = \"127.0.0.1:25\", \"A.test\" = \"127.0.0.1:26\" }"
+        )
+        .starts_with("delivery.routes: "));
+        assert!(e("[delivery]\nnameservers = [\"127.0.0.1:0\"]")
+            .starts_with("delivery.nameservers[0]: "));
+        let mut c = Config::default();
+        assert!(c.apply_route("a.test=127.0.0.1:0").is_err());
+        c.listen.push(c.listen[0]);
+        assert!(
+            c.validate().is_err(),
+            "--listen twice is caught after the flags too"
+        );
+    }
+
+    #[test]
+    fn postmaster_is_a_mailbox_or_empty() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.postmaster(), Ok(None));
+        let c = Config::from_toml("[relay]\npostmaster = \"ops@example.com\"").unwrap();
+        assert_eq!(c.postmaster().unwrap().unwrap().as_str(), "ops@example.com");
+        let e = |t: &str| Config::from_toml(t).unwrap_err().0;
+        assert!(e("[relay]\npostmaster = \"ops\"")
+            .starts_with("relay.postmaster: \"ops\" is not a mailbox"));
+        assert!(e("[relay]\npostmaster = \"a b@example.com\"").starts_with("relay.postmaster: "));
+    }
+
+    #[test]
+    fn warnings_for_host_bits_and_a_short_host_name() {
+        let c = Config::from_toml(
+            "hostname = \"relay.example.net\"\n[relay]\nmynetworks = [\"10.0.0.1/8\", \"192.0.2.0/24\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.warnings(),
+            ["relay.mynetworks[0]: \"10.0.0.1/8\" has host bits set; it means 10.0.0.0/8"]
+        );
+        let c = Config::from_toml("hostname = \"vm\"").unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("hostname \"vm\" is not fully qualified"),
+            "{w:?}"
+        );
+        assert!(Config::from_toml("hostname = \"relay.example.net\"")
+            .unwrap()
+            .warnings()
+            .is_empty());
+    }
+
+    /// The printed configuration reads back to the same configuration: printing that
+    /// again gives the same text, and every key the printing shows is there.
+    #[test]
+    fn the_printed_configuration_reads_back_the_same() {
+        let full = r#"
+hostname = "relay.example.net"
+listen = ["127.0.0.1:2525", "[::1]:2525"]
+shards = 3
+io = "epoll"
+spread = "hash"
+[limits]
+max_recipients = 7
+[relay]
+mynetworks = ["10.0.0.0/8"]
+domains = ["example.org", ".sub.example.org"]
+postmaster = "ops@example.com"
+[spool]
+dir = "/var/spool/ringrelay"
+[delivery]
+routes = { "example.test" = "127.0.0.1:2526", "other.test" = "mx.other.test:25" }
+smarthost = "smart.example.net:587"
+nameservers = ["127.0.0.1:5353"]
+retry_schedule_secs = [1, 2]
+tls = "encrypt"
+tls_policy = { "bank.example" = "verify" }
+smarthost_user = "me"
+smarthost_password_file = "/etc/ringrelay/smarthost.pw"
+[tls]
+cert_file = "/etc/ringrelay/cert.pem"
+key_file = "/etc/ringrelay/key.pem"
+implicit_listen = ["127.0.0.1:465"]
+[auth]
+users_file = "/etc/ringrelay/users"
+"#;
+        for text in ["", full] {
+            let config = Config::from_toml(text).unwrap();
+            let printed = config.to_toml().unwrap();
+            let again = Config::from_toml(&printed)
+                .unwrap_or_else(|e| panic!("{e}: the printed text:\n{printed}"));
+            assert_eq!(again.to_toml().unwrap(), printed);
+            assert_eq!(format!("{again:?}"), format!("{config:?}"));
+            for key in [
+                "hostname =",
+                "[limits]",
+                "max_data_memory =",
+                "postmaster =",
+                "[delivery]",
+                "dns_timeout_secs =",
+                "[tls]",
+                "[auth]",
+                "users_file =",
+            ] {
+                assert!(printed.contains(key), "{key} missing from:\n{printed}");
+            }
+        }
+        // The A/B switches are not configuration.
+        let mut c = Config::default();
+        c.ab.plain_ring = true;
+        assert!(!c.to_toml().unwrap().contains("plain_ring"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use ringrelay::config::{Config, IoMode};
 use ringrelay::observe::http::MetricsServer;
 use ringrelay::observe::metrics::Registry;
 use ringrelay::qmgr::{RelayConfig, RelayService};
+use ringrelay::server::Lifecycle;
 use ringrelay::sink::{SinkHandler, SinkTotals};
 use ringrelay::spool::control::{self, Outcome};
 use ringrelay::spool::inspect;
@@ -203,24 +204,47 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Passwd { name } => passwd(&name),
-        Command::CheckConfig { config } => {
-            match Config::load(config.as_deref()).and_then(|c| c.check_files().map(|()| c)) {
-                Ok(c) => {
-                    println!(
-                    "configuration ok: hostname {}, listen {:?}, {} shard(s), io {:?}, spool {}",
-                    c.effective_hostname(),
-                    c.listen,
-                    c.effective_shards(),
-                    c.io,
-                    c.spool.dir.display()
-                );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(2, &e.to_string()),
-            }
-        }
+        Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Queue { action } => queue(action),
     }
+}
+
+/// `ringrelay check-config`: refuses what `serve` would refuse (exit 2, the same line),
+/// warns on stderr about what is allowed but looks wrong, and prints the effective
+/// configuration, defaults included, as TOML that reads back to the same configuration.
+fn check_config(path: Option<&std::path::Path>) -> ExitCode {
+    let config = match Config::load(path).and_then(|c| c.check_files().map(|()| c)) {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e.to_string()),
+    };
+    let text = match config.to_toml() {
+        Ok(t) => t,
+        Err(e) => return fail(1, &e.to_string()),
+    };
+    for warning in config.warnings() {
+        eprintln!("ringrelay: warning: {warning}");
+    }
+    let source = path.map_or_else(
+        || "no file: the defaults".to_string(),
+        |p| p.display().to_string(),
+    );
+    println!("# ringrelay check-config: {source}; the configuration is valid.");
+    println!("# Every key with its effective value, defaults included. Resolved at start:");
+    if config.hostname.is_empty() {
+        println!(
+            "#   hostname \"\" is the system host name: {}",
+            config.effective_hostname()
+        );
+    }
+    if config.shards == 0 {
+        println!(
+            "#   shards 0 is one per available core: {}",
+            config.effective_shards()
+        );
+    }
+    println!("#   spool directory: {}", config.spool.dir.display());
+    print!("{text}");
+    ExitCode::SUCCESS
 }
 
 /// `ringrelay passwd NAME`: one line from standard input is the password (a terminal's
@@ -283,6 +307,39 @@ fn fail(code: u8, why: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `$NOTIFY_SOCKET`, set by systemd for a `Type=notify` service; read once, here, so the
+/// library reads no environment.
+fn notify_socket() -> Option<std::ffi::OsString> {
+    std::env::var_os("NOTIFY_SOCKET").filter(|s| !s.is_empty())
+}
+
+/// Sends `state` (`READY=1`, `STOPPING=1`, `STATUS=…` lines) to the service manager, as
+/// `sd_notify(3)` does: one datagram to a unix socket, whose name starts with `@` when it
+/// is in the abstract namespace.
+fn sd_notify(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let name = socket.as_bytes();
+    let addr = match name.strip_prefix(b"@") {
+        Some(abstract_name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(abstract_name)?
+        }
+        None if name.starts_with(b"/") => SocketAddr::from_pathname(socket)?,
+        None => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "neither an absolute path nor @abstract",
+            ))
+        }
+    };
+    let sent = UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+    if sent != state.len() {
+        return Err(std::io::Error::other("the datagram was cut short"));
+    }
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     let mut config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
@@ -319,6 +376,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = config.validate().and_then(|()| config.check_files()) {
         return fail(2, &e.to_string());
     }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let notify = notify_socket();
+    let events = move |event: Lifecycle<'_>| {
+        let Some(socket) = &notify else { return };
+        let state = match event {
+            Lifecycle::Ready(addrs) => {
+                let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                format!("READY=1\nSTATUS=listening on {}", addrs.join(", "))
+            }
+            Lifecycle::Stopping => {
+                "STOPPING=1\nSTATUS=stopping: finishing transactions in flight".to_string()
+            }
+            _ => return,
+        };
+        if let Err(e) = sd_notify(socket, &state) {
+            tracing::warn!("cannot tell the service manager at NOTIFY_SOCKET {socket:?}: {e}");
+        }
+    };
     let registry = Registry::new();
     let _metrics = match config.metrics.listen_addr() {
         Some(addr) => match MetricsServer::start(addr, registry.clone()) {
@@ -334,7 +411,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     let result = if args.sink {
         let totals = Arc::new(SinkTotals::default());
         let shard_totals = Arc::clone(&totals);
-        let r = server.run(move |_| SinkHandler::new(Arc::clone(&shard_totals)));
+        let r =
+            server.run_with_events(move |_| SinkHandler::new(Arc::clone(&shard_totals)), events);
         if r.is_ok() {
             tracing::info!(
                 "sink: accepted {} messages, {} recipients, {} bytes",
@@ -353,7 +431,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(1, &e.to_string()),
         };
-        server.run(move |shard| service.handler(shard))
+        server.run_with_events(move |shard| service.handler(shard), events)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,41 @@ pub struct IpNet {
 }
 
 impl IpNet {
+    /// The prefix as a mask over an address of this network's family.
+    fn mask(&self) -> u128 {
+        let bits = if self.addr.is_ipv4() { 32 } else { 128 };
+        let ones = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        ones >> (128 - bits)
+    }
+
+    fn addr_bits(&self) -> u128 {
+        match self.addr {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        }
+    }
+
+    /// True when the address has bits set past the prefix (`10.0.0.1/8`): allowed, and
+    /// meaning [`IpNet::network`], but usually a typing mistake worth a warning.
+    pub fn has_host_bits(&self) -> bool {
+        self.addr_bits() & !self.mask() != 0
+    }
+
+    /// The network with its host bits cleared (`10.0.0.1/8` → `10.0.0.0/8`).
+    pub fn network(&self) -> IpNet {
+        let bits = self.addr_bits() & self.mask();
+        let addr = match self.addr {
+            IpAddr::V4(_) => IpAddr::V4((bits as u32).into()),
+            IpAddr::V6(_) => IpAddr::V6(bits.into()),
+        };
+        IpNet {
+            addr,
+            prefix: self.prefix,
+        }
+    }
+
     /// True when `ip` lies inside this network. IPv4-mapped IPv6 addresses are compared as
     /// IPv4, so a dual-stack listener does not change who may relay.
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -129,6 +164,17 @@ mod tests {
         assert!(!v6.contains(ip("2001:db9::5")));
         assert!("::1".parse::<IpNet>().unwrap().contains(ip("::1")));
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert!(net("10.0.0.1/8").has_host_bits());
+        assert_eq!(net("10.0.0.1/8").network().to_string(), "10.0.0.0/8");
+        assert!(!net("10.0.0.0/8").has_host_bits());
+        assert!(!net("10.0.0.1").has_host_bits());
+        assert!(!net("0.0.0.0/0").has_host_bits());
+        assert!(net("1.2.3.4/0").has_host_bits());
+        assert!(net("2001:db8::1/32").has_host_bits());
+        assert_eq!(net("2001:db8::1/32").network().to_string(), "2001:db8::/32");
+        assert!(!net("::1/128").has_host_bits());
+        assert!(!net("::/0").has_host_bits());
         assert!("example".parse::<IpNet>().is_err());
     }
 

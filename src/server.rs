@@ -19,6 +19,17 @@ use crate::driver::{self, Phase};
 use crate::handler::Handler;
 use crate::observe::metrics::Registry;
 
+/// What [`Server::run_with_events`] reports on the way, for a service manager (the
+/// command line turns these into systemd's `READY=1` and `STOPPING=1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lifecycle<'a> {
+    /// Every listener is bound and listening (on these addresses, port 0 resolved).
+    Ready(&'a [SocketAddr]),
+    /// SIGTERM or SIGINT arrived: no longer accepting; transactions in flight finish.
+    Stopping,
+}
+
 /// An SMTP server: listeners, shards and sessions, run with a [`Handler`].
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -69,6 +80,20 @@ impl Server {
         H: Handler,
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
+        self.run_with_events(make_handler, |_| {})
+    }
+
+    /// [`Server::run`], telling `events` when the server is ready and when it begins to
+    /// stop (on the calling thread, between the steps; it should not block).
+    pub fn run_with_events<H, F>(
+        self,
+        make_handler: F,
+        mut events: impl FnMut(Lifecycle<'_>),
+    ) -> io::Result<()>
+    where
+        H: Handler,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
         let signals = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -83,6 +108,7 @@ impl Server {
             ))
         })?;
         let handle = self.start(make_handler)?;
+        events(Lifecycle::Ready(handle.local_addrs()));
         signals.block_on(async {
             loop {
                 tokio::select! {
@@ -103,6 +129,7 @@ impl Server {
             }
         });
         tracing::info!("signal received: no longer accepting; finishing transactions in flight");
+        events(Lifecycle::Stopping);
         handle.shutdown();
         let phase = handle.phase.clone();
         let grace = handle.shutdown_timeout;

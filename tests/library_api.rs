@@ -89,6 +89,7 @@ fn handler_decides_and_records(io: &str) {
         ..Config::default()
     };
     config.limits.shutdown_timeout_secs = 5;
+    config.relay.postmaster = format!("postmaster@{HOST}");
     let seen: Seen = Arc::default();
     let refuse_connections = Arc::new(AtomicBool::new(false));
     let (s, r) = (Arc::clone(&seen), Arc::clone(&refuse_connections));

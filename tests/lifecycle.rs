@@ -322,7 +322,9 @@ fn check_config_accepts_a_good_file() {
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("configuration ok: hostname relay.test") && stdout.contains("2 shard(s)"),
+        stdout.contains("the configuration is valid")
+            && stdout.contains("\nhostname = \"relay.test\"\n")
+            && stdout.contains("\nshards = 2\n"),
         "stdout: {stdout}"
     );
     // No file at all: the defaults, which are valid.

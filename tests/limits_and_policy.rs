@@ -148,7 +148,8 @@ fn client_that_never_reads_is_cut_off(io: &str) {
 fn relay_access(io: &str) {
     let mut relay = Relay::start(
         io,
-        "[relay]\nmynetworks = [\"127.0.0.1/32\"]\ndomains = [\"relay-ok.test\", \".sub-ok.test\"]",
+        "[relay]\nmynetworks = [\"127.0.0.1/32\"]\ndomains = [\"relay-ok.test\", \".sub-ok.test\"]\n\
+         postmaster = \"postmaster@relay.test\"",
     );
     // 127.0.0.2 is outside mynetworks.
     let mut c = Client::connect_from(relay.addr, "127.0.0.2".parse().unwrap());

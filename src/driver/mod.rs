@@ -130,6 +130,7 @@ where
         security.is_some() && config.auth.enabled(),
     );
     session_config.max_errors = config.limits.max_errors;
+    session_config.postmaster = config.postmaster().unwrap_or(None);
     let session_config = Arc::new(session_config);
     let caps = caps::ConnectionCaps::new(
         config.limits.max_connections,

@@ -2,8 +2,9 @@
 //! §5: the domain decides the route), each group planned and delivered by the outbound
 //! side, and every recipient's outcome turned into what happens next: delivered (settled
 //! in the spool), deferred (back in the queue with its retry time), or failed for good
-//! (bounced to the reverse path: an RFC 3464 report, spooled like any message; never for
-//! `<>`). A message still pending past `delivery.max_queue_age_secs` fails for good too.
+//! (bounced to the reverse path: an RFC 3464 report, spooled like any message; for `<>`,
+//! a double bounce to `relay.postmaster`, or none). A message still pending past
+//! `delivery.max_queue_age_secs` fails for good too.
 
 use std::time::{Instant, SystemTime};
 
@@ -252,12 +253,35 @@ fn reschedule(shard: &Shard, mut entry: Entry) {
     shard.defer(entry, delay);
 }
 
-/// Spools a bounce for the failed recipients (none for a `<>` sender). True when there is
-/// nothing more to do for them.
+/// Spools a bounce for the failed recipients, to the reverse path. A message from `<>` (a
+/// bounce itself, or any other report) gets a double bounce to `relay.postmaster` instead,
+/// or none when that is empty; never about mail to the postmaster, which would go where
+/// delivery just failed. True when there is nothing more to do for them.
 async fn bounce(shard: &Shard, entry: &Entry, data: &Bytes, failed: &[Failure]) -> bool {
-    let ReversePath::Mailbox(sender) = &entry.msg.from else {
-        tracing::info!(id = %entry.id(), "not bouncing a message from <>: {} recipient(s) failed", failed.len());
-        return true;
+    let (sender, failed): (&Mailbox, Vec<&Failure>) = match (
+        &entry.msg.from,
+        &shard.config.postmaster,
+    ) {
+        (ReversePath::Mailbox(sender), _) => (sender, failed.iter().collect()),
+        (ReversePath::Null, None) => {
+            tracing::info!(id = %entry.id(), "not bouncing a message from <>: {} recipient(s) failed (no relay.postmaster for double bounces)", failed.len());
+            return true;
+        }
+        (ReversePath::Null, Some(postmaster)) => {
+            let is_postmaster = |f: &&Failure| {
+                (entry.msg.rcpts.get(f.index as usize))
+                    .is_some_and(|r| r.as_str().eq_ignore_ascii_case(postmaster.as_str()))
+            };
+            let (own, others): (Vec<&Failure>, Vec<&Failure>) =
+                failed.iter().partition(is_postmaster);
+            if !own.is_empty() {
+                tracing::warn!(id = %entry.id(), "dropping a double bounce: mail from <> to the postmaster <{postmaster}> failed");
+            }
+            if others.is_empty() {
+                return true;
+            }
+            (postmaster, others)
+        }
     };
     let id = shard.bounce_ids.borrow_mut().next_id();
     let failed_rcpts: Vec<dsn::FailedRecipient> = failed

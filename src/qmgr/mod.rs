@@ -29,7 +29,7 @@ use crate::id::{IdGenerator, QueueId};
 use crate::observe::metrics::{Registry, Rejection, ShardMetrics};
 use crate::outbound::{Outbound, OutboundConfig};
 use crate::smtp::command::BodyType;
-use crate::smtp::{Envelope, Reply};
+use crate::smtp::{Envelope, Mailbox, Reply};
 use crate::spool::control::{self, Answer, Request};
 use crate::spool::{AcceptError, DeliveryState, NewMessage, Queued, Spool, SpoolDir};
 use queue::{Entry, HoldChange, Queue};
@@ -46,6 +46,8 @@ pub struct RelayConfig {
     pub retry_schedule: Vec<u64>,
     /// Give up (and bounce) after this long in the queue.
     pub max_queue_age: Duration,
+    /// Where double bounces go (`relay.postmaster`); `None` drops them, with a log line.
+    pub postmaster: Option<Mailbox>,
     /// Routes, pools and MX routing.
     pub outbound: OutboundConfig,
     /// The benches' A/B switches (the group commit's among them).
@@ -63,6 +65,7 @@ impl RelayConfig {
             hostname: config.effective_hostname(),
             retry_schedule: config.delivery.retry_schedule_secs.clone(),
             max_queue_age: Duration::from_secs(config.delivery.max_queue_age_secs),
+            postmaster: config.postmaster().unwrap_or(None),
             outbound: OutboundConfig::from_config(config),
             ab: config.ab,
             node_id: config.effective_node_id(),

@@ -58,9 +58,18 @@ fn take_rcpt(
     to: Option<MailboxRef<'_>>,
     hooks: &mut impl Hooks,
 ) -> Result<(), RcptRefusal> {
-    // `<Postmaster>` with no domain is ours, and always accepted (RFC 5321 §4.1.1.3).
-    let local = to.is_none();
-    let to = to.unwrap_or_else(|| config.postmaster.as_mailbox_ref());
+    // `<Postmaster>` with no domain is ours: it goes to the configured postmaster, from
+    // anyone (RFC 5321 §4.1.1.3, §4.5.1). With none configured it is refused now, rather
+    // than accepted for a mailbox that reaches no one and bounced to whoever claimed to
+    // send it.
+    let (to, postmaster) = match to {
+        Some(to) => (to, None),
+        None => match &config.postmaster {
+            Some(p) => (p.as_mailbox_ref(), Some(p)),
+            None => return Err(RcptRefusal::Wire(NO_POSTMASTER)),
+        },
+    };
+    let local = postmaster.is_some();
     if !local && !may_relay && !config.relay.is_relay_domain(to.domain()) {
         return Err(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
     }
@@ -78,16 +87,19 @@ fn take_rcpt(
             b"550 5.7.1 Sender-specified routing is not allowed\r\n",
         ));
     }
-    let checked = if local {
-        hooks.check_rcpt(&config.postmaster)
-    } else {
-        hooks.check_rcpt(&hook_mailbox.fill(to))
+    let checked = match postmaster {
+        Some(p) => hooks.check_rcpt(p),
+        None => hooks.check_rcpt(&hook_mailbox.fill(to)),
     };
     checked.map_err(RcptRefusal::Hook)?;
     let entry = tx.addresses.push(to);
     tx.to.push(entry);
     Ok(())
 }
+
+/// The reply to a bare `<postmaster>` when `relay.postmaster` is empty.
+const NO_POSTMASTER: &[u8] =
+    b"550 5.1.1 <postmaster>: no postmaster mailbox is configured here\r\n";
 
 /// Largest body buffer a session keeps for its next message (see `take_body`).
 const BODY_KEEP: usize = 16 * 1024;
@@ -115,13 +127,15 @@ pub struct SessionConfig {
     pub auth: bool,
     /// Failed AUTH attempts a connection may make before `421` and close.
     pub max_auth_failures: u32,
+    /// Where a bare `<postmaster>` goes (`relay.postmaster`); `None` refuses it with
+    /// `550 5.1.1`.
+    pub postmaster: Option<Mailbox>,
     greeting: Bytes,
     /// The EHLO reply before TLS (STARTTLS offered when configured).
     ehlo_reply: Bytes,
     /// The EHLO reply over TLS (AUTH offered when configured; no STARTTLS).
     ehlo_reply_tls: Bytes,
     helo_reply: Bytes,
-    postmaster: Mailbox,
 }
 
 /// The EHLO reply: the fixed extensions, then STARTTLS / AUTH as asked.
@@ -169,9 +183,6 @@ impl SessionConfig {
         let ehlo_reply = ehlo_reply(&hostname, max_message_size, false, false);
         let ehlo_reply_tls = ehlo_reply.clone();
         let helo_reply = Bytes::from(format!("250 {hostname}\r\n"));
-        let postmaster = Mailbox::parse(&format!("postmaster@{hostname}"))
-            .or_else(|_| Mailbox::parse("postmaster@localhost"))
-            .expect("postmaster@localhost is a valid mailbox");
         SessionConfig {
             hostname,
             max_message_size,
@@ -185,7 +196,7 @@ impl SessionConfig {
             ehlo_reply,
             ehlo_reply_tls,
             helo_reply,
-            postmaster,
+            postmaster: None,
         }
     }
 
@@ -999,16 +1010,22 @@ mod tests {
     }
 
     fn config_with(max_size: usize, max_rcpts: usize) -> Arc<SessionConfig> {
+        Arc::new(session_config(max_size, max_rcpts))
+    }
+
+    fn session_config(max_size: usize, max_rcpts: usize) -> SessionConfig {
         let policy = RelayPolicy::new(
             vec!["127.0.0.1/32".parse::<IpNet>().unwrap()],
             vec!["local.test".into()],
         );
-        Arc::new(SessionConfig::new(
-            "relay.test".into(),
-            max_size,
-            max_rcpts,
-            policy,
-        ))
+        SessionConfig::new("relay.test".into(), max_size, max_rcpts, policy)
+    }
+
+    /// `config_with(10_000, 5)` whose bare `<postmaster>` goes to `ops@example.net`.
+    fn config_with_postmaster() -> Arc<SessionConfig> {
+        let mut config = session_config(10_000, 5);
+        config.postmaster = Some(Mailbox::parse("ops@example.net").unwrap());
+        Arc::new(config)
     }
 
     /// A session fed by a test: keeps unconsumed input like a driver would, answers every
@@ -1181,7 +1198,7 @@ mod tests {
 
     #[test]
     fn mailboxes_kept_by_the_hooks_stay_as_they_were_shown() {
-        let mut h = Harness::local();
+        let mut h = Harness::new(config_with_postmaster(), "127.0.0.1:40000");
         h.feed(b"EHLO c\r\n");
         for _ in 0..2 {
             h.feed(b"MAIL FROM:<first.sender@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<c.longer.name@example.org>\r\nDATA\r\nx\r\n.\r\n");
@@ -1190,7 +1207,7 @@ mod tests {
         let once = [
             "first.sender@example.org",
             "b@example.org",
-            "postmaster@relay.test",
+            "ops@example.net",
             "c.longer.name@example.org",
         ];
         assert_eq!(shown, [once, once].concat());
@@ -1321,7 +1338,7 @@ mod tests {
 
     #[test]
     fn relay_policy_is_checked_at_rcpt() {
-        let mut outside = Harness::new(config_with(10_000, 5), "127.0.0.2:5000");
+        let mut outside = Harness::new(config_with_postmaster(), "127.0.0.2:5000");
         let codes = outside.codes(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<x@elsewhere.test>\r\nRCPT TO:<x@LOCAL.test>\r\nRCPT TO:<Postmaster>\r\n");
         assert_eq!(
             codes,
@@ -1343,6 +1360,61 @@ mod tests {
                 [3],
             "250 2.1.5"
         );
+    }
+
+    /// A bare `<postmaster>`, in any case, goes to the configured mailbox, from inside
+    /// and outside `mynetworks` alike (RFC 5321 §4.5.1), and the hooks see that mailbox;
+    /// `<postmaster@domain>` is an ordinary address.
+    #[test]
+    fn bare_postmaster_goes_to_the_configured_mailbox_from_anyone() {
+        for peer in ["127.0.0.1:40000", "192.0.2.7:40000"] {
+            let mut h = Harness::new(config_with_postmaster(), peer);
+            let replies = h.feed(
+                b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<PostMaster>\r\nDATA\r\nhi\r\n.\r\n",
+            );
+            assert!(
+                replies.contains("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 "),
+                "{peer}: {replies:?}"
+            );
+            let to: Vec<&str> = h.messages[0].to.iter().map(Mailbox::as_str).collect();
+            assert_eq!(to, ["ops@example.net", "ops@example.net"], "{peer}");
+            let shown: Vec<&str> = h.hooks.shown.iter().map(Mailbox::as_str).collect();
+            assert_eq!(shown[1..], ["ops@example.net", "ops@example.net"], "{peer}");
+        }
+        // With a domain it is an address like any other: outside, that is relaying.
+        let mut outside = Harness::new(config_with_postmaster(), "192.0.2.7:40000");
+        outside.feed(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+        assert_eq!(
+            outside.feed(b"RCPT TO:<postmaster@elsewhere.test>\r\n"),
+            "550 5.7.1 Relay access denied\r\n"
+        );
+    }
+
+    /// With no postmaster configured, a bare `<postmaster>` is refused at RCPT (not
+    /// accepted for a mailbox that reaches no one and then bounced), from anyone; the
+    /// transaction goes on.
+    #[test]
+    fn bare_postmaster_is_refused_when_none_is_configured() {
+        for peer in ["127.0.0.1:40000", "192.0.2.7:40000"] {
+            let mut h = Harness::new(config_with(10_000, 5), peer);
+            h.feed(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+            for rcpt in ["<Postmaster>", "<postmaster>", "<POSTMASTER>"] {
+                assert_eq!(
+                    h.feed(format!("RCPT TO:{rcpt}\r\n").as_bytes()),
+                    "550 5.1.1 <postmaster>: no postmaster mailbox is configured here\r\n",
+                    "{peer} {rcpt}"
+                );
+            }
+            assert_eq!(
+                h.feed(b"RCPT TO:<x@local.test>\r\n"),
+                "250 2.1.5 Ok\r\n",
+                "{peer}"
+            );
+            assert!(h.hooks.shown.iter().all(|m| m.local_part() != "postmaster"));
+            assert_eq!(h.codes(b"DATA\r\nhi\r\n.\r\n"), ["354", "250 2.0.0"]);
+            let to: Vec<&str> = h.messages[0].to.iter().map(Mailbox::as_str).collect();
+            assert_eq!(to, ["x@local.test"], "{peer}");
+        }
     }
 
     #[test]
