@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
+use crate::config::Config;
 use crate::smtp::{Envelope, Mailbox, Reply, ReversePath};
 
 /// What the server asks of you, mirroring the seed's "checks for spammers, ACLs" and "save
@@ -42,6 +43,12 @@ pub trait Handler: 'static {
     /// A message arrived whole. `Ok` answers `250 2.0.0 Ok: queued as ID`; `Err` sends its
     /// reply. Answer `Ok` only once the message is safe.
     fn on_message(&self, envelope: Envelope) -> impl Future<Output = Result<(), Reply>>;
+
+    /// The configuration was reloaded (SIGHUP): take what applies to new work (the relay:
+    /// routes, retry schedule, outbound TLS policy). Called on the shard's own thread.
+    fn on_reload(&self, config: &Config) {
+        let _ = config;
+    }
 
     /// The shard is stopping and its last session has ended: finish background work (the
     /// relay lets deliveries in flight complete). Bounded by the server: work still going

@@ -14,6 +14,7 @@ use ringrelay::config::{Config, IoMode};
 use ringrelay::observe::http::MetricsServer;
 use ringrelay::observe::metrics::Registry;
 use ringrelay::qmgr::{RelayConfig, RelayService};
+use ringrelay::server::ConfigSource;
 use ringrelay::server::Lifecycle;
 use ringrelay::sink::{SinkHandler, SinkTotals};
 use ringrelay::spool::control::{self, Outcome};
@@ -340,13 +341,13 @@ fn sd_notify(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let mut config = match Config::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return fail(2, &e.to_string()),
-    };
+/// The configuration `serve` runs with: the file, then the command line's overrides and
+/// the environment's A/B switches; validated, with the files it names checked. Also what
+/// SIGHUP reads again.
+fn serve_config(args: &ServeArgs) -> Result<Config, ringrelay::config::ConfigError> {
+    let mut config = Config::load(args.config.as_deref())?;
     if !args.listen.is_empty() {
-        config.listen = args.listen;
+        config.listen = args.listen.clone();
     }
     if let Some(n) = args.shards {
         config.shards = n;
@@ -354,28 +355,41 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(io) = args.io {
         config.io = io;
     }
-    if let Some(dir) = args.spool {
-        config.spool.dir = dir;
+    if let Some(dir) = &args.spool {
+        config.spool.dir = dir.clone();
     }
     for route in &args.route {
-        if let Err(e) = config.apply_route(route) {
-            return fail(2, &e.to_string());
-        }
+        config.apply_route(route)?;
     }
-    if let Some(smarthost) = args.smarthost {
-        config.delivery.smarthost = smarthost;
+    if let Some(smarthost) = &args.smarthost {
+        config.delivery.smarthost = smarthost.clone();
     }
-    config.delivery.nameservers.extend(args.nameserver);
-    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
-        config.tls.cert_file = cert;
-        config.tls.key_file = key;
+    config
+        .delivery
+        .nameservers
+        .extend(args.nameserver.iter().copied());
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls.cert_file = cert.clone();
+        config.tls.key_file = key.clone();
     }
     for warning in config.apply_env() {
         tracing::warn!("{warning}");
     }
-    if let Err(e) = config.validate().and_then(|()| config.check_files()) {
-        return fail(2, &e.to_string());
-    }
+    config.validate()?;
+    config.check_files()?;
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match serve_config(&args) {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e.to_string()),
+    };
+    let sink_mode = args.sink;
+    let reload_args = Arc::new(args);
+    let source = ConfigSource(Arc::new(move || {
+        serve_config(&reload_args).map_err(|e| e.to_string())
+    }));
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -407,8 +421,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         },
         None => None,
     };
-    let server = Server::new(config.clone()).with_metrics(registry.clone());
-    let result = if args.sink {
+    let server = Server::new(config.clone())
+        .with_metrics(registry.clone())
+        .reload_from(source);
+    let result = if sink_mode {
         let totals = Arc::new(SinkTotals::default());
         let shard_totals = Arc::clone(&totals);
         let r =

@@ -30,11 +30,31 @@ pub enum Lifecycle<'a> {
     Stopping,
 }
 
+/// Reads the configuration again for SIGHUP (the command line's: the file and its flags).
+#[derive(Clone)]
+pub struct ConfigSource(pub Arc<dyn Fn() -> Result<Config, String> + Send + Sync>);
+
+impl std::fmt::Debug for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigSource")
+    }
+}
+
 /// An SMTP server: listeners, shards and sessions, run with a [`Handler`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Server {
     config: Config,
     metrics: Registry,
+    source: Option<ConfigSource>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .field("reloadable", &self.source.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
@@ -43,7 +63,18 @@ impl Server {
         Server {
             config,
             metrics: Registry::new(),
+            source: None,
         }
+    }
+
+    /// On SIGHUP, [`Server::run`] calls `source` for the configuration to reload: what
+    /// can change in a running server does, for new connections and deliveries (relay
+    /// access, limits, timeouts, routes and delivery settings, the TLS certificate and
+    /// users); what needs a restart is logged as such; a configuration `source` refuses
+    /// (it validates) changes nothing. Without a source, SIGHUP reloads the TLS files only.
+    pub fn reload_from(mut self, source: ConfigSource) -> Self {
+        self.source = Some(source);
+        self
     }
 
     /// Counts into `metrics` (shard `i`'s counters are `metrics.shard_at(i)`, shared with
@@ -61,9 +92,13 @@ impl Server {
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         let shutdown_timeout = Duration::from_secs(self.config.limits.shutdown_timeout_secs);
+        let config = self.config.clone();
         let started = driver::start(self.config, self.metrics, make_handler)?;
         Ok(ServerHandle {
             phase: started.phase,
+            reloader: started.reload,
+            config: std::sync::Mutex::new(config),
+            source: self.source,
             security: started.security,
             threads: started.threads,
             local_addrs: started.local_addrs,
@@ -114,17 +149,7 @@ impl Server {
                 tokio::select! {
                     _ = term.recv() => break,
                     _ = int.recv() => break,
-                    _ = hup.recv() => match handle.reload_certificates() {
-                        Ok(true) => tracing::info!(
-                            "SIGHUP: TLS certificate and AUTH users reloaded for new connections; \
-                             listeners, spool and shards need a restart to change"
-                        ),
-                        Ok(false) => tracing::info!(
-                            "SIGHUP: nothing to reload (no TLS configured); listeners, spool \
-                             and shards need a restart to change"
-                        ),
-                        Err(e) => tracing::error!("SIGHUP: reload refused, the old certificate stays: {e}"),
-                    },
+                    _ = hup.recv() => handle.sighup(),
                 }
             }
         });
@@ -161,6 +186,10 @@ impl Server {
 #[derive(Debug)]
 pub struct ServerHandle {
     phase: watch::Sender<Phase>,
+    reloader: driver::Reloader,
+    /// The configuration in force (the last reloaded).
+    config: std::sync::Mutex<Config>,
+    source: Option<ConfigSource>,
     security: Option<Arc<Security>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     local_addrs: Vec<SocketAddr>,
@@ -181,6 +210,45 @@ impl ServerHandle {
         match &self.security {
             None => Ok(false),
             Some(security) => security.reload().map(|()| true),
+        }
+    }
+
+    /// Takes `new` (validated) in place of the configuration in force, for what can change
+    /// in a running server (see [`Server::reload_from`]). Returns the keys that changed
+    /// but need a restart; on an error nothing changes.
+    pub fn reload(&self, new: Config) -> Result<Vec<&'static str>, String> {
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let restart = self.reloader.apply(&current, new.clone())?;
+        *current = new;
+        Ok(restart)
+    }
+
+    /// What SIGHUP does: the configuration read again and reloaded (or only the TLS files
+    /// without a source), one log line saying what happened.
+    fn sighup(&self) {
+        let Some(source) = &self.source else {
+            match self.reload_certificates() {
+                Ok(true) => tracing::info!(
+                    "SIGHUP: TLS certificate and AUTH users reloaded for new connections"
+                ),
+                Ok(false) => tracing::info!("SIGHUP: nothing to reload"),
+                Err(e) => tracing::error!("SIGHUP: reload refused, the old certificate stays: {e}"),
+            }
+            return;
+        };
+        match (source.0)().and_then(|new| self.reload(new)) {
+            Ok(restart) if restart.is_empty() => tracing::info!(
+                "SIGHUP: configuration reloaded (relay access, limits, routes and delivery, TLS \
+                 certificate and users) for new connections and deliveries"
+            ),
+            Ok(restart) => tracing::warn!(
+                "SIGHUP: configuration reloaded for new connections and deliveries; changed but \
+                 needing a restart to take effect: {}",
+                restart.join(", ")
+            ),
+            Err(e) => {
+                tracing::error!("SIGHUP: reload refused, the running configuration stays: {e}")
+            }
         }
     }
 

@@ -439,7 +439,7 @@ fn sighup_reloads_the_certificate(io: &str) {
     std::fs::copy(&key_b, &t.key).expect("rotate key");
     t.relay.signal("HUP");
     wait_for(Duration::from_secs(10), "the reload's log line", || {
-        if t.relay.stderr().contains("SIGHUP: TLS certificate") {
+        if t.relay.stderr().contains("SIGHUP: configuration reloaded") {
             Ok(())
         } else {
             Err(t.relay.stderr())

@@ -24,8 +24,9 @@ pub(crate) enum CapExceeded {
 /// Shared connection counts.
 #[derive(Debug)]
 pub(crate) struct ConnectionCaps {
-    max_total: usize,
-    max_per_ip: usize,
+    /// The limits, changed by a reload (new connections see them).
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -33,8 +34,8 @@ pub(crate) struct ConnectionCaps {
 impl ConnectionCaps {
     pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(ConnectionCaps {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         })
@@ -43,7 +44,7 @@ impl ConnectionCaps {
     /// Takes a slot for a connection from `ip`, or says which cap is full.
     pub(crate) fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, CapExceeded> {
         let ip = ip.to_canonical();
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total.load(Ordering::Relaxed) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(CapExceeded::Total);
         }
@@ -51,7 +52,7 @@ impl ConnectionCaps {
         // still plain integers, so carry on with them.
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             drop(map);
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(CapExceeded::PerIp);
@@ -61,6 +62,12 @@ impl ConnectionCaps {
             caps: Arc::clone(self),
             ip,
         })
+    }
+
+    /// New limits (a reload); connections open beyond them stay.
+    pub(crate) fn set_limits(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     /// Connections open now.

@@ -103,14 +103,14 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut phase = shard.phase.clone();
     // Boxed: the session is most of the connection task's size, and a smaller task fits a
     // smaller allocator size class (10,000 idle connections).
-    let mut session = Box::new(Session::new(Arc::clone(&shard.session_config), peer));
+    let mut session = Box::new(Session::new(shard.session_config(), peer));
     let mut hooks = ShardHooks::new(&shard, peer);
     let mut buf = shard.pool.take();
     // Bytes that came behind a PROXY header, before our greeting.
     buf.extend_from_slice(&early);
     drop(early);
     // One timer for the connection's whole life, re-armed only when it fires early.
-    let mut sleep = pin!(tokio::time::sleep(shard.command_timeout));
+    let mut sleep = pin!(tokio::time::sleep(shard.command_timeout.get()));
     // The command timeout runs per command line, not per read (like Postfix's
     // `smtpd_per_record_deadline`): a client that dribbles a line a byte at a time gets no
     // more time than one that sends nothing.
@@ -150,7 +150,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             };
             // The write is pinned here rather than inside `send_timed`: one level of
             // future less in every connection's task (and so every idle connection smaller).
-            let due = write_due(sleep.as_mut(), shard.command_timeout);
+            let due = write_due(sleep.as_mut(), shard.command_timeout.get());
             let write = pin!(io.send_all(out));
             if !finish_write(&io, write, sleep.as_mut(), due).await {
                 break;
@@ -214,7 +214,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             continue;
         }
         let (want, timeout) = if session.in_data() {
-            (data_read, shard.data_timeout)
+            (data_read, shard.data_timeout.get())
         } else {
             data_read = DATA_READ_START;
             // `try_reclaim` sees the whole allocation (`capacity()` only what follows the
@@ -222,7 +222,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             if buf.is_empty() && buf.try_reclaim(SHRINK_ABOVE) {
                 buf = shard.pool.take();
             }
-            (COMMAND_READ, shard.command_timeout)
+            (COMMAND_READ, shard.command_timeout.get())
         };
         if buf.capacity() - buf.len() < want / 2 {
             buf.reserve(want);
@@ -245,7 +245,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         let target = match tls.as_mut() {
             None => std::mem::take(&mut buf),
             Some(layer) => {
-                layer.reserve();
+                layer.reserve(want);
                 std::mem::take(&mut layer.raw)
             }
         };
@@ -270,13 +270,16 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                 let mut reply = BytesMut::new();
                 let opened = layer.open(&mut buf, &mut reply);
                 if !reply.is_empty() {
-                    let due = write_due(sleep.as_mut(), shard.command_timeout);
+                    let due = write_due(sleep.as_mut(), shard.command_timeout.get());
                     if !finish_write(&io, pin!(io.send_all(reply)), sleep.as_mut(), due).await {
                         break;
                     }
                 }
                 if opened.is_err() || (layer.peer_closed() && buf.len() == before) {
                     break;
+                }
+                if !session.in_data() {
+                    layer.shrink();
                 }
                 Wake::Read(Ok(buf.len() - before), BytesMut::new())
             }
@@ -322,7 +325,13 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
                     None => out,
                     Some(layer) => layer.seal(&out).unwrap_or_default(),
                 };
-                Box::pin(send_timed(&io, out, sleep.as_mut(), shard.command_timeout)).await;
+                Box::pin(send_timed(
+                    &io,
+                    out,
+                    sleep.as_mut(),
+                    shard.command_timeout.get(),
+                ))
+                .await;
                 io.close_both();
                 let (_, b) = read.await;
                 match tls.as_mut() {
@@ -390,7 +399,7 @@ pub(crate) async fn serve_proxied<H: Handler, T: Transport>(
     let header = {
         // Counted as open while the header is awaited, so a shutdown waits for it.
         let _open = shard.connection_opened();
-        Box::pin(read_proxy_header(&io, shard.command_timeout)).await
+        Box::pin(read_proxy_header(&io, shard.command_timeout.get())).await
     };
     let (header, early) = match header {
         Ok(found) => found,
@@ -402,7 +411,7 @@ pub(crate) async fn serve_proxied<H: Handler, T: Transport>(
     };
     let client = header.client_address(balancer);
     if *shard.phase.borrow() != Phase::Running {
-        let reply = Reply::shutting_down(&shard.session_config.hostname);
+        let reply = Reply::shutting_down(&shard.session_config().hostname);
         super::shard::refuse(&shard, io, reply, None);
         return;
     }
@@ -410,7 +419,7 @@ pub(crate) async fn serve_proxied<H: Handler, T: Transport>(
         Ok(slot) => serve(shard, io, client, slot, ListenerKind::Proxy, early).await,
         Err(which) => {
             tracing::debug!(%client, %balancer, ?which, "connection refused: cap reached");
-            let reply = Reply::too_many_connections(&shard.session_config.hostname);
+            let reply = Reply::too_many_connections(&shard.session_config().hostname);
             super::shard::refuse(&shard, io, reply, None);
         }
     }
@@ -474,7 +483,7 @@ async fn start_tls<H: Handler, T: Transport>(
     peer: SocketAddr,
 ) -> Option<Box<TlsLayer>> {
     let security = shard.security.as_ref()?;
-    match secure::accept_tls(io, security, shard.command_timeout, buf).await {
+    match secure::accept_tls(io, security, shard.command_timeout.get(), buf).await {
         Ok(layer) => Some(Box::new(layer)),
         Err(why) => {
             tracing::info!(%peer, "{why}");

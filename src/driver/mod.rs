@@ -76,10 +76,91 @@ impl IoDriver {
 /// What [`start`] hands back.
 pub(crate) struct Started {
     pub(crate) phase: watch::Sender<Phase>,
+    pub(crate) reload: Reloader,
     pub(crate) security: Option<Arc<secure::Security>>,
     pub(crate) threads: Vec<JoinHandle<io::Result<()>>>,
     pub(crate) local_addrs: Vec<SocketAddr>,
     pub(crate) io: IoDriver,
+}
+
+/// The session configuration a configuration gives (TLS as the server started with it).
+fn session_config(config: &Config, tls_on: bool) -> SessionConfig {
+    let mut s = SessionConfig::new(
+        config.effective_hostname(),
+        config.limits.max_message_size,
+        config.limits.max_recipients,
+        config.relay_policy(),
+    )
+    .with_tls(tls_on, tls_on && config.auth.enabled());
+    s.max_errors = config.limits.max_errors;
+    s.postmaster = config.postmaster().unwrap_or(None);
+    s
+}
+
+/// Applies reloaded configurations to a running server.
+#[derive(Debug)]
+pub(crate) struct Reloader {
+    tx: watch::Sender<Option<shard::Reload>>,
+    shards: usize,
+    caps: Arc<caps::ConnectionCaps>,
+    security: Option<Arc<secure::Security>>,
+    tls_on: bool,
+}
+
+impl Reloader {
+    /// Takes `new` (validated) in place of `old` for what can change in a running server:
+    /// relay access, limits, timeouts, the TLS certificate and users, and (through each
+    /// shard's handler) routes and delivery settings. Returns the keys that changed but
+    /// need a restart. Nothing is applied if the certificate or users file is unusable.
+    pub(crate) fn apply(&self, old: &Config, new: Config) -> Result<Vec<&'static str>, String> {
+        let mut restart = Vec::new();
+        let mut note = |changed: bool, key: &'static str| {
+            if changed {
+                restart.push(key);
+            }
+        };
+        note(old.listen != new.listen, "listen");
+        note(
+            old.tls.implicit_listen != new.tls.implicit_listen,
+            "tls.implicit_listen",
+        );
+        note(old.proxy.listen != new.proxy.listen, "proxy.listen");
+        note(old.spool.dir != new.spool.dir, "spool.dir");
+        note(old.shards != new.shards, "shards");
+        note(old.io != new.io, "io");
+        note(old.metrics.listen != new.metrics.listen, "metrics.listen");
+        note(
+            old.effective_node_id() != new.effective_node_id(),
+            "node_id",
+        );
+        note(
+            new.tls.enabled() != self.tls_on,
+            "tls (turning TLS on or off)",
+        );
+        if let (Some(security), true) = (&self.security, new.tls.enabled()) {
+            security.reload_from(&new)?;
+        }
+        self.caps.set_limits(
+            new.limits.max_connections,
+            new.limits.max_connections_per_ip,
+        );
+        let session = Arc::new(session_config(&new, self.tls_on));
+        let applied = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        self.tx.send_replace(Some(shard::Reload {
+            config: Arc::new(new),
+            session,
+            applied: Arc::clone(&applied),
+        }));
+        // Each shard takes it on its own thread; wait (briefly) until all have, so that
+        // "reloaded" in the log means new connections get it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while applied.load(std::sync::atomic::Ordering::Acquire) < self.shards
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(restart)
+    }
 }
 
 /// Picks the driver for `mode`; `auto` falls back to epoll with one log line saying why.
@@ -119,19 +200,8 @@ where
     let proxy_trusted = Arc::new(config.proxy.trusted_nets());
     let security = secure::Security::load(&config).map_err(io::Error::other)?;
     let (listeners, local_addrs) = listener::bind_all(&addrs, shards)?;
-    let mut session_config = SessionConfig::new(
-        config.effective_hostname(),
-        config.limits.max_message_size,
-        config.limits.max_recipients,
-        config.relay_policy(),
-    )
-    .with_tls(
-        security.is_some(),
-        security.is_some() && config.auth.enabled(),
-    );
-    session_config.max_errors = config.limits.max_errors;
-    session_config.postmaster = config.postmaster().unwrap_or(None);
-    let session_config = Arc::new(session_config);
+    let session_config = Arc::new(session_config(&config, security.is_some()));
+    let (reload_tx, reload_rx) = watch::channel(None);
     let caps = caps::ConnectionCaps::new(
         config.limits.max_connections,
         config.limits.max_connections_per_ip,
@@ -166,6 +236,7 @@ where
             data_budget: Arc::clone(&data_budget),
             security: security.clone(),
             proxy_trusted: Arc::clone(&proxy_trusted),
+            reload: reload_rx.clone(),
             node_id: config.effective_node_id(),
             metrics: metrics.shard_at(index),
         };
@@ -214,6 +285,13 @@ where
     );
     Ok(Started {
         phase: phase_tx,
+        reload: Reloader {
+            tx: reload_tx,
+            shards,
+            caps,
+            security: security.clone(),
+            tls_on: security.is_some(),
+        },
         security,
         threads,
         local_addrs,

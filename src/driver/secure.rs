@@ -100,6 +100,25 @@ impl Security {
         Ok(())
     }
 
+    /// The same as [`Security::reload`], from the files a reloaded configuration names
+    /// (which may have moved).
+    pub(crate) fn reload_from(&self, config: &Config) -> Result<(), String> {
+        let t = &config.tls;
+        let server = tls::server_config(&t.cert_file, &t.key_file)
+            .map_err(|e| format!("tls.cert_file/tls.key_file: {e}"))?;
+        let users = if config.auth.enabled() {
+            Some(Arc::new(
+                Users::load(&config.auth.users_file)
+                    .map_err(|e| format!("auth.users_file: {e}"))?,
+            ))
+        } else {
+            None
+        };
+        *self.server.write().unwrap_or_else(|e| e.into_inner()) = server;
+        *self.users.write().unwrap_or_else(|e| e.into_inner()) = users;
+        Ok(())
+    }
+
     fn server_config(&self) -> Arc<ServerConfig> {
         Arc::clone(&self.server.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -177,10 +196,20 @@ impl TlsLayer {
         self.session.peer_closed()
     }
 
-    /// Makes room for one record's read into `raw`.
-    pub(crate) fn reserve(&mut self) {
-        if self.raw.capacity() - self.raw.len() < RECORD_READ / 2 {
-            self.raw.reserve(RECORD_READ);
+    /// Makes room for a read of about `want` bytes into `raw`. Small while commands are
+    /// awaited (an idle TLS connection then holds about 1 KiB here, not a whole record);
+    /// rustls takes partial records and keeps what it needs itself.
+    pub(crate) fn reserve(&mut self, want: usize) {
+        if self.raw.capacity() - self.raw.len() < want / 2 {
+            self.raw.reserve(want);
+        }
+    }
+
+    /// Lets go of a ciphertext buffer grown by a large read once it is empty, so an idle
+    /// connection does not keep it.
+    pub(crate) fn shrink(&mut self) {
+        if self.raw.is_empty() && self.raw.capacity() > 4 * 1024 {
+            self.raw = BytesMut::new();
         }
     }
 }
@@ -216,7 +245,7 @@ pub(crate) async fn accept_tls<T: Transport>(
             layer.raw = BytesMut::new();
             return Ok(layer);
         }
-        layer.reserve();
+        layer.reserve(RECORD_READ);
         let raw = std::mem::take(&mut layer.raw);
         let (result, raw) = read_until(io, raw, deadline).await;
         layer.raw = raw;

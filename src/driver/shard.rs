@@ -18,6 +18,7 @@ use super::caps::{CapExceeded, ConnectionCaps, ConnectionSlot, DataBudget};
 use super::conn::{self, Acceptor, Transport};
 use super::secure::Security;
 use super::{ListenerKind, Phase};
+use crate::config::Config;
 use crate::handler::Handler;
 use crate::id::{IdGenerator, QueueId};
 use crate::observe::metrics::{Rejection, ShardMetrics};
@@ -32,12 +33,13 @@ const HANDLER_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub(crate) struct Shard<H> {
     pub(crate) index: usize,
     pub(crate) handler: H,
-    pub(crate) session_config: Arc<SessionConfig>,
+    /// Replaced by a reload: new sessions get the new one.
+    session_config: RefCell<Arc<SessionConfig>>,
     pub(crate) pool: BufferPool,
     pub(crate) caps: Arc<ConnectionCaps>,
     pub(crate) phase: watch::Receiver<Phase>,
-    pub(crate) command_timeout: Duration,
-    pub(crate) data_timeout: Duration,
+    pub(crate) command_timeout: Cell<Duration>,
+    pub(crate) data_timeout: Cell<Duration>,
     /// Bytes the messages being received hold, server-wide, and the most they may.
     pub(crate) data_budget: Arc<DataBudget>,
     /// TLS certificate and AUTH users, when TLS is configured.
@@ -47,8 +49,19 @@ pub(crate) struct Shard<H> {
     /// This shard's counters (read by the metrics endpoint).
     pub(crate) metrics: Arc<ShardMetrics>,
     ids: RefCell<IdGenerator>,
+    /// Reloads to watch (taken by [`run`]).
+    reloads: RefCell<Option<watch::Receiver<Option<Reload>>>>,
     open: Cell<usize>,
     all_closed: Notify,
+}
+
+/// A reloaded configuration as the shards take it.
+#[derive(Clone, Debug)]
+pub(crate) struct Reload {
+    pub(crate) config: Arc<Config>,
+    pub(crate) session: Arc<SessionConfig>,
+    /// Shards that have taken it.
+    pub(crate) applied: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What a shard is built from (all `Send`, made on the starting thread).
@@ -62,6 +75,8 @@ pub(crate) struct ShardSettings {
     pub(crate) data_budget: Arc<DataBudget>,
     pub(crate) security: Option<Arc<Security>>,
     pub(crate) proxy_trusted: Arc<Vec<IpNet>>,
+    /// Reloaded configurations, with the session configuration made from each.
+    pub(crate) reload: watch::Receiver<Option<Reload>>,
     /// This node's number, in queue IDs.
     pub(crate) node_id: u16,
     /// This shard's counters.
@@ -73,19 +88,20 @@ impl<H: Handler> Shard<H> {
         Rc::new(Shard {
             index: settings.index,
             handler,
-            session_config: settings.session_config,
+            session_config: RefCell::new(settings.session_config),
             // Command-sized buffers only: one grown by DATA is dropped, not pooled, so
             // a new (often idle) connection never inherits 64 KiB.
             pool: BufferPool::new(1024, 4096, 4 * 1024),
             caps: settings.caps,
             phase: settings.phase,
-            command_timeout: settings.command_timeout,
-            data_timeout: settings.data_timeout,
+            command_timeout: Cell::new(settings.command_timeout),
+            data_timeout: Cell::new(settings.data_timeout),
             data_budget: settings.data_budget,
             security: settings.security,
             proxy_trusted: settings.proxy_trusted,
             metrics: settings.metrics,
             ids: RefCell::new(IdGenerator::for_node(settings.node_id, settings.index)),
+            reloads: RefCell::new(Some(settings.reload)),
             open: Cell::new(0),
             all_closed: Notify::new(),
         })
@@ -99,6 +115,22 @@ impl<H: Handler> Shard<H> {
             shard: Rc::clone(self),
             data_held: 0,
         }
+    }
+
+    /// The session configuration new connections get.
+    pub(crate) fn session_config(&self) -> Arc<SessionConfig> {
+        Arc::clone(&self.session_config.borrow())
+    }
+
+    /// A reload, on this shard's own thread: new sessions get `session`, every wait the
+    /// new timeouts, and the handler its say.
+    fn reload(&self, config: &Config, session: Arc<SessionConfig>) {
+        *self.session_config.borrow_mut() = session;
+        self.command_timeout
+            .set(Duration::from_secs(config.limits.command_timeout_secs));
+        self.data_timeout
+            .set(Duration::from_secs(config.limits.data_timeout_secs));
+        self.handler.on_reload(config);
     }
 
     fn phase_now(&self) -> Phase {
@@ -196,6 +228,18 @@ pub(crate) async fn run<H: Handler, A: Acceptor>(
             tokio::task::spawn_local(accept_loop(Rc::clone(&shard), Rc::clone(a), *kind))
         })
         .collect();
+    if let Some(mut reloads) = shard.reloads.borrow_mut().take() {
+        let shard = Rc::clone(&shard);
+        tokio::task::spawn_local(async move {
+            while reloads.changed().await.is_ok() {
+                let reload = reloads.borrow_and_update().clone();
+                if let Some(r) = reload {
+                    shard.reload(&r.config, r.session);
+                    r.applied.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+            }
+        });
+    }
     let mut phase = shard.phase.clone();
     while *phase.borrow_and_update() == Phase::Running {
         if phase.changed().await.is_err() {
@@ -214,7 +258,7 @@ pub(crate) async fn run<H: Handler, A: Acceptor>(
         shard.all_closed.notified().await;
     }
     // Background work (deliveries in flight) gets a short, bounded chance to finish.
-    let grace = shard.command_timeout.min(HANDLER_SHUTDOWN_GRACE);
+    let grace = shard.command_timeout.get().min(HANDLER_SHUTDOWN_GRACE);
     if tokio::time::timeout(grace, shard.handler.on_shutdown())
         .await
         .is_err()
@@ -256,7 +300,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(
                     continue;
                 }
                 if shard.phase_now() != Phase::Running {
-                    let reply = Reply::shutting_down(&shard.session_config.hostname);
+                    let reply = Reply::shutting_down(&shard.session_config().hostname);
                     refuse(&shard, conn, reply, None);
                     continue;
                 }
@@ -279,7 +323,7 @@ async fn accept_loop<H: Handler, A: Acceptor>(
                     Err(which) => {
                         shard.metrics.reject(Rejection::ConnectionCap);
                         tracing::info!(%peer, ?which, "connection refused: cap reached");
-                        let host = &shard.session_config.hostname;
+                        let host = &shard.session_config().hostname;
                         let reply = match which {
                             CapExceeded::Total | CapExceeded::PerIp => {
                                 Reply::too_many_connections(host)
@@ -314,7 +358,7 @@ pub(crate) fn refuse<H: Handler, T: conn::Transport>(
     held: Option<ConnectionSlot>,
 ) {
     let open = shard.connection_opened();
-    let timeout = shard.command_timeout;
+    let timeout = shard.command_timeout.get();
     tokio::task::spawn_local(async move {
         conn::refuse(conn, reply, timeout).await;
         drop((open, held));

@@ -48,6 +48,9 @@ fn by_domain(rcpts: &[Mailbox], pending: &[u32]) -> Vec<(String, Vec<u32>)> {
 /// failed, and the outcome recorded.
 pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
     let started = Instant::now();
+    // This attempt keeps the routes and settings it started with, whatever a reload does.
+    let outbound = shard.outbound();
+    let config = shard.config();
     let data = match entry.data.take() {
         Some(d) => d,
         None => match shard.spool.read(&entry.msg.location) {
@@ -63,7 +66,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
     let mut last_error: Option<String> = None;
     let mut failed: Vec<Failure> = Vec::new();
     for (domain, indexes) in by_domain(&entry.msg.rcpts, &entry.msg.pending) {
-        let targets = match shard.outbound.plan(&domain).await {
+        let targets = match outbound.plan(&domain).await {
             Plan::Targets(t) => t,
             Plan::Fail(reply) => {
                 for &i in &indexes {
@@ -97,7 +100,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
             data: data.clone(),
             eight_bit: entry.msg.eight_bit,
         };
-        let (hop, outcomes) = shard.outbound.deliver(&domain, &targets, outgoing).await;
+        let (hop, outcomes) = outbound.deliver(&domain, &targets, outgoing).await;
         let host = &hop.host;
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&index) = indexes.get(k) else { break };
@@ -146,7 +149,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
     let age = SystemTime::now()
         .duration_since(entry.msg.arrival)
         .unwrap_or_default();
-    if !still_pending.is_empty() && age >= shard.config.max_queue_age {
+    if !still_pending.is_empty() && age >= config.max_queue_age {
         let why = last_error
             .clone()
             .unwrap_or_else(|| "no delivery attempt succeeded".into());
@@ -243,7 +246,7 @@ fn report(
 /// Back into the queue, due after the next step of the retry schedule.
 fn reschedule(shard: &Shard, mut entry: Entry) {
     entry.count_attempt();
-    let delay = retry_delay(&shard.config.retry_schedule, entry.attempts);
+    let delay = retry_delay(&shard.config().retry_schedule, entry.attempts);
     tracing::debug!(
         id = %entry.id(),
         "deferred for {} s: {}",
@@ -258,10 +261,8 @@ fn reschedule(shard: &Shard, mut entry: Entry) {
 /// or none when that is empty; never about mail to the postmaster, which would go where
 /// delivery just failed. True when there is nothing more to do for them.
 async fn bounce(shard: &Shard, entry: &Entry, data: &Bytes, failed: &[Failure]) -> bool {
-    let (sender, failed): (&Mailbox, Vec<&Failure>) = match (
-        &entry.msg.from,
-        &shard.config.postmaster,
-    ) {
+    let config = shard.config();
+    let (sender, failed): (&Mailbox, Vec<&Failure>) = match (&entry.msg.from, &config.postmaster) {
         (ReversePath::Mailbox(sender), _) => (sender, failed.iter().collect()),
         (ReversePath::Null, None) => {
             tracing::info!(id = %entry.id(), "not bouncing a message from <>: {} recipient(s) failed (no relay.postmaster for double bounces)", failed.len());
@@ -300,7 +301,7 @@ async fn bounce(shard: &Shard, entry: &Entry, data: &Bytes, failed: &[Failure]) 
         .collect();
     let unique = id.to_string();
     let message = dsn::build_bounce(&dsn::BounceInput {
-        reporting_mta: &shard.config.hostname,
+        reporting_mta: &shard.config().hostname,
         original_id: entry.id(),
         to: sender,
         arrival: entry.msg.arrival,

@@ -118,8 +118,8 @@ impl RelayService {
         }
         let shard = Rc::new(Shard {
             index: shard,
-            outbound: Outbound::new(shard, &self.config.outbound),
-            config: Arc::clone(&self.config),
+            outbound: RefCell::new(Rc::new(Outbound::new(shard, &self.config.outbound))),
+            config: RefCell::new(Arc::clone(&self.config)),
             spool,
             queue: RefCell::new(queue),
             wake: Notify::new(),
@@ -143,9 +143,11 @@ impl RelayService {
 /// One shard's relay state, shared by its sessions and its delivery tasks.
 pub(crate) struct Shard {
     index: usize,
-    config: Arc<RelayConfig>,
+    /// Replaced by a reload; an attempt keeps the one it started with.
+    config: RefCell<Arc<RelayConfig>>,
     spool: Spool,
-    outbound: Outbound,
+    /// Replaced by a reload (routes, TLS policy, pools); an attempt keeps its own.
+    outbound: RefCell<Rc<Outbound>>,
     queue: RefCell<Queue>,
     wake: Notify,
     in_flight: Cell<usize>,
@@ -161,6 +163,28 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
+    /// The relay settings in force.
+    fn config(&self) -> Arc<RelayConfig> {
+        Arc::clone(&self.config.borrow())
+    }
+
+    /// The outbound side in force.
+    fn outbound(&self) -> Rc<Outbound> {
+        Rc::clone(&self.outbound.borrow())
+    }
+
+    /// A reloaded configuration: new attempts use its routes, schedule and delivery
+    /// settings (the spool, the node number and the counters stay).
+    fn reload(&self, config: &Config) {
+        let old = self.config();
+        let mut new = RelayConfig::from_config(config);
+        new.metrics = old.metrics.clone();
+        new.node_id = old.node_id;
+        new.ab = old.ab;
+        *self.outbound.borrow_mut() = Rc::new(Outbound::new(self.index, &new.outbound));
+        *self.config.borrow_mut() = Arc::new(new);
+        self.wake.notify_one();
+    }
     /// Queues a message the spool has just accepted, and wakes the worker.
     fn enqueue(&self, entry: Entry) {
         self.queue.borrow_mut().push_ready(entry);
@@ -266,6 +290,10 @@ pub struct RelayHandler {
 }
 
 impl Handler for RelayHandler {
+    fn on_reload(&self, config: &Config) {
+        self.shard.reload(config);
+    }
+
     /// No new deliveries; those in flight finish and record their outcomes, so a restart
     /// does not deliver them again.
     async fn on_shutdown(&self) {

@@ -30,7 +30,7 @@ pub(crate) async fn run(shard: Rc<Shard>) {
             _ = shard.wake.notified() => {}
             _ = tokio::time::sleep_until(sleep_until.into()) => {}
             _ = tidy.tick() => {
-                shard.outbound.tidy();
+                shard.outbound().tidy();
                 shard.spool.tidy();
                 let queue = shard.queue.borrow();
                 shard.metrics.queue_messages.set((queue.len() + shard.in_flight.get()) as u64);

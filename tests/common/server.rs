@@ -281,6 +281,11 @@ impl Relay {
         c
     }
 
+    /// The configuration file it was started with (rewrite it, then SIGHUP, to reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("ringrelay.toml")
+    }
+
     /// Sends a signal by name (`TERM`, `INT`, `KILL`) with `kill(1)`.
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
