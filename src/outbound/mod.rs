@@ -9,10 +9,13 @@
 //! - [`pool`]: per-shard pools of open connections, on the shard's own I/O driver, with
 //!   STARTTLS at Postfix's levels (`delivery.tls`, `delivery.tls_policy`) and AUTH to the
 //!   smarthost.
+//! - [`health`]: next hops that are down (refused, timed out, failed greeting), per shard:
+//!   no connection to them until a probe is due.
 //! - [`dsn`]: bounce messages (RFC 3464).
 
 pub mod dns;
 pub mod dsn;
+pub mod health;
 pub mod mx;
 pub mod pool;
 pub mod route;
@@ -100,6 +103,18 @@ impl TlsPolicy {
     }
 }
 
+/// Longest time a next hop that failed is left alone (see [`health`]).
+const MAX_DOWN_FOR: Duration = Duration::from_secs(60);
+
+/// How long a failed next hop is down: the first step of the retry schedule, at most
+/// [`MAX_DOWN_FOR`]. A message deferred because the hop is down comes back after at least
+/// that step, so it finds the hop ready to be probed.
+fn down_for(retry_schedule_secs: &[u64]) -> Duration {
+    retry_schedule_secs
+        .first()
+        .map_or(MAX_DOWN_FOR, |&s| Duration::from_secs(s).min(MAX_DOWN_FOR))
+}
+
 /// The smarthost password: the first line of `path`, which must not be empty.
 fn read_password(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
@@ -134,6 +149,7 @@ impl OutboundConfig {
                 tls_handshake_timeout: Duration::from_secs(60),
                 tls_fallback: Duration::from_secs(300),
                 tls_ca_file: (!d.tls_ca_file.as_os_str().is_empty()).then(|| d.tls_ca_file.clone()),
+                down_for: down_for(&d.retry_schedule_secs),
             },
             resolver: ResolverConfig::from_config(config),
             tls: TlsPolicy {
@@ -208,7 +224,10 @@ impl Outbound {
 
     /// Tries the targets of `domain`'s mail in order until one takes the transaction:
     /// connection failures, refused greetings and TLS or AUTH that could not be had move on
-    /// to the next address (at least two are tried when there are two). The TLS level is
+    /// to the next address (at least two are tried when there are two). An address that is
+    /// down ([`health`]) is skipped without a connection, and does not count against the
+    /// limit of addresses tried; if all are down, the recipients are deferred with the
+    /// down reply (`451 4.4.1 next hop ADDR is down …`). The TLS level is
     /// `domain`'s; the smarthost's credentials go only to the smarthost. At `may`, an
     /// address whose TLS handshake fails is tried again at once in plaintext. Returns the
     /// host that answered (or the last one tried) and one outcome per recipient.
@@ -246,7 +265,11 @@ impl Outbound {
             HopUsed::named("(none)"),
             Reply::new(451, "4.4.1 no address to deliver to"),
         );
-        for target in targets.iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
+        let mut tried = 0;
+        for target in targets {
+            if tried == MAX_ADDRESSES_PER_ATTEMPT {
+                break;
+            }
             let hop = Hop {
                 addr: target.addr,
                 host: &target.host,
@@ -261,6 +284,9 @@ impl Outbound {
             let mut conn = match checkout {
                 Ok(c) => c,
                 Err(e) => {
+                    if !e.down {
+                        tried += 1;
+                    }
                     last = (HopUsed::at(target), e.reply);
                     continue;
                 }

@@ -45,6 +45,7 @@ use rustls::client::Resumption;
 use rustls::ClientConfig;
 use tokio::sync::Notify;
 
+use super::health::{self, Health, Verdict};
 use crate::driver::outbound::{Stream, Timed};
 use crate::smtp::client::{Client, ClientEvent, Credentials};
 use crate::smtp::Reply;
@@ -80,6 +81,9 @@ pub struct PoolConfig {
     pub tls_fallback: Duration,
     /// More trust anchors for `verify` (`delivery.tls_ca_file`).
     pub tls_ca_file: Option<PathBuf>,
+    /// An address that refused, timed out or failed its greeting is not connected to for
+    /// this long (see [`health`]).
+    pub down_for: Duration,
 }
 
 /// One address of a next hop, and what delivery there asks for.
@@ -105,6 +109,32 @@ pub struct ConnectError {
     /// The TLS handshake failed at `may`: the address now gets plaintext (for a while), and
     /// the caller may try it again at once.
     pub retry_in_plaintext: bool,
+    /// No connection was attempted: the address is down (see [`health`]).
+    pub down: bool,
+    /// What the attempt says about the address's health.
+    outcome: health::Outcome,
+}
+
+impl ConnectError {
+    /// An attempt that says nothing about the address being up or down.
+    fn inconclusive(reply: Reply) -> ConnectError {
+        ConnectError {
+            reply,
+            retry_in_plaintext: false,
+            down: false,
+            outcome: health::Outcome::Inconclusive,
+        }
+    }
+
+    /// The address refused, timed out or failed its greeting: `why` says which.
+    fn failed(addr: SocketAddr, why: String) -> ConnectError {
+        ConnectError {
+            reply: Reply::new(451, format!("4.4.1 {addr}: {why}")),
+            retry_in_plaintext: false,
+            down: false,
+            outcome: health::Outcome::Failed(why),
+        }
+    }
 }
 
 /// What a pooled connection was opened for: connections are shared only between
@@ -274,6 +304,44 @@ pub struct Pool {
     destinations: RefCell<HashMap<Key, Destination>>,
     /// Addresses whose TLS handshake failed at `may`: plaintext for them until then.
     plaintext_until: RefCell<HashMap<SocketAddr, Instant>>,
+    /// Which addresses are down, and trials under way.
+    health: RefCell<Health>,
+}
+
+/// Ends a trial connection on every path: with its outcome, or abandoned if dropped.
+struct TrialGuard<'a> {
+    health: &'a RefCell<Health>,
+    addr: SocketAddr,
+    active: bool,
+}
+
+impl TrialGuard<'_> {
+    fn end(mut self, outcome: health::Outcome, host: &str) {
+        self.active = false;
+        let reason = match &outcome {
+            health::Outcome::Failed(why) => Some(why.clone()),
+            _ => None,
+        };
+        let newly_down = self
+            .health
+            .borrow_mut()
+            .ended(self.addr, outcome, Instant::now());
+        if let (true, Some(why)) = (newly_down, reason) {
+            tracing::warn!(
+                "{} ({host}) is down: {why}; no connections to it for the next {} s but one probe then",
+                self.addr,
+                self.health.borrow().down_for().as_secs()
+            );
+        }
+    }
+}
+
+impl Drop for TrialGuard<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            self.health.borrow_mut().abandon_trial(self.addr);
+        }
+    }
 }
 
 impl Pool {
@@ -281,6 +349,7 @@ impl Pool {
     pub fn new(config: PoolConfig) -> Self {
         let tls = TlsConfigs::new(config.tls_ca_file.as_deref());
         Pool {
+            health: RefCell::new(Health::new(config.down_for)),
             config,
             tls,
             destinations: RefCell::new(HashMap::new()),
@@ -297,10 +366,14 @@ impl Pool {
     /// one freed. Connections are keyed by address and security, so domains whose mail
     /// goes to the same host the same way share them. `Err` says why none could be made
     /// (the caller tries the next address, or defers).
+    ///
+    /// No connection is made to an address that is down ([`health`]): `Err` with `down`
+    /// set at once. While nothing is known of an address, one connection at a time is
+    /// made to it (a trial); other checkouts wait for its outcome.
     pub async fn checkout(&self, hop: &Hop<'_>) -> Result<Conn, ConnectError> {
         let key = Key::of(hop);
-        loop {
-            let freed = {
+        let trial = loop {
+            let wait = {
                 let mut dests = self.destinations.borrow_mut();
                 let d = dests.entry(key.clone()).or_default();
                 while let Some(conn) = d.idle.pop() {
@@ -309,19 +382,49 @@ impl Pool {
                     }
                     d.open -= 1;
                 }
-                if d.open < self.config.max_per_destination {
-                    d.open += 1;
-                    None
-                } else {
-                    Some(Rc::clone(&d.freed))
+                let now = Instant::now();
+                let verdict = self.health.borrow().peek(hop.addr, now);
+                match verdict {
+                    Verdict::Down(down) => {
+                        return Err(ConnectError {
+                            reply: down.reply(),
+                            retry_in_plaintext: false,
+                            down: true,
+                            outcome: health::Outcome::Inconclusive,
+                        })
+                    }
+                    Verdict::Wait(trial) => Some(trial),
+                    Verdict::Connect | Verdict::Trial => {
+                        if d.open < self.config.max_per_destination {
+                            d.open += 1;
+                            // No await since the peek: the verdict still holds.
+                            let trial = matches!(
+                                self.health.borrow_mut().check(hop.addr, now),
+                                Verdict::Trial
+                            );
+                            break trial;
+                        }
+                        Some(Rc::clone(&d.freed))
+                    }
                 }
             };
-            match freed {
-                Some(freed) => freed.notified().await,
-                None => break,
+            if let Some(wait) = wait {
+                wait.notified().await;
             }
-        }
+        };
+        let guard = TrialGuard {
+            health: &self.health,
+            addr: hop.addr,
+            active: trial,
+        };
         let result = self.connect(hop, key.clone()).await;
+        let outcome = match &result {
+            Ok(_) => health::Outcome::Up,
+            Err(e) => e.outcome.clone(),
+        };
+        if trial || !matches!(outcome, health::Outcome::Inconclusive) {
+            guard.end(outcome, hop.host);
+        }
         if result.is_err() {
             self.release(&key);
         }
@@ -366,6 +469,7 @@ impl Pool {
         self.plaintext_until
             .borrow_mut()
             .retain(|_, until| *until > now);
+        self.health.borrow_mut().tidy(now);
     }
 
     fn release(&self, key: &Key) {
@@ -421,20 +525,18 @@ impl Pool {
     /// for with the socket's own timeout rule.
     async fn connect(&self, hop: &Hop<'_>, key: Key) -> Result<Conn, ConnectError> {
         let addr = hop.addr;
-        let unusable = |why: String| ConnectError {
-            reply: Reply::new(451, format!("4.4.1 {why}")),
-            retry_in_plaintext: false,
-        };
         let level = self.effective_level(hop);
-        let tls_config = self.tls.for_level(level).map_err(|why| ConnectError {
-            reply: Reply::new(451, format!("4.7.5 {addr}: cannot use TLS: {why}")),
-            retry_in_plaintext: false,
+        let tls_config = self.tls.for_level(level).map_err(|why| {
+            ConnectError::inconclusive(Reply::new(
+                451,
+                format!("4.7.5 {addr}: cannot use TLS: {why}"),
+            ))
         })?;
         let start = Instant::now();
         let stream = tokio::time::timeout(self.config.connect_timeout, Stream::connect(addr))
             .await
-            .map_err(|_| unusable(format!("timeout connecting to {addr}")))?
-            .map_err(|e| unusable(format!("cannot connect to {addr}: {e}")))?;
+            .map_err(|_| ConnectError::failed(addr, "timeout connecting".into()))?
+            .map_err(|e| ConnectError::failed(addr, format!("cannot connect: {e}")))?;
         tracing::trace!("connected to {addr} on {}", stream.driver());
         let mut client = Client::new(&self.config.helo).with_tls(level);
         if let Some(credentials) = hop.auth {
@@ -473,8 +575,11 @@ impl Pool {
                             tracing::warn!("{addr} ({}): {why}", hop.host);
                         }
                         return Err(ConnectError {
-                            reply: Reply::new(451, format!("4.7.5 {addr}: {why}")),
                             retry_in_plaintext: fall_back,
+                            ..ConnectError::inconclusive(Reply::new(
+                                451,
+                                format!("4.7.5 {addr}: {why}"),
+                            ))
                         });
                     }
                     if let Some(tls) = conn.tls.as_deref() {
@@ -505,16 +610,19 @@ impl Pool {
                     return Err(match security {
                         Some((code, status)) => {
                             tracing::warn!("{addr} ({}): {reason}", hop.host);
-                            ConnectError {
-                                reply: Reply::new(code, format!("{status} {addr}: {reason}")),
-                                retry_in_plaintext: false,
-                            }
+                            ConnectError::inconclusive(Reply::new(
+                                code,
+                                format!("{status} {addr}: {reason}"),
+                            ))
                         }
-                        None => unusable(format!("{addr}: {reason}")),
+                        None => ConnectError::failed(addr, reason),
                     });
                 }
                 ClientEvent::Delivered(_) => {
-                    return Err(unusable(format!("{addr}: unexpected delivery event")))
+                    return Err(ConnectError::inconclusive(Reply::new(
+                        451,
+                        format!("4.4.1 {addr}: unexpected delivery event"),
+                    )))
                 }
             }
         }
