@@ -46,6 +46,7 @@ use rustls::ClientConfig;
 use tokio::sync::Notify;
 
 use super::health::{self, Health, Verdict};
+use super::shaping::{is_throttle_reply, Budget, Slot, BUDGET_POLL};
 use crate::driver::outbound::{Stream, Timed};
 use crate::smtp::client::{Client, ClientEvent, Credentials};
 use crate::smtp::Reply;
@@ -98,6 +99,9 @@ pub struct Hop<'a> {
     pub level: TlsLevel,
     /// AUTH with these (the smarthost's), only over TLS.
     pub auth: Option<&'a Arc<Credentials>>,
+    /// The shaped destination domain's budget (`delivery.shaping`): a connection opened
+    /// under it carries only that domain's mail.
+    pub budget: Option<&'a Arc<Budget>>,
 }
 
 /// Why no connection could be had.
@@ -111,6 +115,9 @@ pub struct ConnectError {
     pub retry_in_plaintext: bool,
     /// No connection was attempted: the address is down (see [`health`]).
     pub down: bool,
+    /// The next hop said "too many" connections or messages
+    /// ([`super::shaping::is_throttle_reply`]).
+    pub throttled: bool,
     /// What the attempt says about the address's health.
     outcome: health::Outcome,
 }
@@ -122,6 +129,7 @@ impl ConnectError {
             reply,
             retry_in_plaintext: false,
             down: false,
+            throttled: false,
             outcome: health::Outcome::Inconclusive,
         }
     }
@@ -132,6 +140,7 @@ impl ConnectError {
             reply: Reply::new(451, format!("4.4.1 {addr}: {why}")),
             retry_in_plaintext: false,
             down: false,
+            throttled: false,
             outcome: health::Outcome::Failed(why),
         }
     }
@@ -148,6 +157,8 @@ struct Key {
     verified_name: Option<Box<str>>,
     /// Authenticated as the smarthost's user.
     auth: bool,
+    /// The shaped domain whose budget it was opened under.
+    shaped: Option<Box<str>>,
 }
 
 impl Key {
@@ -157,6 +168,7 @@ impl Key {
             level: hop.level.name(),
             verified_name: (hop.level == TlsLevel::Verify).then(|| server_name(hop).into()),
             auth: hop.auth.is_some(),
+            shaped: hop.budget.map(|b| b.domain().into()),
         }
     }
 }
@@ -288,6 +300,10 @@ pub struct Conn {
     chunks: VecDeque<Bytes>,
     last_used: Instant,
     key: Key,
+    /// Its share of a shaped domain's budget.
+    slot: Option<Slot>,
+    /// Messages started on it.
+    messages: usize,
 }
 
 #[derive(Default)]
@@ -295,6 +311,18 @@ struct Destination {
     idle: Vec<Conn>,
     open: usize,
     freed: Rc<Notify>,
+    /// Checkouts of this shard waiting for one of these connections.
+    waiting: usize,
+}
+
+/// What a checkout waits for before it looks again.
+enum Wait {
+    /// A trial connection's outcome.
+    Trial(Rc<Notify>),
+    /// A connection of this shard's to be freed.
+    Freed(Rc<Notify>),
+    /// The same, or a slot in the domain's budget (polled: other shards free them).
+    Budget(Rc<Notify>, Arc<Budget>),
 }
 
 /// The shard's pool.
@@ -372,7 +400,7 @@ impl Pool {
     /// made to it (a trial); other checkouts wait for its outcome.
     pub async fn checkout(&self, hop: &Hop<'_>) -> Result<Conn, ConnectError> {
         let key = Key::of(hop);
-        let trial = loop {
+        let (trial, slot) = loop {
             let wait = {
                 let mut dests = self.destinations.borrow_mut();
                 let d = dests.entry(key.clone()).or_default();
@@ -390,26 +418,49 @@ impl Pool {
                             reply: down.reply(),
                             retry_in_plaintext: false,
                             down: true,
+                            throttled: false,
                             outcome: health::Outcome::Inconclusive,
                         })
                     }
-                    Verdict::Wait(trial) => Some(trial),
+                    Verdict::Wait(trial) => Wait::Trial(trial),
                     Verdict::Connect | Verdict::Trial => {
                         if d.open < self.config.max_per_destination {
-                            d.open += 1;
-                            // No await since the peek: the verdict still holds.
-                            let trial = matches!(
-                                self.health.borrow_mut().check(hop.addr, now),
-                                Verdict::Trial
-                            );
-                            break trial;
+                            let slot = hop.budget.map(|b| (b, b.try_open()));
+                            match slot {
+                                Some((budget, None)) => {
+                                    d.waiting += 1;
+                                    Wait::Budget(Rc::clone(&d.freed), Arc::clone(budget))
+                                }
+                                Some((_, Some(slot))) => {
+                                    d.open += 1;
+                                    break (self.begin(hop.addr, now), Some(slot));
+                                }
+                                None => {
+                                    d.open += 1;
+                                    break (self.begin(hop.addr, now), None);
+                                }
+                            }
+                        } else {
+                            d.waiting += 1;
+                            Wait::Freed(Rc::clone(&d.freed))
                         }
-                        Some(Rc::clone(&d.freed))
                     }
                 }
             };
-            if let Some(wait) = wait {
-                wait.notified().await;
+            match wait {
+                Wait::Trial(trial) => trial.notified().await,
+                Wait::Freed(freed) => {
+                    freed.notified().await;
+                    self.stop_waiting(&key);
+                }
+                Wait::Budget(freed, budget) => {
+                    let _waiter = budget.waiter();
+                    tokio::select! {
+                        _ = freed.notified() => {}
+                        _ = tokio::time::sleep(BUDGET_POLL) => {}
+                    }
+                    self.stop_waiting(&key);
+                }
             }
         };
         let guard = TrialGuard {
@@ -417,7 +468,10 @@ impl Pool {
             addr: hop.addr,
             active: trial,
         };
-        let result = self.connect(hop, key.clone()).await;
+        let mut result = self.connect(hop, key.clone()).await;
+        if let Ok(conn) = &mut result {
+            conn.slot = slot;
+        }
         let outcome = match &result {
             Ok(_) => health::Outcome::Up,
             Err(e) => e.outcome.clone(),
@@ -432,15 +486,56 @@ impl Pool {
     }
 
     /// Gives a connection back: kept if it can take another message, else closed.
+    ///
+    /// Under a shaped domain's budget it is closed instead (with QUIT) when it has carried
+    /// `max_messages_per_connection`, when the domain's limit was lowered below what is
+    /// open, or when checkouts elsewhere wait for the budget and none here for this
+    /// connection: an idle connection must not keep another shard waiting.
     pub fn checkin(&self, mut conn: Conn) {
-        if conn.client.is_ready() {
-            conn.last_used = Instant::now();
-            let mut dests = self.destinations.borrow_mut();
-            let d = dests.entry(conn.key.clone()).or_default();
+        if !conn.client.is_ready() {
+            self.release(&conn.key);
+            return;
+        }
+        conn.last_used = Instant::now();
+        let mut dests = self.destinations.borrow_mut();
+        let d = dests.entry(conn.key.clone()).or_default();
+        let retire = conn.slot.as_ref().is_some_and(|slot| {
+            let budget = slot.budget();
+            let per_conn = budget.max_messages_per_connection();
+            (per_conn > 0 && conn.messages >= per_conn)
+                || budget.over_limit()
+                || (budget.has_waiters() && d.waiting == 0)
+        });
+        if retire {
+            d.open = d.open.saturating_sub(1);
+            d.freed.notify_one();
+            drop(dests);
+            self.quit_in_background(conn);
+        } else {
             d.idle.push(conn);
             d.freed.notify_one();
-        } else {
-            self.release(&conn.key);
+        }
+    }
+
+    /// Ends a connection politely (QUIT, its reply awaited briefly) in a task of its own;
+    /// its budget slot is given back when that ends.
+    fn quit_in_background(&self, mut conn: Conn) {
+        let timeout = self.config.reply_timeout;
+        tokio::task::spawn_local(async move {
+            conn.client.quit();
+            let _ = tokio::time::timeout(timeout, conn.run_until_event(timeout)).await;
+        });
+    }
+
+    /// Starts a trial connection to `addr` if nothing is known of it (see [`health`]):
+    /// true if this is one.
+    fn begin(&self, addr: SocketAddr, now: Instant) -> bool {
+        matches!(self.health.borrow_mut().check(addr, now), Verdict::Trial)
+    }
+
+    fn stop_waiting(&self, key: &Key) {
+        if let Some(d) = self.destinations.borrow_mut().get_mut(key) {
+            d.waiting = d.waiting.saturating_sub(1);
         }
     }
 
@@ -450,20 +545,21 @@ impl Pool {
         let mut expired = Vec::new();
         for d in self.destinations.borrow_mut().values_mut() {
             let before = d.idle.len();
-            let (keep, old): (Vec<Conn>, Vec<Conn>) = d
-                .idle
-                .drain(..)
-                .partition(|c| c.last_used.elapsed() < self.config.idle_timeout);
+            // Idle connections to a shaped domain also close when its limit was lowered or
+            // checkouts (on any shard) wait for its budget.
+            let (keep, old): (Vec<Conn>, Vec<Conn>) = d.idle.drain(..).partition(|c| {
+                c.last_used.elapsed() < self.config.idle_timeout
+                    && !c
+                        .slot
+                        .as_ref()
+                        .is_some_and(|s| s.budget().over_limit() || s.budget().has_waiters())
+            });
             d.idle = keep;
             d.open -= before - d.idle.len();
             expired.extend(old);
         }
-        for mut conn in expired {
-            let timeout = self.config.reply_timeout;
-            tokio::task::spawn_local(async move {
-                conn.client.quit();
-                let _ = tokio::time::timeout(timeout, conn.run_until_event(timeout)).await;
-            });
+        for conn in expired {
+            self.quit_in_background(conn);
         }
         let now = Instant::now();
         self.plaintext_until
@@ -550,6 +646,8 @@ impl Pool {
             chunks: VecDeque::new(),
             last_used: Instant::now(),
             key,
+            slot: None,
+            messages: 0,
         };
         let mut deadline = start + self.config.connect_timeout;
         loop {
@@ -599,6 +697,16 @@ impl Pool {
                     deadline = Instant::now() + self.config.connect_timeout;
                 }
                 ClientEvent::Closed { reason } => {
+                    // "Too many connections": the address is up, but wants fewer of ours.
+                    if conn.client.close_reply().is_some_and(is_throttle_reply) {
+                        return Err(ConnectError {
+                            throttled: true,
+                            ..ConnectError::inconclusive(Reply::new(
+                                451,
+                                format!("4.4.1 {addr}: {reason}"),
+                            ))
+                        });
+                    }
                     // TLS or AUTH that could not be had keeps its own status (4.7.x), and
                     // the operator hears of it; anything else makes the address unusable.
                     let security = conn
@@ -630,6 +738,11 @@ impl Pool {
 }
 
 impl Conn {
+    /// Counts a message started on this connection (for `max_messages_per_connection`).
+    pub fn count_message(&mut self) {
+        self.messages += 1;
+    }
+
     /// Without blocking: is the peer still there (no EOF, no unsolicited bytes)?
     fn is_alive(&self) -> bool {
         self.stream.is_alive()
@@ -803,6 +916,7 @@ mod tests {
             host,
             level,
             auth: None,
+            budget: None,
         }
     }
 
