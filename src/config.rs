@@ -278,6 +278,32 @@ pub struct Delivery {
     pub smarthost_user: String,
     /// File holding the smarthost password (its first line).
     pub smarthost_password_file: PathBuf,
+    /// Per destination domain (`"*"` for every other): limits for the whole server.
+    pub shaping: BTreeMap<String, Shaping>,
+}
+
+/// `[delivery.shaping."domain"]`: what the whole server sends to one destination domain
+/// (`"*"`: to each domain not named). `delivery.max_connections_per_destination` still
+/// caps each shard's connections per next-hop address.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shaping {
+    /// Connections open to the domain, all shards together (at least 1).
+    pub max_connections: usize,
+    /// Messages a second to the domain, all shards together; 0 for no limit.
+    pub max_messages_per_sec: f64,
+    /// Messages one connection carries before it is closed; 0 for no limit.
+    pub max_messages_per_connection: usize,
+}
+
+impl Default for Shaping {
+    fn default() -> Self {
+        Shaping {
+            max_connections: 16,
+            max_messages_per_sec: 0.0,
+            max_messages_per_connection: 0,
+        }
+    }
 }
 
 impl Delivery {
@@ -367,6 +393,7 @@ impl Default for Delivery {
             tls_ca_file: PathBuf::new(),
             smarthost_user: String::new(),
             smarthost_password_file: PathBuf::new(),
+            shaping: BTreeMap::new(),
         }
     }
 }
@@ -569,6 +596,7 @@ impl Config {
                 "needs at least one interval, each at least 1".into(),
             );
         }
+        self.validate_shaping()?;
         self.validate_tls()
     }
 
@@ -602,6 +630,37 @@ impl Config {
                     continue;
                 };
                 return Err(ConfigError(format!("{key}: {why}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[delivery.shaping."domain"]`: each key a domain or `"*"`, each limit in range.
+    fn validate_shaping(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        for (domain, s) in &self.delivery.shaping {
+            let key = format!("delivery.shaping.{domain:?}");
+            if domain != "*" && !valid_domain(domain) {
+                return err(&key, format!("{domain:?} is not a domain (nor \"*\")"));
+            }
+            if s.max_connections == 0 {
+                return err(
+                    &format!("{key}.max_connections"),
+                    "must be at least 1".into(),
+                );
+            }
+            let rate = s.max_messages_per_sec;
+            if !rate.is_finite() || rate < 0.0 {
+                return err(
+                    &format!("{key}.max_messages_per_sec"),
+                    format!("{rate} is not 0 (no limit) or a positive number"),
+                );
+            }
+            if rate > 0.0 && rate < 0.001 {
+                return err(
+                    &format!("{key}.max_messages_per_sec"),
+                    format!("{rate} is below 0.001 (one message in 1000 s)"),
+                );
             }
         }
         Ok(())
@@ -1164,6 +1223,32 @@ users_file = "/etc/ringrelay/users"
         let mut c = Config::default();
         c.ab.plain_ring = true;
         assert!(!c.to_toml().unwrap().contains("plain_ring"));
+    }
+
+    #[test]
+    fn shaping_per_domain_with_errors_naming_the_key() {
+        let c = Config::from_toml(
+            "[delivery.shaping.\"example.com\"]\nmax_connections = 2\nmax_messages_per_sec = 20\n\
+             [delivery.shaping.\"*\"]\nmax_messages_per_connection = 100\n",
+        )
+        .unwrap();
+        let s = &c.delivery.shaping["example.com"];
+        assert_eq!((s.max_connections, s.max_messages_per_sec), (2, 20.0));
+        assert_eq!(s.max_messages_per_connection, 0);
+        assert_eq!(c.delivery.shaping["*"].max_connections, 16);
+        assert_eq!(c.delivery.shaping["*"].max_messages_per_connection, 100);
+        let e = |t: &str| Config::from_toml(t).unwrap_err().0;
+        assert!(e("[delivery.shaping.\"a.example\"]\nmax_connections = 0")
+            .starts_with("delivery.shaping.\"a.example\".max_connections: "));
+        assert!(
+            e("[delivery.shaping.\"a.example\"]\nmax_messages_per_sec = -1")
+                .starts_with("delivery.shaping.\"a.example\".max_messages_per_sec: ")
+        );
+        assert!(e("[delivery.shaping.\"not a domain\"]\n")
+            .starts_with("delivery.shaping.\"not a domain\": "));
+        assert!(
+            e("[delivery.shaping.\"a.example\"]\nmax_conections = 3").contains("max_conections")
+        );
     }
 
     #[test]

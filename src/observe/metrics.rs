@@ -159,6 +159,8 @@ pub struct ShardMetrics {
     pub dns_cache_hits: Counter,
     /// DNS lookups that had to ask.
     pub dns_cache_misses: Counter,
+    /// Next hops' "too many connections/messages" replies (reactive throttling).
+    pub throttle_events: Counter,
     rejections: [Counter; Rejection::ALL.len()],
     /// Time from the start of an attempt to a recipient's outcome.
     pub delivery_duration: Histogram,
@@ -184,6 +186,7 @@ impl Default for ShardMetrics {
             oldest_queued_unix: Counter::default(),
             dns_cache_hits: Counter::default(),
             dns_cache_misses: Counter::default(),
+            throttle_events: Counter::default(),
             rejections: Default::default(),
             delivery_duration: Histogram::new(&DELIVERY_BUCKETS),
             spool_sync_duration: Histogram::new(&SYNC_BUCKETS),
@@ -330,6 +333,13 @@ impl Registry {
             "counter",
             sum(&|s| s.dns_cache_misses.get()),
         );
+        counter(
+            &mut out,
+            "ringrelay_throttle_events_total",
+            "Next hops' \"too many connections/messages\" replies (a shaped domain's connection limit halved).",
+            "counter",
+            sum(&|s| s.throttle_events.get()),
+        );
         let _ = writeln!(
             out,
             "# HELP ringrelay_connections_total Client connections accepted, by shard.\n# TYPE ringrelay_connections_total counter"
@@ -467,6 +477,7 @@ mod tests {
         a.reject(Rejection::RelayDenied);
         b.connections_total.add(2);
         b.oldest_queued_unix.set(1000);
+        a.throttle_events.inc();
         let text = r.render(1060);
         assert!(
             text.contains("\nringrelay_messages_received_total 7\n"),
@@ -479,6 +490,7 @@ mod tests {
         assert!(text.contains("ringrelay_rejections_total{reason=\"relay_denied\"} 1\n"));
         assert!(text.contains("ringrelay_connections_total{shard=\"1\"} 2\n"));
         assert!(text.contains("ringrelay_oldest_queued_message_age_seconds 60\n"));
+        assert!(text.contains("\nringrelay_throttle_events_total 1\n"));
     }
 
     #[test]

@@ -9,15 +9,23 @@
 //! - [`pool`]: per-shard pools of open connections, on the shard's own I/O driver, with
 //!   STARTTLS at Postfix's levels (`delivery.tls`, `delivery.tls_policy`) and AUTH to the
 //!   smarthost.
+//! - [`health`]: next hops that are down (refused, timed out, failed greeting), per shard:
+//!   no connection to them until a probe is due.
+//! - [`shaping`]: per destination domain, whole-server limits on connections and messages
+//!   a second, messages per connection, and reactive throttling ("too many connections").
 //! - [`dsn`]: bounce messages (RFC 3464).
 
 pub mod dns;
 pub mod dsn;
+pub mod health;
 pub mod mx;
 pub mod pool;
 pub mod route;
+pub mod shaping;
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +38,7 @@ use dns::{MxResolver, ResolverConfig};
 use mx::Target;
 use pool::{Hop, Pool, PoolConfig};
 use route::{HopCache, NextHop, Plan, Routes};
+use shaping::{is_throttle_reply, Budget, Shaper};
 
 /// Most addresses tried for one domain in one attempt (Postfix's smtp_mx_address_limit).
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
@@ -75,6 +84,8 @@ pub struct OutboundConfig {
     /// AUTH to the smarthost (`delivery.smarthost_user`): the credentials, or why the
     /// password could not be read (then mail for the smarthost is deferred).
     pub smarthost_auth: Option<Result<Arc<Credentials>, String>>,
+    /// Shaping per destination domain, with the budgets every shard shares.
+    pub shaping: Arc<Shaper>,
 }
 
 /// Which TLS level mail for a domain is delivered at (`delivery.tls`, `delivery.tls_policy`).
@@ -98,6 +109,18 @@ impl TlsPolicy {
             .copied()
             .unwrap_or(self.default)
     }
+}
+
+/// Longest time a next hop that failed is left alone (see [`health`]).
+const MAX_DOWN_FOR: Duration = Duration::from_secs(60);
+
+/// How long a failed next hop is down: the first step of the retry schedule, at most
+/// [`MAX_DOWN_FOR`]. A message deferred because the hop is down comes back after at least
+/// that step, so it finds the hop ready to be probed.
+fn down_for(retry_schedule_secs: &[u64]) -> Duration {
+    retry_schedule_secs
+        .first()
+        .map_or(MAX_DOWN_FOR, |&s| Duration::from_secs(s).min(MAX_DOWN_FOR))
 }
 
 /// The smarthost password: the first line of `path`, which must not be empty.
@@ -134,6 +157,7 @@ impl OutboundConfig {
                 tls_handshake_timeout: Duration::from_secs(60),
                 tls_fallback: Duration::from_secs(300),
                 tls_ca_file: (!d.tls_ca_file.as_os_str().is_empty()).then(|| d.tls_ca_file.clone()),
+                down_for: down_for(&d.retry_schedule_secs),
             },
             resolver: ResolverConfig::from_config(config),
             tls: TlsPolicy {
@@ -145,6 +169,7 @@ impl OutboundConfig {
                 read_password(&d.smarthost_password_file)
                     .map(|password| Arc::new(Credentials::new(&d.smarthost_user, password)))
             }),
+            shaping: Shaper::shared(&d.shaping),
         }
     }
 }
@@ -160,6 +185,11 @@ pub struct Outbound {
     tls: TlsPolicy,
     smarthost: Option<NextHop>,
     smarthost_auth: Option<Result<Arc<Credentials>, String>>,
+    shaping: Arc<Shaper>,
+    /// This shard's copy of the budgets it has asked for (`None`: the domain is unshaped).
+    budgets: RefCell<HashMap<String, Option<Arc<Budget>>>>,
+    /// "Too many" replies seen since the last [`Outbound::take_throttle_events`].
+    throttle_events: Cell<u64>,
 }
 
 impl Outbound {
@@ -191,6 +221,48 @@ impl Outbound {
             tls: config.tls.clone(),
             smarthost: config.smarthost.clone(),
             smarthost_auth: config.smarthost_auth.clone(),
+            shaping: Arc::clone(&config.shaping),
+            budgets: RefCell::new(HashMap::new()),
+            throttle_events: Cell::new(0),
+        }
+    }
+
+    /// `domain`'s budget if it is shaped: from this shard's cache, else (once per domain)
+    /// from the shared table.
+    fn budget(&self, domain: &str) -> Option<Arc<Budget>> {
+        if self.shaping.is_empty() {
+            return None;
+        }
+        if let Some(b) = self.budgets.borrow().get(domain) {
+            return b.clone();
+        }
+        let b = self.shaping.budget(domain);
+        self.budgets
+            .borrow_mut()
+            .insert(domain.to_string(), b.clone());
+        b
+    }
+
+    /// "Too many connections/messages" replies counted since the last call (for the
+    /// shard's metrics).
+    pub fn take_throttle_events(&self) -> u64 {
+        self.throttle_events.replace(0)
+    }
+
+    /// The next hop at `addr` said "too many" (`reply`): the domain's connection limit is
+    /// halved if it is shaped; logged at warn either way.
+    fn throttled(&self, domain: &str, budget: Option<&Arc<Budget>>, addr: SocketAddr, reply: &str) {
+        self.throttle_events.set(self.throttle_events.get() + 1);
+        match budget {
+            Some(b) => {
+                let limit = b.throttle();
+                tracing::warn!(
+                    "{domain}: next hop {addr} throttles us ({reply}); connections to {domain} now at most {limit}, growing back with deliveries"
+                );
+            }
+            None => tracing::warn!(
+                "{domain}: next hop {addr} throttles us ({reply}); {domain} is not shaped (delivery.shaping), so nothing is slowed"
+            ),
         }
     }
 
@@ -208,7 +280,10 @@ impl Outbound {
 
     /// Tries the targets of `domain`'s mail in order until one takes the transaction:
     /// connection failures, refused greetings and TLS or AUTH that could not be had move on
-    /// to the next address (at least two are tried when there are two). The TLS level is
+    /// to the next address (at least two are tried when there are two). An address that is
+    /// down ([`health`]) is skipped without a connection, and does not count against the
+    /// limit of addresses tried; if all are down, the recipients are deferred with the
+    /// down reply (`451 4.4.1 next hop ADDR is down …`). The TLS level is
     /// `domain`'s; the smarthost's credentials go only to the smarthost. At `may`, an
     /// address whose TLS handshake fails is tried again at once in plaintext. Returns the
     /// host that answered (or the last one tried) and one outcome per recipient.
@@ -242,16 +317,39 @@ impl Outbound {
             _ => None,
         };
         let level = self.tls.level(domain);
+        let budget = self.budget(domain);
+        if let Some(b) = &budget {
+            // Pacing: wait for this message's turn under max_messages_per_sec.
+            match b.reserve_send(Instant::now()) {
+                Some(wait) if wait.is_zero() => {}
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => {
+                    let reply = Reply::new(
+                        451,
+                        format!(
+                            "4.4.5 {domain}: more queued than max_messages_per_sec sends within {} s; deferred",
+                            shaping::MAX_PACING_WAIT.as_secs()
+                        ),
+                    );
+                    return (HopUsed::named("(none)"), deferred(&reply));
+                }
+            }
+        }
         let mut last = (
             HopUsed::named("(none)"),
             Reply::new(451, "4.4.1 no address to deliver to"),
         );
-        for target in targets.iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
+        let mut tried = 0;
+        for target in targets {
+            if tried == MAX_ADDRESSES_PER_ATTEMPT {
+                break;
+            }
             let hop = Hop {
                 addr: target.addr,
                 host: &target.host,
                 level,
                 auth,
+                budget: budget.as_ref(),
             };
             let mut checkout = self.pool.checkout(&hop).await;
             if matches!(&checkout, Err(e) if e.retry_in_plaintext) {
@@ -261,10 +359,17 @@ impl Outbound {
             let mut conn = match checkout {
                 Ok(c) => c,
                 Err(e) => {
+                    if !e.down {
+                        tried += 1;
+                    }
+                    if e.throttled {
+                        self.throttled(domain, budget.as_ref(), target.addr, &e.reply.one_line());
+                    }
                     last = (HopUsed::at(target), e.reply);
                     continue;
                 }
             };
+            conn.count_message();
             if conn.client.start(outgoing).is_err() {
                 self.pool.checkin(conn);
                 let reply = Reply::new(451, "4.4.1 connection was not ready");
@@ -282,6 +387,24 @@ impl Outbound {
                     ClientEvent::StartTls => conn.client.abort("STARTTLS out of place"),
                 }
             };
+            let throttle = outcomes
+                .iter()
+                .map(RcptOutcome::reply)
+                .chain(conn.client.close_reply())
+                .find(|r| is_throttle_reply(r))
+                .map(Reply::one_line);
+            if let Some(reply) = throttle {
+                self.throttled(domain, budget.as_ref(), target.addr, &reply);
+            } else if let Some(b) = &budget {
+                if outcomes
+                    .iter()
+                    .any(|o| matches!(o, RcptOutcome::Delivered(_)))
+                {
+                    if let Some(limit) = b.delivered() {
+                        tracing::info!("{domain}: connection limit back up to {limit}");
+                    }
+                }
+            }
             self.pool.checkin(conn);
             return (HopUsed::at(target), outcomes);
         }

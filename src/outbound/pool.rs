@@ -45,6 +45,8 @@ use rustls::client::Resumption;
 use rustls::ClientConfig;
 use tokio::sync::Notify;
 
+use super::health::{self, Health, Verdict};
+use super::shaping::{is_throttle_reply, Budget, Slot, BUDGET_POLL};
 use crate::driver::outbound::{Stream, Timed};
 use crate::smtp::client::{Client, ClientEvent, Credentials};
 use crate::smtp::Reply;
@@ -80,6 +82,9 @@ pub struct PoolConfig {
     pub tls_fallback: Duration,
     /// More trust anchors for `verify` (`delivery.tls_ca_file`).
     pub tls_ca_file: Option<PathBuf>,
+    /// An address that refused, timed out or failed its greeting is not connected to for
+    /// this long (see [`health`]).
+    pub down_for: Duration,
 }
 
 /// One address of a next hop, and what delivery there asks for.
@@ -94,6 +99,9 @@ pub struct Hop<'a> {
     pub level: TlsLevel,
     /// AUTH with these (the smarthost's), only over TLS.
     pub auth: Option<&'a Arc<Credentials>>,
+    /// The shaped destination domain's budget (`delivery.shaping`): a connection opened
+    /// under it carries only that domain's mail.
+    pub budget: Option<&'a Arc<Budget>>,
 }
 
 /// Why no connection could be had.
@@ -105,6 +113,37 @@ pub struct ConnectError {
     /// The TLS handshake failed at `may`: the address now gets plaintext (for a while), and
     /// the caller may try it again at once.
     pub retry_in_plaintext: bool,
+    /// No connection was attempted: the address is down (see [`health`]).
+    pub down: bool,
+    /// The next hop said "too many" connections or messages
+    /// ([`super::shaping::is_throttle_reply`]).
+    pub throttled: bool,
+    /// What the attempt says about the address's health.
+    outcome: health::Outcome,
+}
+
+impl ConnectError {
+    /// An attempt that says nothing about the address being up or down.
+    fn inconclusive(reply: Reply) -> ConnectError {
+        ConnectError {
+            reply,
+            retry_in_plaintext: false,
+            down: false,
+            throttled: false,
+            outcome: health::Outcome::Inconclusive,
+        }
+    }
+
+    /// The address refused, timed out or failed its greeting: `why` says which.
+    fn failed(addr: SocketAddr, why: String) -> ConnectError {
+        ConnectError {
+            reply: Reply::new(451, format!("4.4.1 {addr}: {why}")),
+            retry_in_plaintext: false,
+            down: false,
+            throttled: false,
+            outcome: health::Outcome::Failed(why),
+        }
+    }
 }
 
 /// What a pooled connection was opened for: connections are shared only between
@@ -118,6 +157,8 @@ struct Key {
     verified_name: Option<Box<str>>,
     /// Authenticated as the smarthost's user.
     auth: bool,
+    /// The shaped domain whose budget it was opened under.
+    shaped: Option<Box<str>>,
 }
 
 impl Key {
@@ -127,6 +168,7 @@ impl Key {
             level: hop.level.name(),
             verified_name: (hop.level == TlsLevel::Verify).then(|| server_name(hop).into()),
             auth: hop.auth.is_some(),
+            shaped: hop.budget.map(|b| b.domain().into()),
         }
     }
 }
@@ -258,6 +300,10 @@ pub struct Conn {
     chunks: VecDeque<Bytes>,
     last_used: Instant,
     key: Key,
+    /// Its share of a shaped domain's budget.
+    slot: Option<Slot>,
+    /// Messages started on it.
+    messages: usize,
 }
 
 #[derive(Default)]
@@ -265,6 +311,18 @@ struct Destination {
     idle: Vec<Conn>,
     open: usize,
     freed: Rc<Notify>,
+    /// Checkouts of this shard waiting for one of these connections.
+    waiting: usize,
+}
+
+/// What a checkout waits for before it looks again.
+enum Wait {
+    /// A trial connection's outcome.
+    Trial(Rc<Notify>),
+    /// A connection of this shard's to be freed.
+    Freed(Rc<Notify>),
+    /// The same, or a slot in the domain's budget (polled: other shards free them).
+    Budget(Rc<Notify>, Arc<Budget>),
 }
 
 /// The shard's pool.
@@ -274,6 +332,44 @@ pub struct Pool {
     destinations: RefCell<HashMap<Key, Destination>>,
     /// Addresses whose TLS handshake failed at `may`: plaintext for them until then.
     plaintext_until: RefCell<HashMap<SocketAddr, Instant>>,
+    /// Which addresses are down, and trials under way.
+    health: RefCell<Health>,
+}
+
+/// Ends a trial connection on every path: with its outcome, or abandoned if dropped.
+struct TrialGuard<'a> {
+    health: &'a RefCell<Health>,
+    addr: SocketAddr,
+    active: bool,
+}
+
+impl TrialGuard<'_> {
+    fn end(mut self, outcome: health::Outcome, host: &str) {
+        self.active = false;
+        let reason = match &outcome {
+            health::Outcome::Failed(why) => Some(why.clone()),
+            _ => None,
+        };
+        let newly_down = self
+            .health
+            .borrow_mut()
+            .ended(self.addr, outcome, Instant::now());
+        if let (true, Some(why)) = (newly_down, reason) {
+            tracing::warn!(
+                "{} ({host}) is down: {why}; no connections to it for the next {} s but one probe then",
+                self.addr,
+                self.health.borrow().down_for().as_secs()
+            );
+        }
+    }
+}
+
+impl Drop for TrialGuard<'_> {
+    fn drop(&mut self) {
+        if self.active {
+            self.health.borrow_mut().abandon_trial(self.addr);
+        }
+    }
 }
 
 impl Pool {
@@ -281,6 +377,7 @@ impl Pool {
     pub fn new(config: PoolConfig) -> Self {
         let tls = TlsConfigs::new(config.tls_ca_file.as_deref());
         Pool {
+            health: RefCell::new(Health::new(config.down_for)),
             config,
             tls,
             destinations: RefCell::new(HashMap::new()),
@@ -297,10 +394,14 @@ impl Pool {
     /// one freed. Connections are keyed by address and security, so domains whose mail
     /// goes to the same host the same way share them. `Err` says why none could be made
     /// (the caller tries the next address, or defers).
+    ///
+    /// No connection is made to an address that is down ([`health`]): `Err` with `down`
+    /// set at once. While nothing is known of an address, one connection at a time is
+    /// made to it (a trial); other checkouts wait for its outcome.
     pub async fn checkout(&self, hop: &Hop<'_>) -> Result<Conn, ConnectError> {
         let key = Key::of(hop);
-        loop {
-            let freed = {
+        let (trial, slot) = loop {
+            let wait = {
                 let mut dests = self.destinations.borrow_mut();
                 let d = dests.entry(key.clone()).or_default();
                 while let Some(conn) = d.idle.pop() {
@@ -309,19 +410,75 @@ impl Pool {
                     }
                     d.open -= 1;
                 }
-                if d.open < self.config.max_per_destination {
-                    d.open += 1;
-                    None
-                } else {
-                    Some(Rc::clone(&d.freed))
+                let now = Instant::now();
+                let verdict = self.health.borrow().peek(hop.addr, now);
+                match verdict {
+                    Verdict::Down(down) => {
+                        return Err(ConnectError {
+                            reply: down.reply(),
+                            retry_in_plaintext: false,
+                            down: true,
+                            throttled: false,
+                            outcome: health::Outcome::Inconclusive,
+                        })
+                    }
+                    Verdict::Wait(trial) => Wait::Trial(trial),
+                    Verdict::Connect | Verdict::Trial => {
+                        if d.open < self.config.max_per_destination {
+                            let slot = hop.budget.map(|b| (b, b.try_open()));
+                            match slot {
+                                Some((budget, None)) => {
+                                    d.waiting += 1;
+                                    Wait::Budget(Rc::clone(&d.freed), Arc::clone(budget))
+                                }
+                                Some((_, Some(slot))) => {
+                                    d.open += 1;
+                                    break (self.begin(hop.addr, now), Some(slot));
+                                }
+                                None => {
+                                    d.open += 1;
+                                    break (self.begin(hop.addr, now), None);
+                                }
+                            }
+                        } else {
+                            d.waiting += 1;
+                            Wait::Freed(Rc::clone(&d.freed))
+                        }
+                    }
                 }
             };
-            match freed {
-                Some(freed) => freed.notified().await,
-                None => break,
+            match wait {
+                Wait::Trial(trial) => trial.notified().await,
+                Wait::Freed(freed) => {
+                    freed.notified().await;
+                    self.stop_waiting(&key);
+                }
+                Wait::Budget(freed, budget) => {
+                    let _waiter = budget.waiter();
+                    tokio::select! {
+                        _ = freed.notified() => {}
+                        _ = tokio::time::sleep(BUDGET_POLL) => {}
+                    }
+                    self.stop_waiting(&key);
+                }
             }
+        };
+        let guard = TrialGuard {
+            health: &self.health,
+            addr: hop.addr,
+            active: trial,
+        };
+        let mut result = self.connect(hop, key.clone()).await;
+        if let Ok(conn) = &mut result {
+            conn.slot = slot;
         }
-        let result = self.connect(hop, key.clone()).await;
+        let outcome = match &result {
+            Ok(_) => health::Outcome::Up,
+            Err(e) => e.outcome.clone(),
+        };
+        if trial || !matches!(outcome, health::Outcome::Inconclusive) {
+            guard.end(outcome, hop.host);
+        }
         if result.is_err() {
             self.release(&key);
         }
@@ -329,15 +486,56 @@ impl Pool {
     }
 
     /// Gives a connection back: kept if it can take another message, else closed.
+    ///
+    /// Under a shaped domain's budget it is closed instead (with QUIT) when it has carried
+    /// `max_messages_per_connection`, when the domain's limit was lowered below what is
+    /// open, or when checkouts elsewhere wait for the budget and none here for this
+    /// connection: an idle connection must not keep another shard waiting.
     pub fn checkin(&self, mut conn: Conn) {
-        if conn.client.is_ready() {
-            conn.last_used = Instant::now();
-            let mut dests = self.destinations.borrow_mut();
-            let d = dests.entry(conn.key.clone()).or_default();
+        if !conn.client.is_ready() {
+            self.release(&conn.key);
+            return;
+        }
+        conn.last_used = Instant::now();
+        let mut dests = self.destinations.borrow_mut();
+        let d = dests.entry(conn.key.clone()).or_default();
+        let retire = conn.slot.as_ref().is_some_and(|slot| {
+            let budget = slot.budget();
+            let per_conn = budget.max_messages_per_connection();
+            (per_conn > 0 && conn.messages >= per_conn)
+                || budget.over_limit()
+                || (budget.has_waiters() && d.waiting == 0)
+        });
+        if retire {
+            d.open = d.open.saturating_sub(1);
+            d.freed.notify_one();
+            drop(dests);
+            self.quit_in_background(conn);
+        } else {
             d.idle.push(conn);
             d.freed.notify_one();
-        } else {
-            self.release(&conn.key);
+        }
+    }
+
+    /// Ends a connection politely (QUIT, its reply awaited briefly) in a task of its own;
+    /// its budget slot is given back when that ends.
+    fn quit_in_background(&self, mut conn: Conn) {
+        let timeout = self.config.reply_timeout;
+        tokio::task::spawn_local(async move {
+            conn.client.quit();
+            let _ = tokio::time::timeout(timeout, conn.run_until_event(timeout)).await;
+        });
+    }
+
+    /// Starts a trial connection to `addr` if nothing is known of it (see [`health`]):
+    /// true if this is one.
+    fn begin(&self, addr: SocketAddr, now: Instant) -> bool {
+        matches!(self.health.borrow_mut().check(addr, now), Verdict::Trial)
+    }
+
+    fn stop_waiting(&self, key: &Key) {
+        if let Some(d) = self.destinations.borrow_mut().get_mut(key) {
+            d.waiting = d.waiting.saturating_sub(1);
         }
     }
 
@@ -347,25 +545,27 @@ impl Pool {
         let mut expired = Vec::new();
         for d in self.destinations.borrow_mut().values_mut() {
             let before = d.idle.len();
-            let (keep, old): (Vec<Conn>, Vec<Conn>) = d
-                .idle
-                .drain(..)
-                .partition(|c| c.last_used.elapsed() < self.config.idle_timeout);
+            // Idle connections to a shaped domain also close when its limit was lowered or
+            // checkouts (on any shard) wait for its budget.
+            let (keep, old): (Vec<Conn>, Vec<Conn>) = d.idle.drain(..).partition(|c| {
+                c.last_used.elapsed() < self.config.idle_timeout
+                    && !c
+                        .slot
+                        .as_ref()
+                        .is_some_and(|s| s.budget().over_limit() || s.budget().has_waiters())
+            });
             d.idle = keep;
             d.open -= before - d.idle.len();
             expired.extend(old);
         }
-        for mut conn in expired {
-            let timeout = self.config.reply_timeout;
-            tokio::task::spawn_local(async move {
-                conn.client.quit();
-                let _ = tokio::time::timeout(timeout, conn.run_until_event(timeout)).await;
-            });
+        for conn in expired {
+            self.quit_in_background(conn);
         }
         let now = Instant::now();
         self.plaintext_until
             .borrow_mut()
             .retain(|_, until| *until > now);
+        self.health.borrow_mut().tidy(now);
     }
 
     fn release(&self, key: &Key) {
@@ -421,20 +621,18 @@ impl Pool {
     /// for with the socket's own timeout rule.
     async fn connect(&self, hop: &Hop<'_>, key: Key) -> Result<Conn, ConnectError> {
         let addr = hop.addr;
-        let unusable = |why: String| ConnectError {
-            reply: Reply::new(451, format!("4.4.1 {why}")),
-            retry_in_plaintext: false,
-        };
         let level = self.effective_level(hop);
-        let tls_config = self.tls.for_level(level).map_err(|why| ConnectError {
-            reply: Reply::new(451, format!("4.7.5 {addr}: cannot use TLS: {why}")),
-            retry_in_plaintext: false,
+        let tls_config = self.tls.for_level(level).map_err(|why| {
+            ConnectError::inconclusive(Reply::new(
+                451,
+                format!("4.7.5 {addr}: cannot use TLS: {why}"),
+            ))
         })?;
         let start = Instant::now();
         let stream = tokio::time::timeout(self.config.connect_timeout, Stream::connect(addr))
             .await
-            .map_err(|_| unusable(format!("timeout connecting to {addr}")))?
-            .map_err(|e| unusable(format!("cannot connect to {addr}: {e}")))?;
+            .map_err(|_| ConnectError::failed(addr, "timeout connecting".into()))?
+            .map_err(|e| ConnectError::failed(addr, format!("cannot connect: {e}")))?;
         tracing::trace!("connected to {addr} on {}", stream.driver());
         let mut client = Client::new(&self.config.helo).with_tls(level);
         if let Some(credentials) = hop.auth {
@@ -448,6 +646,8 @@ impl Pool {
             chunks: VecDeque::new(),
             last_used: Instant::now(),
             key,
+            slot: None,
+            messages: 0,
         };
         let mut deadline = start + self.config.connect_timeout;
         loop {
@@ -473,8 +673,11 @@ impl Pool {
                             tracing::warn!("{addr} ({}): {why}", hop.host);
                         }
                         return Err(ConnectError {
-                            reply: Reply::new(451, format!("4.7.5 {addr}: {why}")),
                             retry_in_plaintext: fall_back,
+                            ..ConnectError::inconclusive(Reply::new(
+                                451,
+                                format!("4.7.5 {addr}: {why}"),
+                            ))
                         });
                     }
                     if let Some(tls) = conn.tls.as_deref() {
@@ -494,6 +697,16 @@ impl Pool {
                     deadline = Instant::now() + self.config.connect_timeout;
                 }
                 ClientEvent::Closed { reason } => {
+                    // "Too many connections": the address is up, but wants fewer of ours.
+                    if conn.client.close_reply().is_some_and(is_throttle_reply) {
+                        return Err(ConnectError {
+                            throttled: true,
+                            ..ConnectError::inconclusive(Reply::new(
+                                451,
+                                format!("4.4.1 {addr}: {reason}"),
+                            ))
+                        });
+                    }
                     // TLS or AUTH that could not be had keeps its own status (4.7.x), and
                     // the operator hears of it; anything else makes the address unusable.
                     let security = conn
@@ -505,16 +718,19 @@ impl Pool {
                     return Err(match security {
                         Some((code, status)) => {
                             tracing::warn!("{addr} ({}): {reason}", hop.host);
-                            ConnectError {
-                                reply: Reply::new(code, format!("{status} {addr}: {reason}")),
-                                retry_in_plaintext: false,
-                            }
+                            ConnectError::inconclusive(Reply::new(
+                                code,
+                                format!("{status} {addr}: {reason}"),
+                            ))
                         }
-                        None => unusable(format!("{addr}: {reason}")),
+                        None => ConnectError::failed(addr, reason),
                     });
                 }
                 ClientEvent::Delivered(_) => {
-                    return Err(unusable(format!("{addr}: unexpected delivery event")))
+                    return Err(ConnectError::inconclusive(Reply::new(
+                        451,
+                        format!("4.4.1 {addr}: unexpected delivery event"),
+                    )))
                 }
             }
         }
@@ -522,6 +738,11 @@ impl Pool {
 }
 
 impl Conn {
+    /// Counts a message started on this connection (for `max_messages_per_connection`).
+    pub fn count_message(&mut self) {
+        self.messages += 1;
+    }
+
     /// Without blocking: is the peer still there (no EOF, no unsolicited bytes)?
     fn is_alive(&self) -> bool {
         self.stream.is_alive()
@@ -695,6 +916,7 @@ mod tests {
             host,
             level,
             auth: None,
+            budget: None,
         }
     }
 

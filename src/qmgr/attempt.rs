@@ -101,6 +101,10 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
             eight_bit: entry.msg.eight_bit,
         };
         let (hop, outcomes) = outbound.deliver(&domain, &targets, outgoing).await;
+        shard
+            .metrics
+            .throttle_events
+            .add(outbound.take_throttle_events());
         let host = &hop.host;
         for (k, outcome) in outcomes.into_iter().enumerate() {
             let Some(&index) = indexes.get(k) else { break };
