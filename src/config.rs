@@ -220,6 +220,10 @@ pub struct Limits {
     /// Bytes all messages being received may hold in memory together, on all shards (a
     /// finished message counts until its 250); past it: `452 4.3.1`.
     pub max_data_memory: usize,
+    /// Seconds a whole DATA phase may take, however the bytes trickle in; then `421 4.4.2`.
+    pub data_total_timeout_secs: u64,
+    /// NOOP/RSET/VRFY/HELP outside a transaction before `421 4.7.0`.
+    pub max_junk_commands: u32,
 }
 
 /// `[relay]`
@@ -353,6 +357,8 @@ impl Default for Limits {
             max_errors: 10,
             shutdown_timeout_secs: 30,
             max_data_memory: 1 << 30,
+            data_total_timeout_secs: 600,
+            max_junk_commands: 100,
         }
     }
 }
@@ -491,6 +497,8 @@ impl Config {
             ("limits.command_timeout_secs", l.command_timeout_secs),
             ("limits.data_timeout_secs", l.data_timeout_secs),
             ("limits.max_errors", u64::from(l.max_errors)),
+            ("limits.data_total_timeout_secs", l.data_total_timeout_secs),
+            ("limits.max_junk_commands", u64::from(l.max_junk_commands)),
             (
                 "delivery.max_connections_per_destination",
                 self.delivery.max_connections_per_destination as u64,

@@ -79,6 +79,8 @@ struct Line {
     /// remains in the buffer is a new line. Kept beside `start`, which lives for the whole
     /// connection: the connection task then keeps it in one place (a smaller task).
     progressed: bool,
+    /// The last wait was in DATA (so `start` marks when DATA began).
+    in_data: bool,
 }
 
 /// Serves one accepted connection to the end.
@@ -117,6 +119,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut line = Line {
         start: Instant::now(),
         progressed: false,
+        in_data: false,
     };
     // The current read size during DATA (see DATA_READ_START).
     let mut data_read = DATA_READ_START;
@@ -229,15 +232,26 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         }
         let offered = buf.capacity() - buf.len();
         let now = Instant::now();
-        let mid_line = !session.in_data() && (!buf.is_empty() || session.skipping_long_line());
-        if !mid_line || line.progressed {
+        let in_data = session.in_data();
+        if in_data && !line.in_data {
+            // DATA began: `start` now marks it, for the whole-DATA deadline.
             line.start = now;
         }
-        // DATA keeps its per-read timeout: content arrives in arbitrary pieces.
-        let wait_start = if session.in_data() { now } else { line.start };
-        if sleep.deadline() > wait_start + timeout {
+        line.in_data = in_data;
+        let mid_line = !in_data && (!buf.is_empty() || session.skipping_long_line());
+        if !in_data && (!mid_line || line.progressed) {
+            line.start = now;
+        }
+        // DATA keeps its per-read timeout (content arrives in arbitrary pieces) within the
+        // deadline of the whole DATA phase, however slowly it trickles.
+        let due = if in_data {
+            (now + timeout).min(line.start + shard.data_total_timeout.get())
+        } else {
+            line.start + timeout
+        };
+        if sleep.deadline() > due {
             // The timeout got shorter (data → command phase): bring the timer forward.
-            sleep.as_mut().reset(wait_start + timeout);
+            sleep.as_mut().reset(due);
         }
         // `take` rather than a move: `buf` then needs no drop flag, which the compiler would
         // place badly in the connection task (a smaller task). Over TLS the socket's bytes
@@ -250,14 +264,7 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             }
         };
         let mut read = pin!(io.read_more(target));
-        let wake = wait_input(
-            read.as_mut(),
-            sleep.as_mut(),
-            &mut phase,
-            &session,
-            wait_start + timeout,
-        )
-        .await;
+        let wake = wait_input(read.as_mut(), sleep.as_mut(), &mut phase, &session, due).await;
         // The buffer the read had goes back where it came from.
         let wake = match (wake, tls.as_mut()) {
             (Wake::Read(result, b), Some(layer)) => {

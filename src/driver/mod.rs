@@ -93,6 +93,7 @@ fn session_config(config: &Config, tls_on: bool) -> SessionConfig {
     )
     .with_tls(tls_on, tls_on && config.auth.enabled());
     s.max_errors = config.limits.max_errors;
+    s.max_junk_commands = config.limits.max_junk_commands;
     s.postmaster = config.postmaster().unwrap_or(None);
     s
 }
@@ -233,6 +234,7 @@ where
             phase: phase_rx.clone(),
             command_timeout: Duration::from_secs(config.limits.command_timeout_secs),
             data_timeout: Duration::from_secs(config.limits.data_timeout_secs),
+            data_total_timeout: Duration::from_secs(config.limits.data_total_timeout_secs),
             data_budget: Arc::clone(&data_budget),
             security: security.clone(),
             proxy_trusted: Arc::clone(&proxy_trusted),

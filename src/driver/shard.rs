@@ -40,6 +40,8 @@ pub(crate) struct Shard<H> {
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) command_timeout: Cell<Duration>,
     pub(crate) data_timeout: Cell<Duration>,
+    /// A whole DATA phase's deadline.
+    pub(crate) data_total_timeout: Cell<Duration>,
     /// Bytes the messages being received hold, server-wide, and the most they may.
     pub(crate) data_budget: Arc<DataBudget>,
     /// TLS certificate and AUTH users, when TLS is configured.
@@ -72,6 +74,7 @@ pub(crate) struct ShardSettings {
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) command_timeout: Duration,
     pub(crate) data_timeout: Duration,
+    pub(crate) data_total_timeout: Duration,
     pub(crate) data_budget: Arc<DataBudget>,
     pub(crate) security: Option<Arc<Security>>,
     pub(crate) proxy_trusted: Arc<Vec<IpNet>>,
@@ -96,6 +99,7 @@ impl<H: Handler> Shard<H> {
             phase: settings.phase,
             command_timeout: Cell::new(settings.command_timeout),
             data_timeout: Cell::new(settings.data_timeout),
+            data_total_timeout: Cell::new(settings.data_total_timeout),
             data_budget: settings.data_budget,
             security: settings.security,
             proxy_trusted: settings.proxy_trusted,
@@ -130,6 +134,8 @@ impl<H: Handler> Shard<H> {
             .set(Duration::from_secs(config.limits.command_timeout_secs));
         self.data_timeout
             .set(Duration::from_secs(config.limits.data_timeout_secs));
+        self.data_total_timeout
+            .set(Duration::from_secs(config.limits.data_total_timeout_secs));
         self.handler.on_reload(config);
     }
 

@@ -121,6 +121,9 @@ pub struct SessionConfig {
     pub max_errors: u32,
     /// Who may relay where.
     pub relay: RelayPolicy,
+    /// NOOP, RSET, VRFY and HELP outside a transaction a session may send before `421`
+    /// (Postfix's `smtpd_junk_command_limit`); counted afresh after each accepted message.
+    pub max_junk_commands: u32,
     /// STARTTLS is offered (a certificate is configured).
     pub starttls: bool,
     /// AUTH PLAIN and LOGIN are offered, over TLS only (a users file is configured).
@@ -188,6 +191,7 @@ impl SessionConfig {
             max_message_size,
             max_recipients: max_recipients.max(1),
             max_errors: 10,
+            max_junk_commands: 100,
             relay,
             starttls: false,
             auth: false,
@@ -332,6 +336,8 @@ pub struct Session {
     tls: Option<TlsInfo>,
     /// SMTP AUTH, once the client has tried it.
     auth: Option<Box<AuthState>>,
+    /// Junk commands since the last accepted message.
+    junk: u32,
 }
 
 impl Session {
@@ -360,6 +366,7 @@ impl Session {
             data_refused: false,
             tls: None,
             auth: None,
+            junk: 0,
         }
     }
 
@@ -461,6 +468,7 @@ impl Session {
         }
         match result {
             Ok(()) => {
+                self.junk = 0;
                 let id = self.tx.id.map(QueueId::encode).unwrap_or([b'0'; 20]);
                 self.out.extend_from_slice(b"250 2.0.0 Ok: queued as ");
                 self.out.extend_from_slice(&id);
@@ -705,6 +713,25 @@ impl Session {
         }
     }
 
+    /// Counts a NOOP/RSET/VRFY/HELP outside a transaction; past the limit, `421 4.7.0` and
+    /// close (true: the command is not answered otherwise).
+    fn junk_limit_reached(&mut self) -> bool {
+        if self.tx.started {
+            return false;
+        }
+        self.junk = self.junk.saturating_add(1);
+        if self.junk <= self.config.max_junk_commands {
+            return false;
+        }
+        let text = format!(
+            "4.7.0 {} Error: too many junk commands",
+            self.config.hostname
+        );
+        Reply::new(421, text).write_to(&mut self.out);
+        self.state = State::Closed;
+        true
+    }
+
     fn line_too_long(&mut self) {
         self.error(b"500 5.5.6 Error: line too long\r\n");
     }
@@ -745,6 +772,8 @@ impl Session {
             Command::Mail { from, size, body } => self.mail(from, size, body, hooks),
             Command::Rcpt(to) => self.rcpt(to, hooks),
             Command::Data => self.data(now, hooks),
+            Command::Rset | Command::Noop | Command::Vrfy | Command::Help
+                if self.junk_limit_reached() => {}
             Command::Rset => {
                 self.tx.clear();
                 self.reply(b"250 2.0.0 Ok\r\n");
@@ -1820,5 +1849,28 @@ mod tests {
             h.feed(b"AUTH PLAIN\r\n"),
             "502 5.5.1 Error: command not implemented\r\n"
         );
+    }
+
+    #[test]
+    fn junk_commands_outside_a_transaction_end_the_session_at_the_limit() {
+        let policy = RelayPolicy::new(vec!["127.0.0.1/32".parse::<IpNet>().unwrap()], vec![]);
+        let mut config = SessionConfig::new("relay.test".into(), 10_000, 5, policy);
+        config.max_junk_commands = 3;
+        let mut h = Harness::new(Arc::new(config), "127.0.0.1:4000");
+        h.feed(b"");
+        h.feed(b"EHLO c.test\r\n");
+        assert_eq!(
+            h.feed(b"NOOP\r\nRSET\r\nHELP\r\n"),
+            "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n"
+        );
+        // Inside a transaction they are not junk.
+        assert!(h
+            .feed(b"MAIL FROM:<a@b.test>\r\nNOOP\r\nNOOP\r\nRSET\r\n")
+            .ends_with("250 2.0.0 Ok\r\n"));
+        assert_eq!(
+            h.feed(b"NOOP\r\nQUIT\r\n"),
+            "421 4.7.0 relay.test Error: too many junk commands\r\n"
+        );
+        assert!(h.session.is_closed());
     }
 }
