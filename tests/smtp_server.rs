@@ -274,7 +274,8 @@ fn half_close_gets_every_reply(io: &str) {
 /// writes themselves are tested in `runtime::uring`.)
 fn long_pipeline_read_late(io: &str) {
     const NOOPS: usize = 100_000;
-    let mut relay = Relay::start(io, "");
+    // Far past the default junk-command limit (100), which would end the session first.
+    let mut relay = Relay::start(io, "[limits]\nmax_junk_commands = 1000000\n");
     let mut c = relay.connect();
     let mut writer = c.stream.try_clone().expect("clone the client socket");
     let sender = std::thread::spawn(move || {

@@ -209,6 +209,16 @@ impl Health {
         });
     }
 
+    /// Forgets every down time (`queue flush`, as Postfix's flush forgets dead
+    /// destinations): the next connection to each address is a trial.
+    pub fn forget_down(&mut self) {
+        for e in self.addrs.values_mut() {
+            if matches!(e.state, Some(State::Down { .. })) {
+                e.state = None;
+            }
+        }
+    }
+
     /// Addresses remembered (for tests).
     pub fn len(&self) -> usize {
         self.addrs.len()

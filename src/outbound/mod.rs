@@ -412,6 +412,11 @@ impl Outbound {
         (host, deferred(&reply))
     }
 
+    /// Forgets which next hops are down, so that a flushed queue tries them at once.
+    pub fn forget_down(&self) {
+        self.pool.forget_down();
+    }
+
     /// Closes outbound connections idle past their time (called once a second).
     pub fn tidy(&self) {
         self.pool.close_idle();

@@ -539,6 +539,11 @@ impl Pool {
         }
     }
 
+    /// Forgets which next hops are down (`queue flush`).
+    pub fn forget_down(&self) {
+        self.health.borrow_mut().forget_down();
+    }
+
     /// Closes idle connections past their idle time (politely, with QUIT), and forgets
     /// plaintext fallbacks that have run out. Called periodically by the shard.
     pub fn close_idle(&self) {

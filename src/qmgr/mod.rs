@@ -210,6 +210,8 @@ impl Shard {
     fn control(&self, request: Request) -> Answer {
         match request {
             Request::Flush => {
+                // As Postfix's flush: dead next hops are tried again too.
+                self.outbound().forget_down();
                 let n = self.queue.borrow_mut().flush();
                 self.wake.notify_one();
                 Answer::Flushed(n)
