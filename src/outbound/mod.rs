@@ -412,6 +412,14 @@ impl Outbound {
         (host, deferred(&reply))
     }
 
+    /// The MX cache's counters: (lookups, answered from the cache or a lookup in flight).
+    pub fn dns_counts(&self) -> (u64, u64) {
+        self.resolver.as_ref().map_or((0, 0), |r| {
+            let s = r.stats();
+            (s.lookups, s.cache_hits)
+        })
+    }
+
     /// Forgets which next hops are down, so that a flushed queue tries them at once.
     pub fn forget_down(&self) {
         self.pool.forget_down();

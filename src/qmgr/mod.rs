@@ -128,6 +128,7 @@ impl RelayService {
             delivered: Notify::new(),
             bounce_ids: RefCell::new(IdGenerator::for_node(self.config.node_id, shard | 0x80)),
             metrics: self.config.metrics.shard_at(shard),
+            dns_seen: Cell::new((0, 0)),
         });
         tokio::task::spawn_local(worker::run(Rc::clone(&shard)));
         let answering = Rc::clone(&shard);
@@ -160,9 +161,25 @@ pub(crate) struct Shard {
     bounce_ids: RefCell<IdGenerator>,
     /// This shard's counters.
     metrics: Arc<ShardMetrics>,
+    /// The MX cache's counts last added to the metrics (lookups, hits), per resolver.
+    dns_seen: Cell<(u64, u64)>,
 }
 
 impl Shard {
+    /// Adds what the MX cache did since last time to the metrics (once a second, and
+    /// before a reload replaces the resolver).
+    fn count_dns(&self) {
+        let (lookups, hits) = self.outbound().dns_counts();
+        let (seen_lookups, seen_hits) = self.dns_seen.get();
+        let new_hits = hits.saturating_sub(seen_hits);
+        let new_misses = lookups
+            .saturating_sub(seen_lookups)
+            .saturating_sub(new_hits);
+        self.metrics.dns_cache_hits.add(new_hits);
+        self.metrics.dns_cache_misses.add(new_misses);
+        self.dns_seen.set((lookups, hits));
+    }
+
     /// The relay settings in force.
     fn config(&self) -> Arc<RelayConfig> {
         Arc::clone(&self.config.borrow())
@@ -181,7 +198,9 @@ impl Shard {
         new.metrics = old.metrics.clone();
         new.node_id = old.node_id;
         new.ab = old.ab;
+        self.count_dns();
         *self.outbound.borrow_mut() = Rc::new(Outbound::new(self.index, &new.outbound));
+        self.dns_seen.set((0, 0));
         *self.config.borrow_mut() = Arc::new(new);
         self.wake.notify_one();
     }
@@ -255,6 +274,7 @@ impl Shard {
             };
         };
         self.spool.remove(&entry.msg);
+        crate::observe::log::removed(id);
         Answer::Removed
     }
 }

@@ -31,6 +31,7 @@ pub(crate) async fn run(shard: Rc<Shard>) {
             _ = tokio::time::sleep_until(sleep_until.into()) => {}
             _ = tidy.tick() => {
                 shard.outbound().tidy();
+                shard.count_dns();
                 shard.spool.tidy();
                 let queue = shard.queue.borrow();
                 shard.metrics.queue_messages.set((queue.len() + shard.in_flight.get()) as u64);
