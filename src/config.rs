@@ -245,6 +245,10 @@ pub struct Relay {
 pub struct Spool {
     /// Spool directory.
     pub dir: PathBuf,
+    /// Below this much free disk space, MAIL gets `452 4.3.1` until space returns.
+    pub min_free_bytes: u64,
+    /// Past this many queued messages (whole server), MAIL gets `452 4.3.1`; 0 = no limit.
+    pub max_queued_messages: u64,
 }
 
 /// `[delivery]`
@@ -377,6 +381,8 @@ impl Default for Spool {
     fn default() -> Self {
         Spool {
             dir: PathBuf::from("./spool"),
+            min_free_bytes: 1 << 30,
+            max_queued_messages: 0,
         }
     }
 }

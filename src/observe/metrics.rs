@@ -240,6 +240,12 @@ impl Registry {
         m
     }
 
+    /// Messages queued on every shard together (each shard's last report).
+    pub fn queued_messages(&self) -> u64 {
+        let shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+        shards.iter().map(|s| s.queue_messages.get()).sum()
+    }
+
     /// Shard `index`'s counters, made on first use: the driver and the relay of one shard
     /// get the same ones, whichever asks first.
     pub fn shard_at(&self, index: usize) -> Arc<ShardMetrics> {

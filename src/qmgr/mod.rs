@@ -54,6 +54,10 @@ pub struct RelayConfig {
     pub ab: AbSwitches,
     /// This node's number, in the queue IDs of bounces.
     pub node_id: u16,
+    /// Below this much free space on the spool's disk, MAIL is refused (452 4.3.1).
+    pub min_free_bytes: u64,
+    /// Past this many queued messages, MAIL is refused (452 4.3.1); 0 = no limit.
+    pub max_queued_messages: u64,
     /// Where each shard counts (shard `i` uses `metrics.shard_at(i)`, as the server does).
     pub metrics: Registry,
 }
@@ -69,6 +73,8 @@ impl RelayConfig {
             outbound: OutboundConfig::from_config(config),
             ab: config.ab,
             node_id: config.effective_node_id(),
+            min_free_bytes: config.spool.min_free_bytes,
+            max_queued_messages: config.spool.max_queued_messages,
             metrics: Registry::new(),
         }
     }
@@ -129,6 +135,7 @@ impl RelayService {
             bounce_ids: RefCell::new(IdGenerator::for_node(self.config.node_id, shard | 0x80)),
             metrics: self.config.metrics.shard_at(shard),
             dns_seen: Cell::new((0, 0)),
+            refusing: RefCell::new(None),
         });
         tokio::task::spawn_local(worker::run(Rc::clone(&shard)));
         let answering = Rc::clone(&shard);
@@ -163,6 +170,8 @@ pub(crate) struct Shard {
     metrics: Arc<ShardMetrics>,
     /// The MX cache's counts last added to the metrics (lookups, hits), per resolver.
     dns_seen: Cell<(u64, u64)>,
+    /// Why new mail is refused now (full disk, full queue), checked once a second.
+    refusing: RefCell<Option<String>>,
 }
 
 impl Shard {
@@ -178,6 +187,40 @@ impl Shard {
         self.metrics.dns_cache_hits.add(new_hits);
         self.metrics.dns_cache_misses.add(new_misses);
         self.dns_seen.set((lookups, hits));
+    }
+
+    /// Decides whether new mail is refused for lack of room (Postfix's `queue_minfree`):
+    /// the spool's free disk space and the queue's length, once a second. Logged when it
+    /// starts and when it ends.
+    fn check_room(&self) {
+        let config = self.config();
+        let mut why = None;
+        if let Some(free) = free_bytes(self.spool.path()) {
+            if free < config.min_free_bytes {
+                why = Some(format!(
+                    "{free} bytes free on the spool's disk, under spool.min_free_bytes ({})",
+                    config.min_free_bytes
+                ));
+            }
+        }
+        if why.is_none() && config.max_queued_messages > 0 {
+            let queued = config.metrics.queued_messages();
+            if queued >= config.max_queued_messages {
+                why = Some(format!(
+                    "{queued} messages queued, at spool.max_queued_messages ({})",
+                    config.max_queued_messages
+                ));
+            }
+        }
+        let mut refusing = self.refusing.borrow_mut();
+        match (&*refusing, &why) {
+            (None, Some(w)) => {
+                tracing::warn!(shard = self.index, "refusing new mail (452 4.3.1): {w}")
+            }
+            (Some(_), None) => tracing::info!(shard = self.index, "accepting new mail again"),
+            _ => {}
+        }
+        *refusing = why;
     }
 
     /// The relay settings in force.
@@ -314,6 +357,22 @@ pub struct RelayHandler {
 impl Handler for RelayHandler {
     fn on_reload(&self, config: &Config) {
         self.shard.reload(config);
+        self.shard.check_room();
+    }
+
+    fn on_mail(
+        &self,
+        _peer: std::net::SocketAddr,
+        _from: &crate::smtp::ReversePath,
+    ) -> Result<(), Reply> {
+        if self.shard.refusing.borrow().is_some() {
+            self.shard.metrics.reject(Rejection::Spool);
+            return Err(Reply::new(
+                452,
+                "4.3.1 Error: insufficient system storage, try again later",
+            ));
+        }
+        Ok(())
     }
 
     /// No new deliveries; those in flight finish and record their outcomes, so a restart
@@ -354,6 +413,23 @@ impl Handler for RelayHandler {
         shard.enqueue(Entry::new(msg, keep_in_memory.then_some(envelope.data)));
         Ok(())
     }
+}
+
+/// Free bytes for unprivileged users on the file system holding `path`, if it can be asked.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs reads the NUL-terminated path and writes one statvfs struct into
+    // `st`, which is plain data (all-zero is a valid value to be overwritten).
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// SIGUSR1 asks a running server to read its control requests; its default action would

@@ -32,6 +32,7 @@ pub(crate) async fn run(shard: Rc<Shard>) {
             _ = tidy.tick() => {
                 shard.outbound().tidy();
                 shard.count_dns();
+                shard.check_room();
                 shard.spool.tidy();
                 let queue = shard.queue.borrow();
                 shard.metrics.queue_messages.set((queue.len() + shard.in_flight.get()) as u64);
