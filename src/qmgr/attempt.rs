@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
-use super::queue::{retry_delay, Entry};
+use super::queue::{jittered, retry_delay, Entry};
 use super::Shard;
 use crate::observe::log::{self, Status};
 use crate::outbound::route::Plan;
@@ -250,7 +250,10 @@ fn report(
 /// Back into the queue, due after the next step of the retry schedule.
 fn reschedule(shard: &Shard, mut entry: Entry) {
     entry.count_attempt();
-    let delay = retry_delay(&shard.config().retry_schedule, entry.attempts);
+    let delay = jittered(
+        retry_delay(&shard.config().retry_schedule, entry.attempts),
+        entry.id().as_u128() ^ u128::from(entry.attempts),
+    );
     tracing::debug!(
         id = %entry.id(),
         "deferred for {} s: {}",

@@ -272,6 +272,21 @@ pub fn retry_delay(schedule: &[u64], attempts: u32) -> Duration {
     Duration::from_secs(schedule.get(i).copied().unwrap_or(60))
 }
 
+/// `delay` shortened by 0–5%, by an amount drawn from `seed` (the message's ID and
+/// attempt): messages deferred together by one failing next hop come back spread out,
+/// not as one burst.
+pub fn jittered(delay: Duration, seed: u128) -> Duration {
+    // A 64-bit mix (splitmix64's finaliser) of the seed's halves.
+    let mut x = (seed as u64) ^ ((seed >> 64) as u64);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    let permille = (x % 51) as u32;
+    delay - delay * permille / 1000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +348,22 @@ mod tests {
         assert_eq!(retry_delay(&s, 3), Duration::from_secs(900));
         assert_eq!(retry_delay(&s, 30), Duration::from_secs(900));
         assert_eq!(retry_delay(&[], 1), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn jitter_shortens_by_at_most_five_percent_and_spreads() {
+        let d = Duration::from_secs(600);
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..200u128 {
+            let j = jittered(d, seed << 3);
+            assert!(j <= d && j >= d * 95 / 100, "{j:?}");
+            seen.insert(j);
+        }
+        assert!(
+            seen.len() > 20,
+            "spread out: {} distinct delays",
+            seen.len()
+        );
     }
 
     #[test]
