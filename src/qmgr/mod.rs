@@ -36,6 +36,8 @@ use queue::{Entry, HoldChange, Queue};
 
 /// Ready messages whose content a shard keeps in memory.
 const MAX_READY_IN_MEMORY: usize = 1024;
+/// Largest message whose content waits in memory for its first attempt.
+const MAX_KEPT_SIZE: usize = 64 << 10;
 
 /// What the relay needs from the configuration.
 #[derive(Debug, Clone)]
@@ -130,6 +132,7 @@ impl RelayService {
             queue: RefCell::new(queue),
             wake: Notify::new(),
             in_flight: Cell::new(0),
+            in_flight_bytes: Cell::new(0),
             stopping: Cell::new(false),
             delivered: Notify::new(),
             bounce_ids: RefCell::new(IdGenerator::for_node(self.config.node_id, shard | 0x80)),
@@ -159,6 +162,8 @@ pub(crate) struct Shard {
     queue: RefCell<Queue>,
     wake: Notify,
     in_flight: Cell<usize>,
+    /// Bytes of content the deliveries in flight hold (see `worker`).
+    in_flight_bytes: Cell<u64>,
     /// Shutting down: start no new deliveries.
     stopping: Cell<bool>,
     /// Signalled whenever a delivery ends (shutdown waits on it).
@@ -406,9 +411,11 @@ impl Handler for RelayHandler {
                 AcceptError::Sync(_) => "cannot sync the spool; try again later",
             })
         })?;
-        // A long ready queue (a slow next hop) must not pin every message in memory: past
-        // this many, content is read back from the spool when its turn comes.
-        let keep_in_memory = shard.queue.borrow().ready_len() < MAX_READY_IN_MEMORY;
+        // A long ready queue (a slow next hop) must not pin every message in memory: only
+        // small messages, and only so many, wait with their content; the rest is read back
+        // from the spool when its turn comes (at most 64 MiB per shard waits in memory).
+        let keep_in_memory = envelope.data.len() <= MAX_KEPT_SIZE
+            && shard.queue.borrow().ready_len() < MAX_READY_IN_MEMORY;
         shard.metrics.messages_received.inc();
         shard.enqueue(Entry::new(msg, keep_in_memory.then_some(envelope.data)));
         Ok(())

@@ -104,6 +104,20 @@ impl Queue {
         self.held.insert(id);
     }
 
+    /// The spool record size of the next ready message, if any (the worker's memory
+    /// budget for deliveries in flight).
+    pub fn next_ready_size(&mut self) -> Option<u64> {
+        while let Some(&id) = self.ready.front() {
+            match self.entries.get(&id) {
+                Some(e) => return Some(e.msg.location.len),
+                None => {
+                    self.ready.pop_front();
+                }
+            }
+        }
+        None
+    }
+
     /// Takes the next ready message out of the queue for delivery; give it back with
     /// [`Queue::defer`], and say when its attempt is over with [`Queue::attempt_ended`].
     pub fn pop_ready(&mut self) -> Option<Entry> {

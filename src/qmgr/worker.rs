@@ -10,6 +10,11 @@ use super::{attempt, Shard};
 
 /// Deliveries a shard runs at once.
 const MAX_IN_FLIGHT: usize = 256;
+/// Bytes of message content a shard's deliveries may hold at once (each attempt holds
+/// its message, read back from the spool if need be): a next hop that accepts and never
+/// answers (a tarpit) then pins at most this much, whatever the queue holds. A message
+/// larger than this still goes, alone.
+const MAX_IN_FLIGHT_BYTES: u64 = 16 << 20;
 
 /// Starts deliveries as messages become due, and tidies; runs for the shard's life.
 pub(crate) async fn run(shard: Rc<Shard>) {
@@ -19,11 +24,21 @@ pub(crate) async fn run(shard: Rc<Shard>) {
     loop {
         let next_due = shard.queue.borrow_mut().promote_due(Instant::now());
         while shard.in_flight.get() < MAX_IN_FLIGHT && !shard.stopping.get() {
+            let Some(size) = shard.queue.borrow_mut().next_ready_size() else {
+                break;
+            };
+            if shard.in_flight.get() > 0
+                && shard.in_flight_bytes.get() + size > MAX_IN_FLIGHT_BYTES
+            {
+                // Waits for a delivery to end (it wakes the worker).
+                break;
+            }
             let Some(entry) = shard.queue.borrow_mut().pop_ready() else {
                 break;
             };
             shard.in_flight.set(shard.in_flight.get() + 1);
-            tokio::task::spawn_local(deliver(Rc::clone(&shard), entry));
+            shard.in_flight_bytes.set(shard.in_flight_bytes.get() + size);
+            tokio::task::spawn_local(deliver(Rc::clone(&shard), entry, size));
         }
         let sleep_until = next_due.unwrap_or_else(|| Instant::now() + far);
         tokio::select! {
@@ -42,11 +57,14 @@ pub(crate) async fn run(shard: Rc<Shard>) {
     }
 }
 
-async fn deliver(shard: Rc<Shard>, entry: Entry) {
+async fn deliver(shard: Rc<Shard>, entry: Entry, size: u64) {
     let id = entry.id();
     attempt::run(&shard, entry).await;
     shard.queue.borrow_mut().attempt_ended(id);
     shard.in_flight.set(shard.in_flight.get().saturating_sub(1));
+    shard
+        .in_flight_bytes
+        .set(shard.in_flight_bytes.get().saturating_sub(size));
     shard.wake.notify_one();
     shard.delivered.notify_one();
 }
