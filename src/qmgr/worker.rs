@@ -27,8 +27,7 @@ pub(crate) async fn run(shard: Rc<Shard>) {
             let Some(size) = shard.queue.borrow_mut().next_ready_size() else {
                 break;
             };
-            if shard.in_flight.get() > 0
-                && shard.in_flight_bytes.get() + size > MAX_IN_FLIGHT_BYTES
+            if shard.in_flight.get() > 0 && shard.in_flight_bytes.get() + size > MAX_IN_FLIGHT_BYTES
             {
                 // Waits for a delivery to end (it wakes the worker).
                 break;
@@ -37,7 +36,9 @@ pub(crate) async fn run(shard: Rc<Shard>) {
                 break;
             };
             shard.in_flight.set(shard.in_flight.get() + 1);
-            shard.in_flight_bytes.set(shard.in_flight_bytes.get() + size);
+            shard
+                .in_flight_bytes
+                .set(shard.in_flight_bytes.get() + size);
             tokio::task::spawn_local(deliver(Rc::clone(&shard), entry, size));
         }
         let sleep_until = next_due.unwrap_or_else(|| Instant::now() + far);
