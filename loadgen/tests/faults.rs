@@ -96,5 +96,8 @@ fn delay_slows_every_reply() {
     let d = read_json(&dj);
     // MAIL, RCPT, DATA and the final reply: four delayed round trips per transaction.
     assert!(num(&d, "latency_us.transaction.min") >= 200_000, "{d}");
-    assert!(num(&d, "latency_us.banner.min") >= 50_000);
+    // The sink's delay starts when it accepts, which can be before the client takes its
+    // "connected" time (a busy machine schedules the client late): allow for that, while
+    // an undelayed banner (a fraction of a millisecond) still fails.
+    assert!(num(&d, "latency_us.banner.min") >= 25_000, "{d}");
 }
