@@ -144,36 +144,123 @@ fn wait_banner(front: SocketAddr) {
     });
 }
 
-fn kill_a_node_behind_haproxy_and_lose_nothing(io: &str) {
-    if !have_haproxy() {
-        return;
-    }
-    let work = tempfile::tempdir().expect("tempdir");
-    let manifest = work.path().join("manifest");
-    let m = manifest.to_str().expect("path");
-    let mut sink = Sink::start(&["--check-manifest", m, "--manifest-wait", "5"]);
-    let proxies: Vec<SocketAddr> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
-        .collect();
-    let spools: Vec<_> = (0..2)
-        .map(|i| work.path().join(format!("spool{i}")))
-        .collect();
-    let opts: Vec<Opts> = (0..2)
-        .map(|i| node_opts(io, i as u16 + 1, &spools[i], proxies[i], sink.addr))
-        .collect();
-    let mut nodes: Vec<Relay> = opts.iter().map(|o| Relay::start_with(o.clone())).collect();
-    assert!(
-        nodes[0].stderr().contains("as node 1"),
-        "{}",
-        nodes[0].stderr()
-    );
-    let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _hp = Haproxy::start(front, &proxies);
-    wait_banner(front);
+/// HAProxy in front of two nodes (their own spools, node numbers 1 and 2), delivering to a
+/// sink that checks `loadgen send`'s manifest.
+struct Farm {
+    _work: tempfile::TempDir,
+    manifest: std::path::PathBuf,
+    sink: Sink,
+    spools: Vec<std::path::PathBuf>,
+    opts: Vec<Opts>,
+    nodes: Vec<Relay>,
+    front: SocketAddr,
+    _hp: Haproxy,
+}
 
+impl Farm {
+    /// `None` (with a note) where haproxy is not installed.
+    fn start(io: &str) -> Option<Farm> {
+        if !have_haproxy() {
+            return None;
+        }
+        let work = tempfile::tempdir().expect("tempdir");
+        let manifest = work.path().join("manifest");
+        let m = manifest.to_str().expect("path");
+        let sink = Sink::start(&["--check-manifest", m, "--manifest-wait", "5"]);
+        let proxies: Vec<SocketAddr> = (0..2)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+            .collect();
+        let spools: Vec<_> = (0..2)
+            .map(|i| work.path().join(format!("spool{i}")))
+            .collect();
+        let opts: Vec<Opts> = (0..2)
+            .map(|i| node_opts(io, i as u16 + 1, &spools[i], proxies[i], sink.addr))
+            .collect();
+        let nodes: Vec<Relay> = opts.iter().map(|o| Relay::start_with(o.clone())).collect();
+        let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let hp = Haproxy::start(front, &proxies);
+        wait_banner(front);
+        Some(Farm {
+            _work: work,
+            manifest,
+            sink,
+            spools,
+            opts,
+            nodes,
+            front,
+            _hp: hp,
+        })
+    }
+
+    /// 2000 messages through the balancer; `disrupt` runs 0.8 s in and must leave every
+    /// node running again. Then every queue drains, and the sink's manifest check must
+    /// find no acknowledged message lost or corrupted. Returns how many were accepted.
+    fn load_with(mut self, io: &str, disrupt: impl FnOnce(&mut Farm)) -> u64 {
+        let m = self.manifest.to_str().expect("path").to_string();
+        let mut send = SendRun::spawn(
+            self.front,
+            &[
+                "--messages",
+                "2000",
+                "--connections",
+                "10",
+                "--pipelining",
+                "--rate",
+                "1000",
+                "--manifest",
+                &m,
+                "--timeout",
+                "10",
+                "--give-up-after",
+                "20",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(800));
+        disrupt(&mut self);
+        let sent = send.wait(Duration::from_secs(90));
+        assert_eq!(
+            sent.code,
+            Some(0),
+            "loadgen send through haproxy: {}",
+            sent.output
+        );
+        let accepted = jnum(&sent.json, "messages.accepted");
+        assert!(accepted > 0, "{}", sent.output);
+        for spool in &self.spools {
+            wait_queue_empty(spool, Duration::from_secs(30));
+        }
+        let (code, report) = self.sink.stop();
+        let mf = &report["manifest"];
+        eprintln!(
+            "farm ({io}): {accepted} accepted through haproxy; sink: lost {}, corrupted {}, duplicates {}",
+            jnum(mf, "lost"),
+            jnum(mf, "corrupted"),
+            jnum(mf, "duplicates")
+        );
+        assert_eq!(jnum(mf, "entries"), accepted, "{report:#}");
+        assert_eq!(
+            jnum(mf, "lost"),
+            0,
+            "ACKNOWLEDGED MESSAGES LOST: {report:#}"
+        );
+        assert_eq!(jnum(mf, "corrupted"), 0, "{report:#}");
+        assert_eq!(code, Some(0), "{}", self.sink.output());
+        accepted
+    }
+}
+
+fn kill_a_node_behind_haproxy_and_lose_nothing(io: &str) {
+    let Some(farm) = Farm::start(io) else {
+        return;
+    };
+    assert!(
+        farm.nodes[0].stderr().contains("as node 1"),
+        "{}",
+        farm.nodes[0].stderr()
+    );
     // Relay access is the client's, not the balancer's: a client on 127.0.0.5 (outside
     // mynetworks) through 127.0.0.1 (inside) may not relay.
-    let mut outside = Client::connect_from(front, "127.0.0.5".parse().unwrap());
+    let mut outside = Client::connect_from(farm.front, "127.0.0.5".parse().unwrap());
     let banner = outside.reply();
     assert_eq!(banner.code, 220, "{}", banner.wire());
     assert_eq!(outside.cmd("EHLO outside.test").code, 250);
@@ -181,56 +268,10 @@ fn kill_a_node_behind_haproxy_and_lose_nothing(io: &str) {
         .cmd("MAIL FROM:<a@outside.test>")
         .assert(250, "2.1.0");
     outside.cmd("RCPT TO:<x@example.test>").assert(550, "5.7.1");
-
-    let mut send = SendRun::spawn(
-        front,
-        &[
-            "--messages",
-            "2000",
-            "--connections",
-            "10",
-            "--pipelining",
-            "--rate",
-            "1000",
-            "--manifest",
-            m,
-            "--timeout",
-            "10",
-            "--give-up-after",
-            "20",
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(800));
-    nodes[0].kill9();
-    nodes[0] = Relay::start_with(opts[0].clone());
-    let sent = send.wait(Duration::from_secs(90));
-    assert_eq!(
-        sent.code,
-        Some(0),
-        "loadgen send through haproxy: {}",
-        sent.output
-    );
-    let accepted = jnum(&sent.json, "messages.accepted");
-    assert!(accepted > 0, "{}", sent.output);
-    for spool in &spools {
-        wait_queue_empty(spool, Duration::from_secs(30));
-    }
-    let (code, report) = sink.stop();
-    let mf = &report["manifest"];
-    eprintln!(
-        "farm ({io}): {accepted} accepted through haproxy; sink: lost {}, corrupted {}, duplicates {}",
-        jnum(mf, "lost"),
-        jnum(mf, "corrupted"),
-        jnum(mf, "duplicates")
-    );
-    assert_eq!(jnum(mf, "entries"), accepted, "{report:#}");
-    assert_eq!(
-        jnum(mf, "lost"),
-        0,
-        "ACKNOWLEDGED MESSAGES LOST: {report:#}"
-    );
-    assert_eq!(jnum(mf, "corrupted"), 0, "{report:#}");
-    assert_eq!(code, Some(0), "{}", sink.output());
+    farm.load_with(io, |f| {
+        f.nodes[0].kill9();
+        f.nodes[0] = Relay::start_with(f.opts[0].clone());
+    });
 }
 
 fn a_dead_nodes_spool_is_delivered_by_another_node(io: &str) {
@@ -282,69 +323,15 @@ fn a_dead_nodes_spool_is_delivered_by_another_node(io: &str) {
 /// and new connections go to the other node), finishes its transactions and exits 0; what
 /// it had queued is delivered when it starts again. No acknowledged message is lost.
 fn drain_a_node_behind_haproxy(io: &str) {
-    if !have_haproxy() {
+    let Some(farm) = Farm::start(io) else {
         return;
-    }
-    let work = tempfile::tempdir().expect("tempdir");
-    let manifest = work.path().join("manifest");
-    let m = manifest.to_str().expect("path");
-    let mut sink = Sink::start(&["--check-manifest", m, "--manifest-wait", "5"]);
-    let proxies: Vec<SocketAddr> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
-        .collect();
-    let spools: Vec<_> = (0..2)
-        .map(|i| work.path().join(format!("spool{i}")))
-        .collect();
-    let opts: Vec<Opts> = (0..2)
-        .map(|i| node_opts(io, i as u16 + 1, &spools[i], proxies[i], sink.addr))
-        .collect();
-    let mut nodes: Vec<Relay> = opts.iter().map(|o| Relay::start_with(o.clone())).collect();
-    let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _hp = Haproxy::start(front, &proxies);
-    wait_banner(front);
-    let mut send = SendRun::spawn(
-        front,
-        &[
-            "--messages",
-            "2000",
-            "--connections",
-            "10",
-            "--pipelining",
-            "--rate",
-            "1000",
-            "--manifest",
-            m,
-            "--timeout",
-            "10",
-            "--give-up-after",
-            "20",
-        ],
-    );
-    std::thread::sleep(Duration::from_millis(800));
-    nodes[0].terminate();
-    let status = nodes[0].wait_exit(Duration::from_secs(40));
-    assert!(
-        status.success(),
-        "a drained node exits 0: {status:?}\n{}",
-        nodes[0].stderr()
-    );
-    let sent = send.wait(Duration::from_secs(90));
-    assert_eq!(sent.code, Some(0), "{}", sent.output);
-    let accepted = jnum(&sent.json, "messages.accepted");
-    // Its queue goes out when it is back.
-    nodes[0] = Relay::start_with(opts[0].clone());
-    for spool in &spools {
-        wait_queue_empty(spool, Duration::from_secs(30));
-    }
-    let (code, report) = sink.stop();
-    let mf = &report["manifest"];
-    assert_eq!(jnum(mf, "entries"), accepted, "{report:#}");
-    assert_eq!(
-        jnum(mf, "lost"),
-        0,
-        "ACKNOWLEDGED MESSAGES LOST: {report:#}"
-    );
-    assert_eq!(code, Some(0), "{}", sink.output());
+    };
+    farm.load_with(io, |f| {
+        // Exits 0 once its transactions are done (asserted inside); back, it delivers
+        // its queue.
+        f.nodes[0].terminate();
+        f.nodes[0] = Relay::start_with(f.opts[0].clone());
+    });
 }
 
 io_tests!(
