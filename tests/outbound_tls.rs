@@ -143,6 +143,12 @@ fn received_one(hop: &Aiosmtpd, rcpt: &str) -> serde_json::Value {
 /// The relay tried at least twice and logged `reason` each time; `hop` got nothing; the
 /// message is still queued for `rcpt`.
 #[track_caller]
+/// Sends one message to `rcpt` and checks it is deferred for `reason`, never delivered.
+fn send_and_expect_deferred(relay: &Relay, spool: &Path, hop: &Aiosmtpd, rcpt: &str, reason: &str) {
+    send(relay, rcpt);
+    assert_deferred(relay, spool, hop, rcpt, reason);
+}
+
 fn assert_deferred(relay: &Relay, spool: &Path, hop: &Aiosmtpd, rcpt: &str, reason: &str) {
     wait_for(WAIT, "two deferrals logged", || {
         let log = relay.stderr();
@@ -239,8 +245,7 @@ fn encrypt_never_delivers_in_plaintext(io: &str) {
     }
     let hop = Aiosmtpd::start(&AiosmtpdOpts::default());
     let (mut relay, work) = relay(io, &[("example.test", hop.addr)], "tls = \"encrypt\"");
-    send(&relay, "b@example.test");
-    assert_deferred(
+    send_and_expect_deferred(
         &relay,
         &spool(&work),
         &hop,
@@ -295,8 +300,7 @@ fn verify_refuses_a_self_signed_certificate(io: &str) {
         certs.path("ca.pem").display()
     );
     let (mut relay, work) = relay(io, &[("example.test", hop.addr)], &extra);
-    send(&relay, "b@example.test");
-    assert_deferred(
+    send_and_expect_deferred(
         &relay,
         &spool(&work),
         &hop,
@@ -417,8 +421,7 @@ fn smarthost_wrong_password_defers(io: &str) {
         ..Default::default()
     });
     let (mut relay, work) = smarthost_relay(io, &hop, "wrong");
-    send(&relay, "b@anywhere.test");
-    assert_deferred(
+    send_and_expect_deferred(
         &relay,
         &spool(&work),
         &hop,
