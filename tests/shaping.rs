@@ -8,6 +8,13 @@
 //! connections in all, none carrying more than 10 messages, and the 60 arrivals spread
 //! over at least ~2.5 s (59 intervals of 50 ms make 2.95 s; a lower bound on the schedule,
 //! the shaping's own behaviour, not a performance assertion).
+//!
+//! Reactive throttling: a next hop that takes two sessions at a time and greets any more
+//! with `421 4.7.0 Too many connections`, against a relay allowed 8. The relay halves its
+//! limit on each such greeting (8 → 4 → 2), says so in its log and in
+//! `ringrelay_throttle_events_total`, and every message still arrives exactly once. With
+//! the reaction switched off the same run meets the refusal on every retry round
+//! (measured: 103–117 refusals against 4–6), so the test bounds them at 20.
 
 mod common;
 
@@ -18,7 +25,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-io_tests!(a_shaped_domain_gets_its_connections_and_rate);
+io_tests!(
+    a_shaped_domain_gets_its_connections_and_rate,
+    too_many_connections_halves_the_limit
+);
 
 #[derive(Default)]
 struct Seen {
@@ -28,6 +38,11 @@ struct Seen {
     /// Messages per connection.
     per_connection: Vec<usize>,
     arrivals: Vec<Instant>,
+    /// Sessions beyond this many open at once are greeted with `421 4.7.0 Too many
+    /// connections` and closed (0: no limit).
+    allow: usize,
+    /// Connections greeted that way.
+    refused: usize,
 }
 
 /// A minimal SMTP server (no pipelining, no extensions) recording into `seen`.
@@ -47,6 +62,13 @@ fn recording_next_hop(seen: Arc<Mutex<Seen>>) -> SocketAddr {
 fn serve(conn: TcpStream, seen: &Mutex<Seen>) {
     let index = {
         let mut s = seen.lock().unwrap();
+        if s.allow > 0 && s.open >= s.allow {
+            s.refused += 1;
+            drop(s);
+            let mut conn = conn;
+            let _ = conn.write_all(b"421 4.7.0 hop.test Too many connections from your IP\r\n");
+            return;
+        }
         s.open += 1;
         s.max_open = s.max_open.max(s.open);
         s.connections += 1;
@@ -148,5 +170,87 @@ fn a_shaped_domain_gets_its_connections_and_rate(io: &str) {
     assert!(
         spread >= Duration::from_millis(2500),
         "60 messages at 20 a second take at least ~2.95 s; took {spread:?}"
+    );
+}
+
+/// `GET /metrics` over a plain socket: the body.
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    text
+}
+
+fn too_many_connections_halves_the_limit(io: &str) {
+    let seen = Arc::new(Mutex::new(Seen {
+        allow: 2,
+        ..Seen::default()
+    }));
+    let hop = recording_next_hop(Arc::clone(&seen));
+    let work = tempfile::tempdir().unwrap();
+    let spool = work.path().join("spool");
+    let metrics_port = free_port();
+    let shaping = format!(
+        "[delivery.shaping.\"example.test\"]\n\
+         max_connections = 8\n\
+         [metrics]\n\
+         listen = \"127.0.0.1:{metrics_port}\"\n"
+    );
+    let mut relay = Relay::start_with(Opts::relay(
+        io,
+        &spool,
+        &[("example.test", hop)],
+        &[1],
+        &shaping,
+    ));
+    let sent = SendRun::run(
+        relay.addr,
+        &["--messages", "100", "--connections", "8"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(sent.code, Some(0), "{}", sent.output);
+    assert_eq!(
+        jnum(&sent.json, "messages.accepted"),
+        100,
+        "{:#}",
+        sent.json
+    );
+    if let Err(last) = try_wait_queue_empty(&spool, Duration::from_secs(60)) {
+        panic!("not delivered: {last}\nrelay log:\n{}", relay.stderr());
+    }
+    let metrics = scrape(format!("127.0.0.1:{metrics_port}").parse().unwrap());
+    relay.terminate();
+    let log = relay.stderr();
+    let s = seen.lock().unwrap();
+    eprintln!(
+        "{} refusals, {} sessions, at most {} open at once",
+        s.refused, s.connections, s.max_open
+    );
+    assert_eq!(s.arrivals.len(), 100, "every message once");
+    assert!(
+        s.refused >= 1,
+        "the next hop never had to refuse: {:?}",
+        s.per_connection
+    );
+    assert!(
+        log.contains("throttles us") && log.contains("connections to example.test now at most 4"),
+        "the first refusal halves 8 to 4, logged:\n{log}"
+    );
+    let events: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ringrelay_throttle_events_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ringrelay_throttle_events_total:\n{metrics}"));
+    assert!(
+        events >= 1 && events as usize <= s.refused,
+        "{events} throttle events for {} refusals",
+        s.refused
+    );
+    assert!(
+        s.refused <= 20,
+        "{} refusals: the relay kept opening connections the next hop refuses",
+        s.refused
     );
 }

@@ -254,12 +254,15 @@ impl Outbound {
     fn throttled(&self, domain: &str, budget: Option<&Arc<Budget>>, addr: SocketAddr, reply: &str) {
         self.throttle_events.set(self.throttle_events.get() + 1);
         match budget {
-            Some(b) => {
-                let limit = b.throttle();
-                tracing::warn!(
+            Some(b) => match b.throttle(Instant::now()) {
+                Some(limit) => tracing::warn!(
                     "{domain}: next hop {addr} throttles us ({reply}); connections to {domain} now at most {limit}, growing back with deliveries"
-                );
-            }
+                ),
+                None => tracing::info!(
+                    "{domain}: next hop {addr} throttles us ({reply}); connections to {domain} were lowered to {} just before",
+                    b.limit()
+                ),
+            },
             None => tracing::warn!(
                 "{domain}: next hop {addr} throttles us ({reply}); {domain} is not shaped (delivery.shaping), so nothing is slowed"
             ),
@@ -400,7 +403,7 @@ impl Outbound {
                     .iter()
                     .any(|o| matches!(o, RcptOutcome::Delivered(_)))
                 {
-                    if let Some(limit) = b.delivered() {
+                    if let Some(limit) = b.delivered(Instant::now()) {
                         tracing::info!("{domain}: connection limit back up to {limit}");
                     }
                 }

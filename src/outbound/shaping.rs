@@ -22,9 +22,14 @@
 //!   So a shaped queue drains at its rate, without bursts and without stalls. A message
 //!   whose instant would be more than [`MAX_PACING_WAIT`] away reserves nothing and is
 //!   deferred (only a queue far larger than the rate can carry meets this).
-//! - Reactive throttling: the limit is halved (at least 1); it grows back by one after
-//!   as many successful deliveries as the limit then is (additive increase, roughly one
-//!   per round of connections), up to `max_connections`. Logged at warn; counted.
+//! - Reactive throttling: the limit is halved (at least 1), unless more connections are
+//!   open than the limit already allows: those were opened under an older, higher limit,
+//!   their "too many" is the same burst's, and halving again for each of them would drop
+//!   a limit of 16 to 1 on one burst. It grows back by one after as many successful
+//!   deliveries as the limit then is (additive increase, roughly one per round of
+//!   connections), at most one step per [`GROW_EVERY`], up to `max_connections`; so a
+//!   next hop that takes 2 connections is probed with a third every few seconds, not
+//!   every few messages. Logged at warn; every signal counted.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,6 +46,9 @@ pub const BUDGET_POLL: Duration = Duration::from_millis(10);
 /// Longest a message waits for its turn under `max_messages_per_sec` before being deferred
 /// instead.
 pub const MAX_PACING_WAIT: Duration = Duration::from_secs(30);
+
+/// The limit grows back at most one step in this long.
+pub const GROW_EVERY: Duration = Duration::from_secs(5);
 
 /// True for a reply that says the next hop wants fewer of our connections or messages:
 /// a transient `421`, or a `4.7.x`, whose text says "too many" connections or messages
@@ -154,6 +162,8 @@ pub struct Budget {
     limit: AtomicUsize,
     /// Successful deliveries since the limit last grew.
     successes: AtomicUsize,
+    /// When the limit last changed, in nanoseconds after `epoch` (0: never).
+    changed: AtomicU64,
     /// Checkouts waiting for a connection slot, all shards.
     waiting: AtomicUsize,
     /// The rate's virtual schedule: the next free instant, in nanoseconds after `epoch`.
@@ -169,6 +179,7 @@ impl Budget {
             shaping,
             open: AtomicUsize::new(0),
             successes: AtomicUsize::new(0),
+            changed: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             next_send: AtomicU64::new(0),
             epoch,
@@ -243,22 +254,34 @@ impl Budget {
         Some(Duration::from_nanos(turn - now_ns))
     }
 
-    /// The next hop said "too many": halves the connection limit (at least 1). Returns the
-    /// new limit.
-    pub fn throttle(&self) -> usize {
+    /// Nanoseconds from `epoch` to `now`, at least 1 (0 means "never").
+    fn since_epoch(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.epoch).as_nanos() as u64).max(1)
+    }
+
+    /// The next hop said "too many" at `now`: halves the connection limit (at least 1),
+    /// unless more connections are open than the limit (the refusal is from a burst
+    /// opened under a higher limit, already answered). Returns the new limit when it was
+    /// lowered.
+    pub fn throttle(&self, now: Instant) -> Option<usize> {
         self.successes.store(0, Ordering::Relaxed);
+        if self.open() > self.limit() {
+            return None;
+        }
+        self.changed.store(self.since_epoch(now), Ordering::Release);
         let old = self
             .limit
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
                 Some((l / 2).max(1))
             })
             .unwrap_or(1);
-        (old / 2).max(1)
+        Some((old / 2).max(1))
     }
 
-    /// A message was delivered: after as many as the limit, the limit grows by one (up to
-    /// `max_connections`). Returns the new limit when it grew.
-    pub fn delivered(&self) -> Option<usize> {
+    /// A message was delivered at `now`: after as many as the limit, the limit grows by
+    /// one (up to `max_connections`, at most once per [`GROW_EVERY`]). Returns the new
+    /// limit when it grew.
+    pub fn delivered(&self, now: Instant) -> Option<usize> {
         let max = self.shaping.max_connections.max(1);
         let limit = self.limit();
         if limit >= max {
@@ -268,11 +291,19 @@ impl Budget {
         if n < limit {
             return None;
         }
+        let now_ns = self.since_epoch(now);
+        let last = self.changed.load(Ordering::Acquire);
+        if now_ns.saturating_sub(last) < GROW_EVERY.as_nanos() as u64 {
+            return None;
+        }
         self.successes.store(0, Ordering::Relaxed);
         self.limit
             .compare_exchange(limit, limit + 1, Ordering::AcqRel, Ordering::Acquire)
             .ok()
-            .map(|_| limit + 1)
+            .map(|_| {
+                self.changed.store(now_ns, Ordering::Release);
+                limit + 1
+            })
     }
 }
 
@@ -386,19 +417,37 @@ mod tests {
     }
 
     #[test]
-    fn throttling_halves_and_deliveries_grow_it_back() {
-        let budget = Budget::new("d", shaping(16, 0.0), Instant::now());
-        assert_eq!(budget.throttle(), 8);
-        assert_eq!(budget.throttle(), 4);
-        assert_eq!(budget.throttle(), 2);
-        assert_eq!(budget.throttle(), 1);
-        assert_eq!(budget.throttle(), 1, "never below 1");
-        assert_eq!(budget.delivered(), Some(2));
-        assert_eq!(budget.delivered(), None);
-        assert_eq!(budget.delivered(), Some(3));
+    fn throttling_halves_once_a_burst_and_grows_back_slowly() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let budget = Arc::new(Budget::new("d", shaping(16, 0.0), t0));
+        // A burst of 10 connections; the first "too many" halves the limit.
+        let burst: Vec<Slot> = (0..10).filter_map(|_| budget.try_open()).collect();
+        assert_eq!(burst.len(), 10);
+        assert_eq!(budget.throttle(at(10)), Some(8));
+        // The rest of the burst, still open beyond the new limit: not halving again.
+        assert_eq!(budget.throttle(at(20)), None);
+        assert_eq!(budget.limit(), 8);
+        drop(burst);
+        // Connections opened under the new limit that meet "too many": halve again.
+        assert_eq!(budget.throttle(at(30)), Some(4));
+        assert_eq!(budget.throttle(at(40)), Some(2));
+        assert_eq!(budget.throttle(at(50)), Some(1));
+        assert_eq!(budget.throttle(at(60)), Some(1), "never below 1");
+        // Deliveries soon after: no growth yet.
+        assert_eq!(budget.delivered(at(100)), None);
+        assert_eq!(budget.delivered(at(200)), None);
+        assert_eq!(budget.limit(), 1);
+        // GROW_EVERY later, one step per `limit` deliveries, one step per GROW_EVERY.
+        assert_eq!(budget.delivered(at(5100)), Some(2));
+        assert_eq!(budget.delivered(at(5200)), None);
+        assert_eq!(budget.delivered(at(5300)), None, "not within GROW_EVERY");
+        assert_eq!(budget.delivered(at(10200)), Some(3));
         let mut grown = 3;
+        let mut ms = 10200;
         for _ in 0..1000 {
-            if let Some(l) = budget.delivered() {
+            ms += 1000;
+            if let Some(l) = budget.delivered(at(ms)) {
                 grown = l;
             }
         }
