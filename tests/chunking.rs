@@ -2,7 +2,8 @@
 //! client: pipelined chunks and LAST relayed byte for byte to a capturing next hop (which
 //! gets them over DATA, dot-stuffed by our client), `BDAT 0 LAST`, a chunk over the size
 //! limit, BDAT out of sequence (its bytes consumed, never read as commands), DATA after
-//! BDAT, a bare LF, and a large message in chunks (streamed into the spool).
+//! BDAT, a bare LF, a malformed size (the connection ends), and a large message in chunks
+//! (streamed into the spool).
 //!
 //! No client library we could find speaks BDAT (Python's smtplib, lettre and swaks do not),
 //! so the client here is raw bytes.
@@ -155,7 +156,10 @@ fn bdat_errors_keep_the_session_in_sync(io: &str) {
     c.expect("RCPT TO:<b@example.test>", 250, "2.1.5");
     c.send(bdat(b"Subject: fine\r\n\r\nok\r\n", true));
     assert!(c.reply().is_queued());
-    c.expect("QUIT", 221, "2.0.0");
+    // A size we cannot read: 501 and the connection ends (what follows is not commands).
+    c.send(b"BDAT 12x\r\nNOOP\r\nNOOP\r\n");
+    c.reply().assert(501, "5.5.4");
+    c.expect_eof();
     let got = capture.wait_for(1, Duration::from_secs(20));
     assert_eq!(got.len(), 1, "only the clean message: {got:?}");
     assert!(got[0].data.ends_with(b"Subject: fine\r\n\r\nok\r\n"));

@@ -865,6 +865,16 @@ impl Session {
                 // The hint is one of the parser's own short ASCII texts: written as it is.
                 self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
                 self.out.extend_from_slice(hint.as_bytes());
+                if line
+                    .get(..4)
+                    .is_some_and(|v| v.eq_ignore_ascii_case(b"BDAT"))
+                {
+                    // The chunk's bytes follow with no size we can trust: none of them may
+                    // be read as commands (smuggling), so the connection ends here.
+                    self.reply(b"\r\n");
+                    self.state = State::Closed;
+                    return;
+                }
                 return self.error(b"\r\n");
             }
         };
@@ -2245,8 +2255,10 @@ mod tests {
             ["250 2.0.0", "250 2.0.0"]
         );
         assert_eq!(h.messages.len(), 1);
-        // A malformed size cannot be skipped: 501, and nothing of it runs as commands.
-        assert_eq!(h.codes(b"BDAT x\r\n"), ["501 5.5.4"]);
+        // A malformed size cannot be skipped: 501 and the end of the session, so nothing
+        // of the chunk runs as commands.
+        assert_eq!(h.codes(b"BDAT x\r\nNOOP\r\n"), ["501 5.5.4"]);
+        assert!(h.session.is_closed());
     }
 
     #[test]
