@@ -790,6 +790,8 @@ mod tests {
             prop_assert_eq!(&whole, &reference(&input, max));
             let cuts = cuts_for(input.len(), &raw_cuts);
             prop_assert_eq!(&feed_split(&input, &cuts, max), &whole);
+            // Drained after every piece, as when the message streams to a sink.
+            prop_assert_eq!(&feed_streaming(&input, &cuts, max), &whole);
         }
 
         #[test]
