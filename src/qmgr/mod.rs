@@ -8,11 +8,13 @@
 //!
 //! - [`queue`]: ready, deferred and held messages, retry times.
 //! - [`worker`]: starts deliveries as messages fall due, tidies once a second.
+//! - `stream`: large messages streamed into the spool while they arrive.
 //! - [`attempt`]: one delivery attempt of one message: recipients grouped by domain, each
 //!   outcome recorded, failures bounced (RFC 3464, spooled like any message).
 
 pub mod attempt;
 pub mod queue;
+mod stream;
 pub mod worker;
 
 use std::cell::{Cell, RefCell};
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use crate::config::{AbSwitches, Config};
-use crate::handler::Handler;
+use crate::handler::{BodySink, Handler};
 use crate::id::{IdGenerator, QueueId};
 use crate::observe::metrics::{Registry, Rejection, ShardMetrics};
 use crate::outbound::{Outbound, OutboundConfig};
@@ -388,6 +390,12 @@ impl Handler for RelayHandler {
         while shard.in_flight.get() > 0 {
             shard.delivered.notified().await;
         }
+    }
+
+    /// Large messages go into the spool while they arrive (`stream`).
+    fn body_sink(&self, envelope: &Envelope) -> Option<Box<dyn BodySink>> {
+        let sink = stream::SpoolSink::open(&self.shard, envelope)?;
+        Some(Box::new(sink))
     }
 
     async fn on_message(&self, envelope: Envelope) -> Result<(), Reply> {

@@ -1,6 +1,6 @@
 //! SMTP command lines: one line (without its CRLF) in, one [`Command`] or a
 //! [`CommandError`] out (RFC 5321 §4.1, plus the SIZE and BODY parameters of RFC 1870 and
-//! RFC 6152).
+//! RFC 6152, and BDAT of RFC 3030).
 //!
 //! Verbs are case-insensitive. Parsing never allocates: addresses are borrowed from the line.
 
@@ -50,7 +50,14 @@ pub enum Command<'a> {
     StartTls,
     /// `AUTH mechanism [initial-response]` (RFC 4954): the arguments as sent.
     Auth(&'a [u8]),
-    /// A command we know but do not offer (EXPN, TURN, BDAT…): answered 502.
+    /// `BDAT chunk-size [LAST]` (RFC 3030): `size` octets of content follow the line.
+    Bdat {
+        /// The chunk's size in octets.
+        size: u64,
+        /// The message's last chunk.
+        last: bool,
+    },
+    /// A command we know but do not offer (EXPN, TURN, ETRN…): answered 502.
     Unsupported,
 }
 
@@ -133,7 +140,10 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
     if is(b"AUTH") {
         return Ok(Command::Auth(trim_spaces(args)));
     }
-    const UNSUPPORTED: [&[u8]; 11] = [
+    if is(b"BDAT") {
+        return parse_bdat(args);
+    }
+    const UNSUPPORTED: [&[u8]; 10] = [
         b"EXPN",
         b"TURN",
         b"ETRN",
@@ -141,7 +151,6 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
         b"SEND",
         b"SOML",
         b"SAML",
-        b"BDAT",
         b"XCLIENT",
         b"XFORWARD",
         b"VERB",
@@ -150,6 +159,29 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
         return Ok(Command::Unsupported);
     }
     Err(CommandError::Unknown)
+}
+
+/// `BDAT chunk-size [LAST]`: the size is 1 to 20 digits (RFC 3030's `1*DIGIT`, within u64).
+fn parse_bdat(args: &[u8]) -> Result<Command<'_>, CommandError> {
+    const HINT: &str = "BDAT chunk-size [LAST]";
+    let args = args.strip_prefix(b" ").ok_or(CommandError::Syntax(HINT))?;
+    let (size, rest) = match args.iter().position(|&b| b == b' ') {
+        Some(i) => (&args[..i], Some(&args[i + 1..])),
+        None => (args, None),
+    };
+    let last = match rest {
+        None => false,
+        Some(word) if word.eq_ignore_ascii_case(b"LAST") => true,
+        Some(_) => return Err(CommandError::Syntax(HINT)),
+    };
+    if size.is_empty() || size.len() > 20 || !size.iter().all(u8::is_ascii_digit) {
+        return Err(CommandError::Syntax(HINT));
+    }
+    let size = std::str::from_utf8(size)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or(CommandError::Syntax(HINT))?;
+    Ok(Command::Bdat { size, last })
 }
 
 /// The EHLO/HELO argument: one token of printable ASCII. It ends up in a Received header,
@@ -316,6 +348,35 @@ mod tests {
     fn unsupported_and_unknown() {
         assert_eq!(parse(b"EXPN staff"), Ok(Command::Unsupported));
         assert_eq!(parse(b"TURN"), Ok(Command::Unsupported));
+        assert_eq!(
+            parse(b"BDAT 1000"),
+            Ok(Command::Bdat {
+                size: 1000,
+                last: false
+            })
+        );
+        assert_eq!(
+            parse(b"bdat 0 last"),
+            Ok(Command::Bdat {
+                size: 0,
+                last: true
+            })
+        );
+        for bad in [
+            &b"BDAT"[..],
+            b"BDAT ",
+            b"BDAT x",
+            b"BDAT -1",
+            b"BDAT 10 FIRST",
+            b"BDAT 10  LAST",
+            b"BDAT 99999999999999999999999",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(CommandError::Syntax(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert_eq!(parse(b"STARTTLS"), Ok(Command::StartTls));
         assert_eq!(parse(b"starttls"), Ok(Command::StartTls));
         assert_eq!(

@@ -188,6 +188,29 @@ pub fn encode_message_head(out: &mut BytesMut, msg: &MessageRecord<'_>) {
     finish_with(out, start, msg.data);
 }
 
+/// Appends the head of a message record whose content of `data_len` bytes (with crc32c
+/// `data_crc`) was written elsewhere beforehand: a streamed message's content goes to its
+/// file while it arrives, and this head is written in front of it once its length is known.
+/// `msg.data` is ignored. The result equals [`encode_message_head`] for the same content
+/// (a unit test holds the two together): the content's length is the head's last field.
+pub fn encode_streamed_head(
+    out: &mut BytesMut,
+    msg: &MessageRecord<'_>,
+    data_len: u64,
+    data_crc: u32,
+) {
+    let start = out.len();
+    encode_message_head(out, &MessageRecord { data: &[], ..*msg });
+    let end = out.len();
+    let payload = (end - start - HEADER_LEN) as u64 + data_len;
+    debug_assert!(payload <= MAX_PAYLOAD as u64, "checked by the caller");
+    out[start + 8..start + 12].copy_from_slice(&(payload as u32).to_le_bytes());
+    out[end - 8..end].copy_from_slice(&data_len.to_le_bytes());
+    let head = checksum(&out[start + 4..start + 12], &out[start + HEADER_LEN..end]);
+    let crc = crc32c::crc32c_combine(head, data_crc, data_len as usize);
+    out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// Appends a recipient outcome record.
 pub fn encode_recipient(out: &mut BytesMut, id: QueueId, index: u32, outcome: RcptOutcome) {
     let start = begin(out, KIND_RECIPIENT, 16 + 4 + 1, 0);
@@ -472,6 +495,32 @@ mod tests {
         encode_recipient(&mut out, id, 1, RcptOutcome::Delivered);
         encode_finished(&mut out, id);
         (id, out)
+    }
+
+    #[test]
+    fn a_streamed_head_equals_the_whole_record_head() {
+        let id = IdGenerator::starting_at(1, 42).next_id();
+        let from = ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap());
+        let rcpts = [Mailbox::parse("b@example.net").unwrap()];
+        let data = b"Subject: big\r\n\r\nbody\r\nmore\r\n";
+        let msg = MessageRecord {
+            id,
+            arrival: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            from: &from,
+            rcpts: &rcpts,
+            eight_bit: false,
+            data,
+        };
+        let mut whole = BytesMut::new();
+        encode_message_head(&mut whole, &msg);
+        let mut streamed = BytesMut::new();
+        encode_streamed_head(&mut streamed, &msg, data.len() as u64, crc32c::crc32c(data));
+        assert_eq!(streamed, whole);
+        streamed.extend_from_slice(data);
+        match decode(&streamed.freeze()) {
+            Decoded::Record(Record::Message(m), _) => assert_eq!(&m.data[..], &data[..]),
+            other => panic!("not a message record: {other:?}"),
+        }
     }
 
     fn decode_all(buf: Bytes) -> Vec<Record> {

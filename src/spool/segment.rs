@@ -360,6 +360,40 @@ impl ShardStore {
         }
     }
 
+    /// A segment number for a streamed message's own segment (see `super::stream`),
+    /// taken now so no other segment gets it while the content arrives.
+    pub fn reserve_segment(&mut self) -> SegmentId {
+        let id = SegmentId {
+            shard: self.shard,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        id
+    }
+
+    /// Takes over a streamed message's segment, complete under its final name and holding
+    /// that one message: it and the directory are synced by the next group commit, and
+    /// outcome records go to it like to any segment (it is deleted when its message is
+    /// finished, never being the current segment).
+    pub fn adopt_streamed(&mut self, id: SegmentId, file: File, len: u64) {
+        self.segments.insert(
+            id,
+            Segment {
+                file: Arc::new(file),
+                len,
+                live: 1,
+                broken: false,
+            },
+        );
+        self.unsynced.push(id);
+        self.dir_unsynced = true;
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Takes what the next group commit must sync.
     pub fn take_sync_targets(&mut self) -> SyncTargets {
         let files = self
