@@ -31,6 +31,7 @@ use super::auth::{AuthExchange, Credentials, Step, MAX_RESPONSE_LINE};
 use super::command::{self, BodyType, Command, CommandError};
 use super::data::{DataOutcome, DataScanner};
 use super::envelope::Envelope;
+use super::ext::{self, DsnEnvelope, RcptDsn, Ret};
 use super::path::{ListEntry, Mailbox, MailboxList, MailboxRef, MailboxSlot, ReversePath};
 use super::received::{write_received, Trace};
 use super::reply::Reply;
@@ -56,6 +57,7 @@ fn take_rcpt(
     hook_mailbox: &mut MailboxSlot,
     tx: &mut Transaction,
     to: Option<MailboxRef<'_>>,
+    dsn: RcptDsn,
     hooks: &mut impl Hooks,
 ) -> Result<(), RcptRefusal> {
     // `<Postmaster>` with no domain is ours: it goes to the configured postmaster, from
@@ -70,7 +72,18 @@ fn take_rcpt(
         },
     };
     let local = postmaster.is_some();
-    if !local && !may_relay && !config.relay.is_relay_domain(to.domain()) {
+    // RFC 6531 §3.5: an internationalized address only in a transaction that declared
+    // SMTPUTF8.
+    if !to.is_ascii() && !tx.smtputf8 {
+        return Err(RcptRefusal::Wire(NON_ASCII_RCPT));
+    }
+    // A U-label domain is compared in its A-label form, as `relay.domains` is written.
+    if !local
+        && !may_relay
+        && !config
+            .relay
+            .is_relay_domain(&ext::ascii_domain(to.domain()))
+    {
         return Err(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
     }
     // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
@@ -94,8 +107,14 @@ fn take_rcpt(
     checked.map_err(RcptRefusal::Hook)?;
     let entry = tx.addresses.push(to);
     tx.to.push(entry);
+    tx.any_dsn |= !dsn.is_default();
+    tx.rcpt_dsn.push(dsn);
     Ok(())
 }
+
+/// The reply to a non-ASCII recipient in a transaction without SMTPUTF8 (RFC 6531 §3.5).
+const NON_ASCII_RCPT: &[u8] =
+    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n";
 
 /// The reply to a bare `<postmaster>` when `relay.postmaster` is empty.
 const NO_POSTMASTER: &[u8] =
@@ -150,7 +169,7 @@ fn ehlo_reply(hostname: &str, max_message_size: usize, starttls: bool, auth: boo
     if auth {
         r.push_str("250-AUTH PLAIN LOGIN\r\n");
     }
-    r.push_str("250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n");
+    r.push_str("250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n");
     Bytes::from(r)
 }
 
@@ -284,6 +303,15 @@ struct Transaction {
     /// The text of `from` and `to`.
     addresses: MailboxList,
     body_type: BodyType,
+    /// MAIL declared SMTPUTF8 (RFC 6531).
+    smtputf8: bool,
+    /// MAIL's `RET=` and `ENVID=` (RFC 3461).
+    ret: Option<Ret>,
+    envid: Option<Box<str>>,
+    /// Each accepted recipient's NOTIFY and ORCPT, in the order of `to`.
+    rcpt_dsn: Vec<RcptDsn>,
+    /// Some DSN parameter was given: the envelope carries them.
+    any_dsn: bool,
     /// RCPT commands seen, accepted or not: tells "need RCPT" from "no valid recipients".
     rcpt_attempts: u32,
     id: Option<QueueId>,
@@ -299,6 +327,12 @@ impl Transaction {
         self.to.shrink_to(KEEP_RECIPIENT_SLOTS);
         self.addresses.clear();
         self.body_type = BodyType::default();
+        self.smtputf8 = false;
+        self.ret = None;
+        self.envid = None;
+        self.rcpt_dsn.clear();
+        self.rcpt_dsn.shrink_to(KEEP_RECIPIENT_SLOTS);
+        self.any_dsn = false;
         self.rcpt_attempts = 0;
         self.id = None;
     }
@@ -737,21 +771,25 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8], now: SystemTime, hooks: &mut impl Hooks) {
-        let cmd = match command::parse(line) {
-            Ok(cmd) => cmd,
-            Err(CommandError::Unknown) => {
-                return self.error(b"500 5.5.2 Error: command not recognized\r\n")
-            }
-            Err(CommandError::UnknownParameter) => {
-                return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
-            }
-            Err(CommandError::Syntax(hint)) => {
-                // The hint is one of the parser's own short ASCII texts: written as it is.
-                self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
-                self.out.extend_from_slice(hint.as_bytes());
-                return self.error(b"\r\n");
-            }
-        };
+        let cmd =
+            match command::parse(line) {
+                Ok(cmd) => cmd,
+                Err(CommandError::Unknown) => {
+                    return self.error(b"500 5.5.2 Error: command not recognized\r\n")
+                }
+                Err(CommandError::UnknownParameter) => {
+                    return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
+                }
+                Err(CommandError::NonAscii) => return self.error(
+                    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n",
+                ),
+                Err(CommandError::Syntax(hint)) => {
+                    // The hint is one of the parser's own short ASCII texts: written as it is.
+                    self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
+                    self.out.extend_from_slice(hint.as_bytes());
+                    return self.error(b"\r\n");
+                }
+            };
         match cmd {
             Command::Ehlo(host) | Command::Helo(host) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
@@ -769,8 +807,15 @@ impl Session {
             }
             Command::StartTls => self.starttls(),
             Command::Auth(args) => self.auth(args),
-            Command::Mail { from, size, body } => self.mail(from, size, body, hooks),
-            Command::Rcpt(to) => self.rcpt(to, hooks),
+            Command::Mail {
+                from,
+                size,
+                body,
+                smtputf8,
+                ret,
+                envid,
+            } => self.mail(from, size, body, (smtputf8, ret, envid), hooks),
+            Command::Rcpt { to, dsn } => self.rcpt(to, dsn, hooks),
             Command::Data => self.data(now, hooks),
             Command::Rset | Command::Noop | Command::Vrfy | Command::Help
                 if self.junk_limit_reached() => {}
@@ -798,6 +843,7 @@ impl Session {
         from: Option<MailboxRef<'_>>,
         size: Option<u64>,
         body: BodyType,
+        (smtputf8, ret, envid): (bool, Option<Ret>, Option<Box<str>>),
         hooks: &mut impl Hooks,
     ) {
         if self.helo.is_none() {
@@ -823,10 +869,14 @@ impl Session {
         self.tx.from = from.map(|m| self.tx.addresses.push(m));
         self.tx.started = true;
         self.tx.body_type = body;
+        self.tx.smtputf8 = smtputf8;
+        self.tx.any_dsn = ret.is_some() || envid.is_some();
+        self.tx.ret = ret;
+        self.tx.envid = envid;
         self.reply(b"250 2.1.0 Ok\r\n");
     }
 
-    fn rcpt(&mut self, to: Option<MailboxRef<'_>>, hooks: &mut impl Hooks) {
+    fn rcpt(&mut self, to: Option<MailboxRef<'_>>, dsn: RcptDsn, hooks: &mut impl Hooks) {
         if !self.tx.started {
             return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
         }
@@ -847,6 +897,7 @@ impl Session {
             &mut self.hook_mailbox,
             &mut self.tx,
             to,
+            dsn,
             hooks,
         );
         let refused = match &taken {
@@ -900,6 +951,7 @@ impl Session {
             esmtp: self.esmtp,
             tls: self.tls.map(|t| (t.version, t.cipher)),
             authenticated: self.auth.as_ref().is_some_and(|a| a.user.is_some()),
+            smtputf8: self.tx.smtputf8,
             id,
             single_rcpt: single,
         };
@@ -945,6 +997,14 @@ impl Session {
             ReversePath::Mailbox(addresses.get(e))
         });
         let to = self.tx.to.iter().map(|&e| addresses.get(e)).collect();
+        // Only a transaction that gave DSN parameters pays for carrying them.
+        let dsn = self.tx.any_dsn.then(|| {
+            Arc::new(DsnEnvelope {
+                ret: self.tx.ret,
+                envid: self.tx.envid.take(),
+                rcpts: std::mem::take(&mut self.tx.rcpt_dsn),
+            })
+        });
         self.awaiting_memory = self.body.capacity();
         self.message = Some(Envelope {
             id,
@@ -954,6 +1014,8 @@ impl Session {
             peer: self.peer,
             helo: self.shared_helo(),
             body_type: self.tx.body_type,
+            smtputf8: self.tx.smtputf8,
+            dsn,
         });
         self.tx.clear();
         // Keep the ID for the 250 reply; the rest of the transaction is gone.
@@ -1185,7 +1247,7 @@ mod tests {
         let text = h.feed(b"EHLO client.example\r\n");
         assert_eq!(
             text,
-            "220 relay.test ESMTP ringrelay\r\n250-relay.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+            "220 relay.test ESMTP ringrelay\r\n250-relay.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
         );
         assert_eq!(h.feed(b"HELO other\r\n"), "250 relay.test\r\n");
     }
@@ -1872,5 +1934,96 @@ mod tests {
             "421 4.7.0 relay.test Error: too many junk commands\r\n"
         );
         assert!(h.session.is_closed());
+    }
+
+    #[test]
+    fn smtputf8_is_needed_for_internationalized_addresses() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO client.example\r\n");
+        // Without SMTPUTF8: 553 5.6.7 for the sender and for a recipient (RFC 6531 §3.5).
+        assert_eq!(
+            h.codes("MAIL FROM:<δοκιμή@example.org>\r\n".as_bytes()),
+            ["553 5.6.7"]
+        );
+        assert_eq!(
+            h.codes(
+                "MAIL FROM:<a@example.org>\r\nRCPT TO:<用户@example.org>\r\nRSET\r\n".as_bytes()
+            ),
+            ["250 2.1.0", "553 5.6.7", "250 2.0.0"]
+        );
+        // Broken UTF-8 is a syntax error either way.
+        assert_eq!(
+            h.codes(b"MAIL FROM:<a\xc0\xaf@example.org> SMTPUTF8\r\n"),
+            ["501 5.5.4"]
+        );
+        let tx = "MAIL FROM:<δοκιμή@example.org> SMTPUTF8\r\nRCPT TO:<用户@例子.test>\r\nDATA\r\n";
+        assert_eq!(h.codes(tx.as_bytes()), ["250 2.1.0", "250 2.1.5", "354"]);
+        assert!(h
+            .feed("Subject: héllo\r\n\r\nbody\r\n.\r\n".as_bytes())
+            .starts_with("250 2.0.0"));
+        let m = &h.messages[0];
+        assert!(m.smtputf8);
+        assert_eq!(m.to[0].as_str(), "用户@例子.test");
+        let text = String::from_utf8(m.data.to_vec()).unwrap();
+        assert!(text.contains(" with UTF8SMTP id "), "{text}");
+        assert!(text.contains("for <用户@例子.test>"), "{text}");
+        assert!(m.dsn.is_none());
+        // The flag belongs to one transaction.
+        h.feed(b"MAIL FROM:<a@example.org>\r\n");
+        assert_eq!(
+            h.codes("RCPT TO:<用户@example.org>\r\n".as_bytes()),
+            ["553 5.6.7"]
+        );
+    }
+
+    #[test]
+    fn a_u_label_relay_domain_matches_in_its_a_label_form() {
+        let policy = RelayPolicy::new(vec![], vec!["xn--bcher-kva.example".into()]);
+        let config = Arc::new(SessionConfig::new("relay.test".into(), 10_000, 5, policy));
+        let mut h = Harness::new(config, "192.0.2.9:40000");
+        h.feed(b"EHLO client.example\r\n");
+        let codes = h.codes(
+            "MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@BÜCHER.example>\r\nRCPT TO:<b@buecher.example>\r\n"
+                .as_bytes(),
+        );
+        assert_eq!(codes, ["250 2.1.0", "250 2.1.5", "550 5.7.1"]);
+    }
+
+    #[test]
+    fn dsn_parameters_reach_the_envelope() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO client.example\r\n");
+        let codes = h.codes(
+            b"MAIL FROM:<a@example.org> RET=HDRS ENVID=QQ+2B1\r\n\
+              RCPT TO:<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.org\r\n\
+              RCPT TO:<c@example.org> NOTIFY=NEVER NOTIFY=NEVER\r\n\
+              RCPT TO:<d@example.org>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert_eq!(
+            codes,
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "501 5.5.4",
+                "250 2.1.5",
+                "354",
+                "250 2.0.0"
+            ]
+        );
+        let dsn = h.messages[0].dsn.as_ref().expect("DSN parameters");
+        assert_eq!(dsn.ret, Some(Ret::Hdrs));
+        assert_eq!(dsn.envid.as_deref(), Some("QQ+1"));
+        assert_eq!(dsn.rcpts.len(), 2, "one per accepted recipient");
+        assert!(dsn.rcpts[0].notify.has(ext::Notify::SUCCESS));
+        assert_eq!(
+            dsn.rcpts[0].orcpt.as_ref().map(|o| &*o.addr),
+            Some("b@example.org")
+        );
+        assert!(dsn.rcpts[1].is_default());
+        // A transaction without DSN parameters carries none.
+        h.feed(TX);
+        h.feed(b"x\r\n.\r\n");
+        assert!(h.messages[1].dsn.is_none());
+        assert!(!h.messages[1].smtputf8);
     }
 }

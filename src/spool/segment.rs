@@ -772,6 +772,8 @@ mod tests {
                 from: &from,
                 rcpts: &rcpts,
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data: body.as_bytes(),
             })
             .unwrap();
@@ -800,6 +802,8 @@ mod tests {
                 from: &ReversePath::Null,
                 rcpts: &[mb("r@example.net")],
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data: &huge,
             })
             .unwrap_err();
@@ -827,6 +831,8 @@ mod tests {
                 from,
                 rcpts: &rcpts[..i],
                 eight_bit: i == 2,
+                smtputf8: false,
+                dsn: None,
                 data: body.as_bytes(),
             };
             let loc = store.append_message(&msg).unwrap();

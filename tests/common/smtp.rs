@@ -341,6 +341,8 @@ pub fn assert_ehlo(r: &Reply, max_size: usize) {
         "PIPELINING".into(),
         format!("SIZE {max_size}"),
         "8BITMIME".into(),
+        "DSN".into(),
+        "SMTPUTF8".into(),
         "ENHANCEDSTATUSCODES".into(),
     ];
     assert!(
