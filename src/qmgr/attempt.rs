@@ -460,7 +460,8 @@ async fn spool_report(
             from: ReversePath::Null,
             rcpts: vec![to.clone()],
             eight_bit: false,
-            smtputf8: false,
+            // An internationalized sender can only be reached with SMTPUTF8.
+            smtputf8: !to.is_ascii(),
             dsn: None,
             data: &message,
         })

@@ -77,13 +77,16 @@ fn take_rcpt(
     if !to.is_ascii() && !tx.smtputf8 {
         return Err(RcptRefusal::Wire(NON_ASCII_RCPT));
     }
-    // A U-label domain is compared in its A-label form, as `relay.domains` is written.
-    if !local
-        && !may_relay
-        && !config
-            .relay
-            .is_relay_domain(&ext::ascii_domain(to.domain()))
-    {
+    // A U-label domain is compared in its A-label form, as `relay.domains` is written
+    // (an ASCII one as it is: the comparison ignores case, and allocates nothing).
+    let relay_domain = |d: &str| {
+        if d.is_ascii() {
+            config.relay.is_relay_domain(d)
+        } else {
+            config.relay.is_relay_domain(&ext::ascii_domain(d))
+        }
+    };
+    if !local && !may_relay && !relay_domain(to.domain()) {
         return Err(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
     }
     // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
