@@ -41,6 +41,20 @@ use crate::policy::RelayPolicy;
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
 
+/// Longest MAIL or RCPT line, CRLF included: the DSN extension adds up to 500 octets
+/// (RFC 3461 §4: ORCPT on RCPT; ENVID and RET on MAIL need less).
+pub const MAX_MAIL_RCPT_LINE: usize = MAX_COMMAND_LINE + 500;
+
+/// The line limit for a command line that starts with `line`.
+fn line_limit(line: &[u8]) -> usize {
+    match line.get(..4) {
+        Some(verb) if verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT") => {
+            MAX_MAIL_RCPT_LINE
+        }
+        _ => MAX_COMMAND_LINE,
+    }
+}
+
 /// Why [`take_rcpt`] refused a recipient.
 enum RcptRefusal {
     /// A fixed reply.
@@ -451,7 +465,7 @@ impl Session {
                         if self.skipping_line {
                             return input.len();
                         }
-                        if rest.len() >= MAX_COMMAND_LINE {
+                        if rest.len() >= line_limit(rest) {
                             // No line end within the limit: refuse now, drop the rest of it.
                             self.line_too_long();
                             self.skipping_line = true;
@@ -467,7 +481,7 @@ impl Session {
                     // Bare LF ends a command line too (as in Postfix); only DATA is strict.
                     let line = &rest[..lf];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    if line.len() + 2 > MAX_COMMAND_LINE {
+                    if line.len() + 2 > line_limit(line) {
                         self.line_too_long();
                     } else {
                         self.command(line, now, hooks);
@@ -1546,6 +1560,23 @@ mod tests {
         assert_eq!(h.codes("y".repeat(5000).as_bytes()), Vec::<String>::new());
         assert_eq!(h.codes(b"yyy\r\nNOOP\r\n"), ["250 2.0.0"]);
         assert!(h.pending.is_empty());
+    }
+
+    #[test]
+    fn mail_and_rcpt_lines_may_carry_dsn_parameters_past_512_octets() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+        let orcpt = format!("rfc822;{}@example.org", "o".repeat(470));
+        let line = format!("RCPT TO:<{}@example.org> ORCPT={orcpt}\r\n", "r".repeat(60));
+        assert!(line.len() > MAX_COMMAND_LINE && line.len() <= MAX_MAIL_RCPT_LINE);
+        // Split, so the partial line is also judged by its verb.
+        assert_eq!(h.codes(&line.as_bytes()[..550]), Vec::<String>::new());
+        assert_eq!(h.codes(&line.as_bytes()[550..]), ["250 2.1.5"]);
+        let long = format!(
+            "RCPT TO:<b@example.org> NOTIFY=NEVER{}\r\n",
+            " ".repeat(1000)
+        );
+        assert_eq!(h.codes(long.as_bytes()), ["500 5.5.6"]);
     }
 
     #[test]
