@@ -18,6 +18,9 @@
 //!   ENVID and ORCPT carried), none for NEVER nor for a NOTIFY without FAILURE, the whole
 //!   message for RET=FULL, and exactly one delay report for NOTIFY=DELAY after
 //!   `relay.delay_warning_secs`. Malformed parameters get `501 5.5.4`.
+//! - `smtputf8_and_dsn_survive_a_restart`: a message queued for a dead next hop, with
+//!   SMTPUTF8 and every DSN parameter, is delivered after a restart (the spool kept them)
+//!   with all of them to a next hop that offers both.
 
 mod common;
 
@@ -29,7 +32,11 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-io_tests!(smtputf8_end_to_end, dsn_end_to_end);
+io_tests!(
+    smtputf8_end_to_end,
+    dsn_end_to_end,
+    smtputf8_and_dsn_survive_a_restart
+);
 
 /// A next hop: aiosmtpd, with SMTPUTF8 and/or DSN offered as asked. Recipients whose local
 /// part starts with `reject` get `550 5.1.1`, with `later` `450 4.2.0`. Reports (content
@@ -617,4 +624,47 @@ fn dsn_end_to_end(io: &str) {
     assert_eq!(all.len(), 4, "{all:#?}");
     assert_eq!(dsn_hop.received().len(), 1);
     relay.terminate();
+}
+
+fn smtputf8_and_dsn_survive_a_restart(io: &str) {
+    if skip_without_aiosmtpd("smtputf8_and_dsn_survive_a_restart") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let spool = work.path().join("spool");
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut first = relay(io, &spool, &[("both.test", dead)], "");
+    let results = client(
+        first.addr,
+        serde_json::json!([
+            {"from": "δοκιμή@sender.test", "mail_options": ["SMTPUTF8", "RET=FULL", "ENVID=KEEP+2BME"],
+             "rcpts": [["用户@both.test", ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;orig@example.org"]],
+                       ["plain@both.test", []]],
+             "data": "Subject: überall\r\n\r\nbody\r\n"},
+        ]),
+    );
+    assert_eq!(code(&results[0]["data"]), 250, "{:#}", results[0]);
+    first.terminate();
+    let hop = Hop::start(&["--smtputf8", "--dsn"]);
+    let mut second = relay(io, &spool, &[("both.test", hop.addr)], "");
+    let got = hop.wait_received(1);
+    let m = &got[0];
+    assert_eq!(m["from"], "δοκιμή@sender.test");
+    let opts = m["mail_options"].as_array().unwrap();
+    for want in ["SMTPUTF8", "RET=FULL", "ENVID=KEEP+2BME"] {
+        assert!(opts.contains(&Value::from(want)), "{want} in {opts:?}");
+    }
+    assert_eq!(
+        m["per_rcpt"],
+        serde_json::json!([
+            [
+                "用户@both.test",
+                ["NOTIFY=SUCCESS,DELAY", "ORCPT=RFC822;ORIG@EXAMPLE.ORG"]
+            ],
+            ["plain@both.test", []]
+        ])
+    );
+    assert!(m["data"].as_str().unwrap().contains("Subject: überall"));
+    wait_queue_empty(&spool, Duration::from_secs(15));
+    second.terminate();
 }
