@@ -237,6 +237,9 @@ pub struct Relay {
     /// Where a bare `<postmaster>` and double bounces go; empty: `<postmaster>` is
     /// refused (`550 5.1.1`) and double bounces are dropped (logged).
     pub postmaster: String,
+    /// A message still queued this long gets one delay report (RFC 3464 `Action:
+    /// delayed`) for the recipients that asked with `NOTIFY=DELAY` (RFC 3461); 0: never.
+    pub delay_warning_secs: u64,
 }
 
 /// `[spool]`
@@ -373,6 +376,7 @@ impl Default for Relay {
             mynetworks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             domains: Vec::new(),
             postmaster: String::new(),
+            delay_warning_secs: 14_400,
         }
     }
 }

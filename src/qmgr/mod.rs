@@ -52,6 +52,9 @@ pub struct RelayConfig {
     pub max_queue_age: Duration,
     /// Where double bounces go (`relay.postmaster`); `None` drops them, with a log line.
     pub postmaster: Option<Mailbox>,
+    /// A message still pending this long gets one delay report for its recipients that
+    /// asked with NOTIFY=DELAY (`relay.delay_warning_secs`); zero: never.
+    pub delay_warning: Duration,
     /// Routes, pools and MX routing.
     pub outbound: OutboundConfig,
     /// The benches' A/B switches (the group commit's among them).
@@ -74,6 +77,7 @@ impl RelayConfig {
             retry_schedule: config.delivery.retry_schedule_secs.clone(),
             max_queue_age: Duration::from_secs(config.delivery.max_queue_age_secs),
             postmaster: config.postmaster().unwrap_or(None),
+            delay_warning: Duration::from_secs(config.relay.delay_warning_secs),
             outbound: OutboundConfig::from_config(config),
             ab: config.ab,
             node_id: config.effective_node_id(),
@@ -408,6 +412,8 @@ impl Handler for RelayHandler {
                 from: envelope.from,
                 rcpts: envelope.to,
                 eight_bit: envelope.body_type == BodyType::EightBitMime,
+                smtputf8: envelope.smtputf8,
+                dsn: envelope.dsn,
                 data: &envelope.data,
             })
             .await;

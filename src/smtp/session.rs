@@ -37,6 +37,7 @@ use super::auth::{AuthExchange, Credentials, Step, MAX_RESPONSE_LINE};
 use super::command::{self, BodyType, Command, CommandError};
 use super::data::{ChunkScanner, DataOutcome, DataScanner};
 use super::envelope::Envelope;
+use super::ext::{self, DsnEnvelope, RcptDsn, Ret};
 use super::path::{ListEntry, Mailbox, MailboxList, MailboxRef, MailboxSlot, ReversePath};
 use super::received::{write_received, Trace};
 use super::reply::Reply;
@@ -45,6 +46,20 @@ use crate::policy::RelayPolicy;
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
+
+/// Longest MAIL or RCPT line, CRLF included: the DSN extension adds up to 500 octets
+/// (RFC 3461 §4: ORCPT on RCPT; ENVID and RET on MAIL need less).
+pub const MAX_MAIL_RCPT_LINE: usize = MAX_COMMAND_LINE + 500;
+
+/// The line limit for a command line that starts with `line`.
+fn line_limit(line: &[u8]) -> usize {
+    match line.get(..4) {
+        Some(verb) if verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT") => {
+            MAX_MAIL_RCPT_LINE
+        }
+        _ => MAX_COMMAND_LINE,
+    }
+}
 
 /// Why [`take_rcpt`] refused a recipient.
 enum RcptRefusal {
@@ -62,6 +77,7 @@ fn take_rcpt(
     hook_mailbox: &mut MailboxSlot,
     tx: &mut Transaction,
     to: Option<MailboxRef<'_>>,
+    dsn: RcptDsn,
     hooks: &mut impl Hooks,
 ) -> Result<(), RcptRefusal> {
     // `<Postmaster>` with no domain is ours: it goes to the configured postmaster, from
@@ -76,7 +92,21 @@ fn take_rcpt(
         },
     };
     let local = postmaster.is_some();
-    if !local && !may_relay && !config.relay.is_relay_domain(to.domain()) {
+    // RFC 6531 §3.5: an internationalized address only in a transaction that declared
+    // SMTPUTF8.
+    if !to.is_ascii() && !tx.smtputf8 {
+        return Err(RcptRefusal::Wire(NON_ASCII_RCPT));
+    }
+    // A U-label domain is compared in its A-label form, as `relay.domains` is written
+    // (an ASCII one as it is: the comparison ignores case, and allocates nothing).
+    let relay_domain = |d: &str| {
+        if d.is_ascii() {
+            config.relay.is_relay_domain(d)
+        } else {
+            config.relay.is_relay_domain(&ext::ascii_domain(d))
+        }
+    };
+    if !local && !may_relay && !relay_domain(to.domain()) {
         return Err(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
     }
     // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
@@ -100,8 +130,14 @@ fn take_rcpt(
     checked.map_err(RcptRefusal::Hook)?;
     let entry = tx.addresses.push(to);
     tx.to.push(entry);
+    tx.any_dsn |= !dsn.is_default();
+    tx.rcpt_dsn.push(dsn);
     Ok(())
 }
+
+/// The reply to a non-ASCII recipient in a transaction without SMTPUTF8 (RFC 6531 §3.5).
+const NON_ASCII_RCPT: &[u8] =
+    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n";
 
 /// The reply to a bare `<postmaster>` when `relay.postmaster` is empty.
 const NO_POSTMASTER: &[u8] =
@@ -165,7 +201,7 @@ fn ehlo_reply(hostname: &str, max_message_size: usize, starttls: bool, auth: boo
     }
     // CHUNKING (RFC 3030) without BINARYMIME: most next hops could not take binary
     // content on, so BDAT content is text with CRLF line endings like DATA's.
-    r.push_str("250-8BITMIME\r\n250-CHUNKING\r\n250 ENHANCEDSTATUSCODES\r\n");
+    r.push_str("250-8BITMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n");
     Bytes::from(r)
 }
 
@@ -302,6 +338,15 @@ struct Transaction {
     /// The text of `from` and `to`.
     addresses: MailboxList,
     body_type: BodyType,
+    /// MAIL declared SMTPUTF8 (RFC 6531).
+    smtputf8: bool,
+    /// MAIL's `RET=` and `ENVID=` (RFC 3461).
+    ret: Option<Ret>,
+    envid: Option<Box<str>>,
+    /// Each accepted recipient's NOTIFY and ORCPT, in the order of `to`.
+    rcpt_dsn: Vec<RcptDsn>,
+    /// Some DSN parameter was given: the envelope carries them.
+    any_dsn: bool,
     /// RCPT commands seen, accepted or not: tells "need RCPT" from "no valid recipients".
     rcpt_attempts: u32,
     id: Option<QueueId>,
@@ -319,6 +364,12 @@ impl Transaction {
         self.to.shrink_to(KEEP_RECIPIENT_SLOTS);
         self.addresses.clear();
         self.body_type = BodyType::default();
+        self.smtputf8 = false;
+        self.ret = None;
+        self.envid = None;
+        self.rcpt_dsn.clear();
+        self.rcpt_dsn.shrink_to(KEEP_RECIPIENT_SLOTS);
+        self.any_dsn = false;
         self.rcpt_attempts = 0;
         self.id = None;
         self.chunked = false;
@@ -467,7 +518,7 @@ impl Session {
                         if self.skipping_line {
                             return input.len();
                         }
-                        if rest.len() >= MAX_COMMAND_LINE {
+                        if rest.len() >= line_limit(rest) {
                             // No line end within the limit: refuse now, drop the rest of it.
                             self.line_too_long();
                             self.skipping_line = true;
@@ -483,7 +534,7 @@ impl Session {
                     // Bare LF ends a command line too (as in Postfix); only DATA is strict.
                     let line = &rest[..lf];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    if line.len() + 2 > MAX_COMMAND_LINE {
+                    if line.len() + 2 > line_limit(line) {
                         self.line_too_long();
                     } else {
                         self.command(line, now, hooks);
@@ -861,6 +912,11 @@ impl Session {
             Err(CommandError::UnknownParameter) => {
                 return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
             }
+            Err(CommandError::NonAscii) => {
+                return self.error(
+                    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n",
+                )
+            }
             Err(CommandError::Syntax(hint)) => {
                 // The hint is one of the parser's own short ASCII texts: written as it is.
                 self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
@@ -895,8 +951,15 @@ impl Session {
             }
             Command::StartTls => self.starttls(),
             Command::Auth(args) => self.auth(args),
-            Command::Mail { from, size, body } => self.mail(from, size, body, hooks),
-            Command::Rcpt(to) => self.rcpt(to, hooks),
+            Command::Mail {
+                from,
+                size,
+                body,
+                smtputf8,
+                ret,
+                envid,
+            } => self.mail(from, size, body, (smtputf8, ret, envid), hooks),
+            Command::Rcpt { to, dsn } => self.rcpt(to, dsn, hooks),
             Command::Data => self.data(now, hooks),
             Command::Bdat { size, last } => self.bdat(size, last, now, hooks),
             Command::Rset | Command::Noop | Command::Vrfy | Command::Help
@@ -925,6 +988,7 @@ impl Session {
         from: Option<MailboxRef<'_>>,
         size: Option<u64>,
         body: BodyType,
+        (smtputf8, ret, envid): (bool, Option<Ret>, Option<Box<str>>),
         hooks: &mut impl Hooks,
     ) {
         if self.helo.is_none() {
@@ -950,10 +1014,14 @@ impl Session {
         self.tx.from = from.map(|m| self.tx.addresses.push(m));
         self.tx.started = true;
         self.tx.body_type = body;
+        self.tx.smtputf8 = smtputf8;
+        self.tx.any_dsn = ret.is_some() || envid.is_some();
+        self.tx.ret = ret;
+        self.tx.envid = envid;
         self.reply(b"250 2.1.0 Ok\r\n");
     }
 
-    fn rcpt(&mut self, to: Option<MailboxRef<'_>>, hooks: &mut impl Hooks) {
+    fn rcpt(&mut self, to: Option<MailboxRef<'_>>, dsn: RcptDsn, hooks: &mut impl Hooks) {
         if !self.tx.started {
             return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
         }
@@ -974,6 +1042,7 @@ impl Session {
             &mut self.hook_mailbox,
             &mut self.tx,
             to,
+            dsn,
             hooks,
         );
         let refused = match &taken {
@@ -1104,6 +1173,7 @@ impl Session {
             esmtp: self.esmtp,
             tls: self.tls.map(|t| (t.version, t.cipher)),
             authenticated: self.auth.as_ref().is_some_and(|a| a.user.is_some()),
+            smtputf8: self.tx.smtputf8,
             id,
             single_rcpt: single,
         };
@@ -1155,6 +1225,15 @@ impl Session {
             ReversePath::Mailbox(addresses.get(e))
         });
         let to = self.tx.to.iter().map(|&e| addresses.get(e)).collect();
+        // Only a transaction that gave DSN parameters pays for carrying them. Copied, not
+        // taken: a streamed message's sink gets its envelope before the content ends.
+        let dsn = self.tx.any_dsn.then(|| {
+            Arc::new(DsnEnvelope {
+                ret: self.tx.ret,
+                envid: self.tx.envid.clone(),
+                rcpts: self.tx.rcpt_dsn.clone(),
+            })
+        });
         Envelope {
             id,
             from,
@@ -1163,6 +1242,8 @@ impl Session {
             peer: self.peer,
             helo: self.shared_helo(),
             body_type: self.tx.body_type,
+            smtputf8: self.tx.smtputf8,
+            dsn,
         }
     }
 
@@ -1421,7 +1502,7 @@ mod tests {
         let text = h.feed(b"EHLO client.example\r\n");
         assert_eq!(
             text,
-            "220 relay.test ESMTP ringrelay\r\n250-relay.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-CHUNKING\r\n250 ENHANCEDSTATUSCODES\r\n"
+            "220 relay.test ESMTP ringrelay\r\n250-relay.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
         );
         assert_eq!(h.feed(b"HELO other\r\n"), "250 relay.test\r\n");
     }
@@ -1717,6 +1798,23 @@ mod tests {
         assert_eq!(h.codes("y".repeat(5000).as_bytes()), Vec::<String>::new());
         assert_eq!(h.codes(b"yyy\r\nNOOP\r\n"), ["250 2.0.0"]);
         assert!(h.pending.is_empty());
+    }
+
+    #[test]
+    fn mail_and_rcpt_lines_may_carry_dsn_parameters_past_512_octets() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+        let orcpt = format!("rfc822;{}@example.org", "o".repeat(470));
+        let line = format!("RCPT TO:<{}@example.org> ORCPT={orcpt}\r\n", "r".repeat(60));
+        assert!(line.len() > MAX_COMMAND_LINE && line.len() <= MAX_MAIL_RCPT_LINE);
+        // Split, so the partial line is also judged by its verb.
+        assert_eq!(h.codes(&line.as_bytes()[..550]), Vec::<String>::new());
+        assert_eq!(h.codes(&line.as_bytes()[550..]), ["250 2.1.5"]);
+        let long = format!(
+            "RCPT TO:<b@example.org> NOTIFY=NEVER{}\r\n",
+            " ".repeat(1000)
+        );
+        assert_eq!(h.codes(long.as_bytes()), ["500 5.5.6"]);
     }
 
     #[test]
@@ -2340,5 +2438,96 @@ mod tests {
         assert_eq!(h.codes(b"\r\n.\r\n"), ["451 4.3.0"]);
         assert!(h.messages.is_empty());
         assert!(!h.session.receiving_body());
+    }
+
+    #[test]
+    fn smtputf8_is_needed_for_internationalized_addresses() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO client.example\r\n");
+        // Without SMTPUTF8: 553 5.6.7 for the sender and for a recipient (RFC 6531 §3.5).
+        assert_eq!(
+            h.codes("MAIL FROM:<δοκιμή@example.org>\r\n".as_bytes()),
+            ["553 5.6.7"]
+        );
+        assert_eq!(
+            h.codes(
+                "MAIL FROM:<a@example.org>\r\nRCPT TO:<用户@example.org>\r\nRSET\r\n".as_bytes()
+            ),
+            ["250 2.1.0", "553 5.6.7", "250 2.0.0"]
+        );
+        // Broken UTF-8 is a syntax error either way.
+        assert_eq!(
+            h.codes(b"MAIL FROM:<a\xc0\xaf@example.org> SMTPUTF8\r\n"),
+            ["501 5.5.4"]
+        );
+        let tx = "MAIL FROM:<δοκιμή@example.org> SMTPUTF8\r\nRCPT TO:<用户@例子.test>\r\nDATA\r\n";
+        assert_eq!(h.codes(tx.as_bytes()), ["250 2.1.0", "250 2.1.5", "354"]);
+        assert!(h
+            .feed("Subject: héllo\r\n\r\nbody\r\n.\r\n".as_bytes())
+            .starts_with("250 2.0.0"));
+        let m = &h.messages[0];
+        assert!(m.smtputf8);
+        assert_eq!(m.to[0].as_str(), "用户@例子.test");
+        let text = String::from_utf8(m.data.to_vec()).unwrap();
+        assert!(text.contains(" with UTF8SMTP id "), "{text}");
+        assert!(text.contains("for <用户@例子.test>"), "{text}");
+        assert!(m.dsn.is_none());
+        // The flag belongs to one transaction.
+        h.feed(b"MAIL FROM:<a@example.org>\r\n");
+        assert_eq!(
+            h.codes("RCPT TO:<用户@example.org>\r\n".as_bytes()),
+            ["553 5.6.7"]
+        );
+    }
+
+    #[test]
+    fn a_u_label_relay_domain_matches_in_its_a_label_form() {
+        let policy = RelayPolicy::new(vec![], vec!["xn--bcher-kva.example".into()]);
+        let config = Arc::new(SessionConfig::new("relay.test".into(), 10_000, 5, policy));
+        let mut h = Harness::new(config, "192.0.2.9:40000");
+        h.feed(b"EHLO client.example\r\n");
+        let codes = h.codes(
+            "MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@BÜCHER.example>\r\nRCPT TO:<b@buecher.example>\r\n"
+                .as_bytes(),
+        );
+        assert_eq!(codes, ["250 2.1.0", "250 2.1.5", "550 5.7.1"]);
+    }
+
+    #[test]
+    fn dsn_parameters_reach_the_envelope() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO client.example\r\n");
+        let codes = h.codes(
+            b"MAIL FROM:<a@example.org> RET=HDRS ENVID=QQ+2B1\r\n\
+              RCPT TO:<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.org\r\n\
+              RCPT TO:<c@example.org> NOTIFY=NEVER NOTIFY=NEVER\r\n\
+              RCPT TO:<d@example.org>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert_eq!(
+            codes,
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "501 5.5.4",
+                "250 2.1.5",
+                "354",
+                "250 2.0.0"
+            ]
+        );
+        let dsn = h.messages[0].dsn.as_ref().expect("DSN parameters");
+        assert_eq!(dsn.ret, Some(Ret::Hdrs));
+        assert_eq!(dsn.envid.as_deref(), Some("QQ+1"));
+        assert_eq!(dsn.rcpts.len(), 2, "one per accepted recipient");
+        assert!(dsn.rcpts[0].notify.has(ext::Notify::SUCCESS));
+        assert_eq!(
+            dsn.rcpts[0].orcpt.as_ref().map(|o| &*o.addr),
+            Some("b@example.org")
+        );
+        assert!(dsn.rcpts[1].is_default());
+        // A transaction without DSN parameters carries none.
+        h.feed(TX);
+        h.feed(b"x\r\n.\r\n");
+        assert!(h.messages[1].dsn.is_none());
+        assert!(!h.messages[1].smtputf8);
     }
 }

@@ -42,6 +42,7 @@ use bytes::Bytes;
 use crate::config::AbSwitches;
 use crate::id::QueueId;
 use crate::observe::metrics::ShardMetrics;
+use crate::smtp::ext::DsnEnvelope;
 use crate::smtp::{Mailbox, ReversePath};
 use commit::GroupCommit;
 use lock::SpoolLock;
@@ -83,6 +84,10 @@ pub struct NewMessage<'a> {
     pub rcpts: Vec<Mailbox>,
     /// BODY=8BITMIME.
     pub eight_bit: bool,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// The DSN parameters (RFC 3461), if the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
     /// The content, as it will be delivered.
     pub data: &'a [u8],
 }
@@ -103,6 +108,10 @@ pub struct Queued {
     pub pending: Vec<u32>,
     /// BODY=8BITMIME.
     pub eight_bit: bool,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// The DSN parameters (RFC 3461), if the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
     /// When it arrived.
     pub arrival: SystemTime,
 }
@@ -116,6 +125,8 @@ impl From<Recovered> for Queued {
             rcpts: r.message.rcpts,
             pending: r.pending,
             eight_bit: r.message.eight_bit,
+            smtputf8: r.message.smtputf8,
+            dsn: r.message.dsn,
             arrival: r.message.arrival,
         }
     }
@@ -298,6 +309,8 @@ impl Spool {
             from: &message.from,
             rcpts: &message.rcpts,
             eight_bit: message.eight_bit,
+            smtputf8: message.smtputf8,
+            dsn: message.dsn.as_deref(),
             data: message.data,
         });
         let location = appended.map_err(|e| AcceptError::Write(e.to_string()))?;
@@ -315,6 +328,8 @@ impl Spool {
             pending: (0..message.rcpts.len() as u32).collect(),
             rcpts: message.rcpts,
             eight_bit: message.eight_bit,
+            smtputf8: message.smtputf8,
+            dsn: message.dsn,
             arrival: message.arrival,
         })
     }

@@ -806,6 +806,8 @@ mod tests {
                 from: &from,
                 rcpts: &rcpts,
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data: body.as_bytes(),
             })
             .unwrap();
@@ -834,6 +836,8 @@ mod tests {
                 from: &ReversePath::Null,
                 rcpts: &[mb("r@example.net")],
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data: &huge,
             })
             .unwrap_err();
@@ -861,6 +865,8 @@ mod tests {
                 from,
                 rcpts: &rcpts[..i],
                 eight_bit: i == 2,
+                smtputf8: false,
+                dsn: None,
                 data: body.as_bytes(),
             };
             let loc = store.append_message(&msg).unwrap();

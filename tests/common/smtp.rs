@@ -342,6 +342,8 @@ pub fn assert_ehlo(r: &Reply, max_size: usize) {
         format!("SIZE {max_size}"),
         "8BITMIME".into(),
         "CHUNKING".into(),
+        "DSN".into(),
+        "SMTPUTF8".into(),
         "ENHANCEDSTATUSCODES".into(),
     ];
     assert!(
