@@ -48,6 +48,8 @@ fn new_message<'a>(envelope: &Envelope, data: &'a [u8]) -> NewMessage<'a> {
         from: envelope.from.clone(),
         rcpts: envelope.to.clone(),
         eight_bit: envelope.body_type == BodyType::EightBitMime,
+        smtputf8: envelope.smtputf8,
+        dsn: envelope.dsn.clone(),
         data,
     }
 }

@@ -201,7 +201,9 @@ fn ehlo_reply(hostname: &str, max_message_size: usize, starttls: bool, auth: boo
     }
     // CHUNKING (RFC 3030) without BINARYMIME: most next hops could not take binary
     // content on, so BDAT content is text with CRLF line endings like DATA's.
-    r.push_str("250-8BITMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n");
+    r.push_str(
+        "250-8BITMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n",
+    );
     Bytes::from(r)
 }
 
@@ -904,36 +906,35 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8], now: SystemTime, hooks: &mut impl Hooks) {
-        let cmd = match command::parse(line) {
-            Ok(cmd) => cmd,
-            Err(CommandError::Unknown) => {
-                return self.error(b"500 5.5.2 Error: command not recognized\r\n")
-            }
-            Err(CommandError::UnknownParameter) => {
-                return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
-            }
-            Err(CommandError::NonAscii) => {
-                return self.error(
-                    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n",
-                )
-            }
-            Err(CommandError::Syntax(hint)) => {
-                // The hint is one of the parser's own short ASCII texts: written as it is.
-                self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
-                self.out.extend_from_slice(hint.as_bytes());
-                if line
-                    .get(..4)
-                    .is_some_and(|v| v.eq_ignore_ascii_case(b"BDAT"))
-                {
-                    // The chunk's bytes follow with no size we can trust: none of them may
-                    // be read as commands (smuggling), so the connection ends here.
-                    self.reply(b"\r\n");
-                    self.state = State::Closed;
-                    return;
+        let cmd =
+            match command::parse(line) {
+                Ok(cmd) => cmd,
+                Err(CommandError::Unknown) => {
+                    return self.error(b"500 5.5.2 Error: command not recognized\r\n")
                 }
-                return self.error(b"\r\n");
-            }
-        };
+                Err(CommandError::UnknownParameter) => {
+                    return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
+                }
+                Err(CommandError::NonAscii) => return self.error(
+                    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n",
+                ),
+                Err(CommandError::Syntax(hint)) => {
+                    // The hint is one of the parser's own short ASCII texts: written as it is.
+                    self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
+                    self.out.extend_from_slice(hint.as_bytes());
+                    if line
+                        .get(..4)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(b"BDAT"))
+                    {
+                        // The chunk's bytes follow with no size we can trust: none of them may
+                        // be read as commands (smuggling), so the connection ends here.
+                        self.reply(b"\r\n");
+                        self.state = State::Closed;
+                        return;
+                    }
+                    return self.error(b"\r\n");
+                }
+            };
         match cmd {
             Command::Ehlo(host) | Command::Helo(host) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));

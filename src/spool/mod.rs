@@ -374,6 +374,8 @@ impl Spool {
             pending: (0..message.rcpts.len() as u32).collect(),
             rcpts: message.rcpts,
             eight_bit: message.eight_bit,
+            smtputf8: message.smtputf8,
+            dsn: message.dsn,
             arrival: message.arrival,
         })
     }
@@ -456,6 +458,8 @@ fn message_record<'a>(message: &'a NewMessage<'_>) -> MessageRecord<'a> {
         from: &message.from,
         rcpts: &message.rcpts,
         eight_bit: message.eight_bit,
+        smtputf8: message.smtputf8,
+        dsn: message.dsn.as_deref(),
         data: message.data,
     }
 }

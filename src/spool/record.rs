@@ -614,23 +614,44 @@ mod tests {
         let from = ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap());
         let rcpts = [Mailbox::parse("b@example.net").unwrap()];
         let data = b"Subject: big\r\n\r\nbody\r\nmore\r\n";
-        let msg = MessageRecord {
-            id,
-            arrival: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            from: &from,
-            rcpts: &rcpts,
-            eight_bit: false,
-            data,
+        let dsn = DsnEnvelope {
+            ret: Some(Ret::Hdrs),
+            envid: Some("env-1".into()),
+            rcpts: vec![RcptDsn {
+                notify: Notify::SUCCESS,
+                orcpt: Some(Orcpt {
+                    addr_type: "rfc822".into(),
+                    addr: "b@example.net".into(),
+                }),
+            }],
         };
-        let mut whole = BytesMut::new();
-        encode_message_head(&mut whole, &msg);
-        let mut streamed = BytesMut::new();
-        encode_streamed_head(&mut streamed, &msg, data.len() as u64, crc32c::crc32c(data));
-        assert_eq!(streamed, whole);
-        streamed.extend_from_slice(data);
-        match decode(&streamed.freeze()) {
-            Decoded::Record(Record::Message(m), _) => assert_eq!(&m.data[..], &data[..]),
-            other => panic!("not a message record: {other:?}"),
+        // Without and with the SMTPUTF8 flag and a DSN block between the recipients and
+        // the content's length.
+        for (smtputf8, dsn) in [(false, None), (true, Some(&dsn))] {
+            let msg = MessageRecord {
+                id,
+                arrival: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                from: &from,
+                rcpts: &rcpts,
+                eight_bit: false,
+                smtputf8,
+                dsn,
+                data,
+            };
+            let mut whole = BytesMut::new();
+            encode_message_head(&mut whole, &msg);
+            let mut streamed = BytesMut::new();
+            encode_streamed_head(&mut streamed, &msg, data.len() as u64, crc32c::crc32c(data));
+            assert_eq!(streamed, whole);
+            streamed.extend_from_slice(data);
+            match decode(&streamed.freeze()) {
+                Decoded::Record(Record::Message(m), _) => {
+                    assert_eq!(&m.data[..], &data[..]);
+                    assert_eq!(m.smtputf8, smtputf8);
+                    assert_eq!(m.dsn.as_deref(), dsn);
+                }
+                other => panic!("not a message record: {other:?}"),
+            }
         }
     }
 

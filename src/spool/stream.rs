@@ -199,6 +199,8 @@ mod tests {
             from: &from,
             rcpts: &rcpts,
             eight_bit: false,
+            smtputf8: false,
+            dsn: None,
             data,
         };
         let seg = SegmentId { shard: 0, seq: 7 };
