@@ -29,6 +29,8 @@
 //!   the attempt (outcomes to the spool, deferrals, bounces).
 //! - [`outbound`]: routing (static routes, smarthost, MX), DNS, connection pools and
 //!   bounce messages.
+//! - [`dkim`]: DKIM signing keys (`[dkim."domain"]`) and the signing of accepted mail
+//!   whose `From:` domain has one, off the shard's thread.
 //! - [`sink`]: the `serve --sink` handler, which counts and discards.
 //! - [`observe`]: Prometheus metrics, their `/metrics` endpoint, and the delivery log.
 //! - [`tls`]: sans-IO TLS over our own buffers (rustls), for inbound and outbound;
@@ -37,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod dkim;
 mod driver;
 pub mod handler;
 pub mod id;

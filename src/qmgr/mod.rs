@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use crate::config::{AbSwitches, Config};
+use crate::dkim::Signers;
 use crate::handler::{BodySink, Handler};
 use crate::id::{IdGenerator, QueueId};
 use crate::observe::metrics::{Registry, Rejection, ShardMetrics};
@@ -67,6 +68,8 @@ pub struct RelayConfig {
     pub max_queued_messages: u64,
     /// Where each shard counts (shard `i` uses `metrics.shard_at(i)`, as the server does).
     pub metrics: Registry,
+    /// DKIM keys: mail from their domains is signed at accept.
+    pub dkim: Arc<Signers>,
 }
 
 impl RelayConfig {
@@ -84,8 +87,19 @@ impl RelayConfig {
             min_free_bytes: config.spool.min_free_bytes,
             max_queued_messages: config.spool.max_queued_messages,
             metrics: Registry::new(),
+            dkim: Arc::new(load_dkim(config)),
         }
     }
+}
+
+/// The DKIM keys `config` names. `serve`, `check-config` and SIGHUP have checked them
+/// already ([`Config::check_files`]); a key that went bad since (or was never checked by a
+/// library user) is logged and signs nothing, and a reload keeps the keys in force.
+fn load_dkim(config: &Config) -> Signers {
+    Signers::load(&config.dkim).unwrap_or_else(|e| {
+        tracing::error!("DKIM: {e}; no key loaded");
+        Signers::default()
+    })
 }
 
 /// The relay for the life of the server: the spool directory (locked, recovered) and the
@@ -105,6 +119,9 @@ impl RelayService {
     ) -> io::Result<Arc<RelayService>> {
         ignore_sigusr1();
         let spool = SpoolDir::open(dir, shards)?;
+        if !config.dkim.is_empty() {
+            tracing::info!("DKIM signing: {}", config.dkim.describe().join(", "));
+        }
         Ok(Arc::new(RelayService {
             config: Arc::new(config),
             spool,
@@ -252,6 +269,10 @@ impl Shard {
         new.metrics = old.metrics.clone();
         new.node_id = old.node_id;
         new.ab = old.ab;
+        if new.dkim.is_empty() && !config.dkim.is_empty() {
+            // The keys could not be loaded (logged): keep signing with those in force.
+            new.dkim = Arc::clone(&old.dkim);
+        }
         self.count_dns();
         *self.outbound.borrow_mut() = Rc::new(Outbound::new(self.index, &new.outbound));
         self.dns_seen.set((0, 0));
@@ -398,12 +419,24 @@ impl Handler for RelayHandler {
 
     /// Large messages go into the spool while they arrive (`stream`).
     fn body_sink(&self, envelope: &Envelope) -> Option<Box<dyn BodySink>> {
+        // DKIM signs the whole message before the spool (`on_message`), so while keys are
+        // configured messages are kept whole, up to `limits.max_data_memory`.
+        if !self.shard.config().dkim.is_empty() {
+            return None;
+        }
         let sink = stream::SpoolSink::open(&self.shard, envelope)?;
         Some(Box::new(sink))
     }
 
     async fn on_message(&self, envelope: Envelope) -> Result<(), Reply> {
         let shard = &self.shard;
+        // Signed once, here, before the spool: retries send the stored, signed copy.
+        let mut envelope = envelope;
+        let dkim = Arc::clone(&shard.config().dkim);
+        if !dkim.is_empty() {
+            let id = envelope.id.to_string();
+            envelope.data = crate::dkim::sign_off_thread(&dkim, &id, envelope.data).await;
+        }
         let accepted = shard
             .spool
             .accept(NewMessage {
