@@ -29,7 +29,9 @@
 # then switches each peer's TLS on in the generated config, with a self-signed certificate
 # made under its temp dir. Every process is stopped by PID (Postfix by `postfix stop`, then
 # its cgroup is emptied), the temp dirs are removed, nothing under /etc is touched, loopback
-# only, and every wait is bounded (DRAIN_TIMEOUT).
+# only, and every wait is bounded (DRAIN_TIMEOUT). A peer that cannot run a case gets a row
+# saying so, and why (OpenSMTPD 6.8 with TLS: see `cannot`). About 22 minutes at the defaults
+# on 2 vCPUs; QUICK=1 about 4.
 #
 # usage: benches/peers.sh [REPS]          (default 3; QUICK=1: 1 rep, small counts, no profile)
 #   Output: benches/results/peers_DATE.txt (everything printed), peers_DATE.csv (medians and
@@ -42,7 +44,8 @@
 #       N_SWEEP (400) N_CEIL (100000) N_CEIL_SWEEP (30000),
 #       SINK_RUNS (5) SINK_MSGS (40000): the sink comparison (0 runs: skip),
 #       PROFILE (1: profile each missed goal's case), SKIP_BUILD=1, RINGRELAY, LOADGEN,
-#       DRAIN_TIMEOUT (300 s per run)
+#       DRAIN_TIMEOUT (300 s per run), PLOT_ONLY=CSV (PLOT_REPS, PLOT_COMMIT): only redraw SVG
+#       from that CSV
 # Needs root (cgroups, private instances), postfix (smtp-source, smtp-sink), node/npm, apt-get
 # download (Exim, OpenSMTPD: see ../shared/bench/README.md), openssl, jq, perf, gnuplot.
 set -uo pipefail
@@ -97,6 +100,43 @@ RMP=4; QRUN=5; QINT=1m; DROP_PRIV=true
 SYNC=0; MTA_LIMITS=tuned
 NODES=1; LOGLEVEL=notice
 SINK_USER=nobody
+
+# plot_svg CSV SVG REPS COMMIT: delivered/s against sessions, case plain, every peer and the
+# ceiling, from the CSV's medians (gnuplot; nothing without it)
+plot_svg() {
+    command -v gnuplot >/dev/null || { echo "# no gnuplot: no plot"; return 0; }
+    local csv=$1 svg=$2 dat plot="" p t xt
+    dat=$(mktemp /tmp/peers.plot.XXXXXX)
+    awk -F, 'NR > 1 && $1 == "plain" && $5 != "nan" {print $3, $2, $5}' "$csv" | sort -k1,1 -k2,2n >"$dat"
+    xt=$(awk '{print $2}' "$dat" | sort -n | uniq | awk '{printf "%s\"%s\" %s", (NR > 1 ? ", " : ""), $1, $1}')
+    for p in ceiling ringrelay postfix exim opensmtpd haraka; do
+        grep -q "^$p " "$dat" || continue
+        case $p in
+        ceiling) t="smtp-source → smtp-sink direct (the rig's ceiling)" ;;
+        ringrelay) t="ringrelay" ;;
+        postfix) t="Postfix 3.7" ;; exim) t="Exim 4.96" ;;
+        opensmtpd) t="OpenSMTPD 6.8 (no fsync on accept)" ;; haraka) t="Haraka 3.3" ;; *) t=$p ;;
+        esac
+        plot="$plot${plot:+, }\"< awk '\$1 == \\\"$p\\\"' $dat\" using 2:3 with linespoints lw 2 pt 7 ps 0.7 title \"$t\""
+    done
+    gnuplot <<GP
+set terminal svg size 860,560 font "sans,11"
+set output "$svg"
+set title "Relays on one 2-vCPU VM, one interleaved run (benches/peers.sh), $(date -u +%Y-%m-%d), commit $4\n1 KiB, 1 recipient, smtp-source → relay (queue fsynced on disk) → smtp-sink; medians of $3"
+set logscale x 2; set logscale y; set grid
+set xlabel "concurrent sessions (smtp-source -s; closed loop)"; set ylabel "delivered msgs/s (counted at the sink)"
+set key below maxrows 2 width -4 spacing 1.2
+set xtics ($xt)
+set yrange [10:*]
+plot $plot
+GP
+    rm -f "$dat"
+    echo "# plot: $svg"
+}
+if [ -n "${PLOT_ONLY:-}" ]; then   # PLOT_ONLY=CSV: redraw the plot from a run's CSV, nothing else
+    plot_svg "$PLOT_ONLY" "$SVG" "${PLOT_REPS:-?}" "${PLOT_COMMIT:-?}"
+    exit 0
+fi
 
 TGT=${CARGO_TARGET_DIR:-$ROOT/target}
 cd "$ROOT"
@@ -506,45 +546,22 @@ csv_rows() { # CASE SESS PEERS...
         rd=$(ratio "$(med "$c" "$s" ringrelay 8)" "$d"); rc=$(ratio "$(med "$c" "$s" ringrelay 9)" "$cpu")
         [ "$p" = ceiling ] && { cpu=nan; pss=nan; rc=-; }
         echo "$c,$s,$p,$n,$d,$cpu,$pss,$rd,$rc,$(notes "$c" "$s" "$p")" >>"$CSV"
-        printf "%-7s %-10s %4s %12s %12s %8s %14s %12s  %s\n" "$c" "$p" "$n" "$(printf %.0f "$d" 2>/dev/null || echo -)" \
+        printf "%-7s %4s %-10s %4s %12s %12s %8s %14s %12s  %s\n" "$c" "$s" "$p" "$n" "$(printf %.0f "$d" 2>/dev/null || echo -)" \
             "$([ "$cpu" = nan ] && echo - || printf %.1f "$cpu")" "$([ "$pss" = nan ] && echo - || printf %.1f "$pss")" \
             "$(fmt_ratio "$rd")" "$(fmt_ratio "$rc")" "$(notes "$c" "$s" "$p")"
     done
 }
-printf "%-7s %-10s %4s %12s %12s %8s %14s %12s  %s\n" case peer runs "deliv/s" "cpu_us/msg" "PSS_MB" "rr÷peer deliv" "rr÷peer cpu" notes
+printf "%-7s %4s %-10s %4s %12s %12s %8s %14s %12s  %s\n" case sess peer runs "deliv/s" "cpu_us/msg" "PSS_MB" "rr÷peer deliv" "rr÷peer cpu" notes
 for c in $CASES; do
     if [ "$c" = plain ]; then csv_rows plain "$SESS" ceiling "${PA[@]}"; else csv_rows "$c" "$SESS" "${PA[@]}"; fi
 done
 echo
 echo "## sweep, case plain: delivered/s against sessions (closed loop; medians)"
-printf "%-7s %-10s %4s %12s %12s %8s %14s %12s  %s\n" case peer runs "deliv/s" "cpu_us/msg" "PSS_MB" "rr÷peer deliv" "rr÷peer cpu" notes
+printf "%-7s %4s %-10s %4s %12s %12s %8s %14s %12s  %s\n" case sess peer runs "deliv/s" "cpu_us/msg" "PSS_MB" "rr÷peer deliv" "rr÷peer cpu" notes
 for s in $SWEEP; do csv_rows plain "$s" ceiling "${PA[@]}"; done
 echo "# CSV: $CSV"
 
-if command -v gnuplot >/dev/null; then
-    awk -F, 'NR > 1 && $1 == "plain" && $5 != "nan" {print $3, $2, $5}' "$CSV" | sort -k1,1 -k2,2n >"$WORK/sweep.dat"
-    plot=""
-    for p in ceiling "${PA[@]}"; do
-        t=$p
-        case $p in
-        ceiling) t="smtp-source -> smtp-sink direct (the rig's ceiling)" ;;
-        postfix) t="Postfix $(postconf -d -h mail_version)" ;;
-        exim) t="Exim 4.96" ;; opensmtpd) t="OpenSMTPD 6.8 (no fsync on accept)" ;; haraka) t="Haraka 3.3" ;;
-        esac
-        plot="$plot${plot:+, }\"< awk '\$1 == \\\"$p\\\"' $WORK/sweep.dat\" using 2:3 with linespoints lw 2 title \"$t\""
-    done
-    gnuplot <<GP
-set terminal svg size 900,480 font "sans,11"
-set output "$SVG"
-set title "1 KiB, 1 recipient, relay -> smtp-sink, queues fsynced on the real disk; medians of $REPS; $(nproc) vCPUs, $(date -u +%Y-%m-%d), commit $COMMIT"
-set logscale x 2; set logscale y; set grid
-set xlabel "sessions (smtp-source -s, closed loop)"; set ylabel "delivered msgs/s (counted at the sink)"
-set key outside right center
-set xtics ($(echo "$SWEEP $SESS" | tr ' ' '\n' | sort -n | uniq | awk '{printf "%s\"%s\" %s", (NR > 1 ? ", " : ""), $1, $1}'))
-plot $plot
-GP
-    echo "# plot: $SVG"
-fi
+plot_svg "$CSV" "$SVG" "$REPS" "$COMMIT"
 
 # ---------------------------------------------------------------- the sink comparison
 if [ "$SINK_RUNS" -gt 0 ]; then
