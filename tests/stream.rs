@@ -3,7 +3,8 @@
 //! the relay's peak memory growth measured; `kill -9` in the middle of a stream (no ghost
 //! message after the restart, the acknowledged one delivered); a client that leaves in
 //! the middle, and refused streamed messages (size limit, bare LF), leave nothing in the
-//! spool.
+//! spool; a streamed message the disk cannot hold gets `451 4.3.0` at its real end, and
+//! leaves nothing either.
 
 mod common;
 
@@ -17,6 +18,7 @@ io_tests!(
     kill9_mid_stream_resurrects_nothing_and_loses_nothing,
     client_leaving_mid_stream_leaves_nothing,
     refused_streamed_messages_leave_nothing,
+    a_stream_the_disk_cannot_hold_gets_451,
 );
 
 const MIB: usize = 1 << 20;
@@ -242,4 +244,69 @@ fn refused_streamed_messages_leave_nothing(io: &str) {
     assert_eq!(jnum(&report, "messages.received"), 1, "{report:#}");
     assert_eq!(jnum(&report, "messages.corrupted"), 0, "{report:#}");
     wait_no_segments(&spool, Duration::from_secs(10));
+}
+
+/// A tmpfs mounted on a temporary directory (unmounted on drop); `None`, with a note, when
+/// it cannot be mounted (not root).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = run_bounded(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path()),
+            Duration::from_secs(10),
+        );
+        if out.code != Some(0) {
+            eprintln!(
+                "note: SKIPPING the full-disk stream test: cannot mount a tmpfs: {}",
+                out.stderr.trim()
+            );
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+fn a_stream_the_disk_cannot_hold_gets_451(io: &str) {
+    let Some(fs) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let spool = fs.0.path().join("spool");
+    let mut sink = Sink::start(&[]);
+    let mut opts = Opts::relay(io, &spool, &[("example.test", sink.addr)], &[1], "");
+    // About a write that fails, not the free-space backpressure.
+    opts.config.push_str("[spool]\nmin_free_bytes = 0\n");
+    let relay = Relay::start_with(opts);
+    let mut c = relay.connect();
+    c.cmd("EHLO client.test");
+    let (_, big) = verifiable_message("00000000005ea114", 1, "", 3 * MIB);
+    let r = c.transaction("sender@client.test", &["rcpt@example.test"], &big);
+    r.assert(451, "4.3.0");
+    assert!(
+        segment_files(&spool).is_empty(),
+        "the failed stream left {:?}",
+        segment_files(&spool)
+    );
+    c.expect("NOOP", 250, "2.0.0");
+    // Space came back with the stream's file: a smaller streamed message fits.
+    let (_, ok) = verifiable_message("00000000005ea114", 2, "", MIB);
+    let r = c.transaction("sender@client.test", &["rcpt@example.test"], &ok);
+    assert!(r.is_queued(), "{}", r.wire());
+    c.expect("QUIT", 221, "2.0.0");
+    wait_queue_empty(&spool, Duration::from_secs(30));
+    let (_, report) = sink.stop();
+    assert_eq!(jnum(&report, "messages.received"), 1, "{report:#}");
+    assert_eq!(jnum(&report, "messages.corrupted"), 0, "{report:#}");
 }

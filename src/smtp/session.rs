@@ -733,7 +733,7 @@ impl Session {
         self.helo = None;
         self.helo_shared = None;
         self.esmtp = false;
-        self.tx.clear();
+        self.end_transaction();
         self.auth = None;
         self.may_relay = self.config.relay.client_may_relay(self.peer.ip());
         self.state = State::Command;
@@ -942,7 +942,7 @@ impl Session {
                 helo.clear();
                 helo.push_str(host);
                 self.esmtp = esmtp;
-                self.tx.clear();
+                self.end_transaction();
                 self.out
                     .extend_from_slice(match (esmtp, self.tls.is_some()) {
                         (true, false) => &self.config.ehlo_reply,
@@ -966,7 +966,7 @@ impl Session {
             Command::Rset | Command::Noop | Command::Vrfy | Command::Help
                 if self.junk_limit_reached() => {}
             Command::Rset => {
-                self.tx.clear();
+                self.end_transaction();
                 self.reply(b"250 2.0.0 Ok\r\n");
             }
             Command::Noop => self.reply(b"250 2.0.0 Ok\r\n"),
@@ -1216,6 +1216,15 @@ impl Session {
         // Keep the ID for the 250 reply; the rest of the transaction is gone.
         self.tx.id = Some(id);
         self.state = State::AwaitingResult;
+    }
+
+    /// Ends the transaction (RSET, EHLO, STARTTLS), with the content of a BDAT message
+    /// that will never get its LAST chunk.
+    fn end_transaction(&mut self) {
+        if self.tx.chunked {
+            self.body = BytesMut::new();
+        }
+        self.tx.clear();
     }
 
     /// The transaction's envelope with `data`. Its owned parts: one copy of all its
@@ -2279,6 +2288,27 @@ mod tests {
             );
             assert_eq!(content(&h, 0), body, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn rset_lets_go_of_an_unfinished_bdat_message() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c.example\r\n");
+        h.feed(MAIL_RCPT);
+        let mut wire = b"BDAT 5000\r\n".to_vec();
+        wire.extend_from_slice(&[b'x'; 5000]);
+        assert_eq!(h.codes(&wire), ["250 2.0.0"]);
+        assert!(h.session.receiving_body());
+        assert!(h.session.data_memory() >= 5000);
+        assert_eq!(h.codes(b"RSET\r\n"), ["250 2.0.0"]);
+        assert!(!h.session.receiving_body());
+        assert_eq!(h.session.body.capacity(), 0);
+        // The next transaction starts afresh.
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.codes(b"BDAT 3 LAST\r\nok\n"), ["550 5.5.2"]);
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.codes(b"BDAT 4 LAST\r\nok\r\n"), ["250 2.0.0"]);
+        assert!(!h.messages[0].data.windows(3).any(|w| w == b"xxx"));
     }
 
     #[test]
