@@ -35,9 +35,10 @@ done
 echo
 echo "# variant  sess rep accept/s e2e/s drain_s cpu_s busy% peakRSS peakPSS procs (one run each)"
 echo "# medians over $REPS reps: variant accept/s e2e/s cpu_s cpu_us/msg"
+# median COLUMN VARIANT: the median of that column over the variant's runs
+median() { awk -v v="$2" -v c="$1" '$1 == v {print $c}' "$WORK/rows" | sort -n |
+    awk '{x[NR] = $1} END {print x[int((NR + 1) / 2)]}'; }
 for v in none rsa2048 ed25519; do
-    awk -v v="$v" -v m="$MSGS" '$1 == v {a[n] = $4 + 0; e[n] = $5 + 0; c[n] = $7 + 0; n++}
-        function med(x,  i, j, t) { for (i = 0; i < n; i++) for (j = i + 1; j < n; j++)
-            if (x[j] < x[i]) { t = x[i]; x[i] = x[j]; x[j] = t }; return x[int(n / 2)] }
-        END {printf "%-8s %8d %8d %6.1f %8.0f\n", v, med(a), med(e), med(c), 1e6 * med(c) / m}' "$WORK/rows"
+    printf "%-8s %8s %8s %6s %8.0f\n" "$v" "$(median 4 "$v")" "$(median 5 "$v")" \
+        "$(median 7 "$v")" "$(awk -v c="$(median 7 "$v")" -v m="$MSGS" 'BEGIN {print 1e6 * c / m}')"
 done
