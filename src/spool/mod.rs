@@ -10,7 +10,8 @@
 //! - `commit`: group commit — one `fdatasync` for every message that finished DATA since
 //!   the last one (held open a little longer under load); only then is `250` sent.
 //! - `lock`: one owner per spool directory.
-//! - [`inspect`]: `queue list|stats`, read-only.
+//! - [`inspect`]: `queue list|stats`, read-only; `scan`: its segment reader, which
+//!   streams each segment and keeps no message content.
 //! - [`control`]: `queue flush|remove|hold|release` requests to a running server (files
 //!   plus SIGUSR1), and `remove|hold|release` on a stopped spool.
 //!
@@ -25,6 +26,7 @@ pub mod control;
 pub mod inspect;
 mod lock;
 pub mod record;
+mod scan;
 mod segment;
 
 use std::cell::RefCell;
