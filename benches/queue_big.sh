@@ -8,7 +8,8 @@
 # deferred, one in ten partly delivered, one in fifty held, one finished message per fifty
 # besides), far faster than relaying a million messages. Every time is one run with the
 # spool in the page cache (it was just written; nothing drops the cache, which would slow
-# every other user of the machine): wall seconds and peak RSS from /usr/bin/time.
+# every other user of the machine): wall seconds, CPU seconds (user + system: on a shared
+# machine the steadier figure) and peak RSS from /usr/bin/time.
 #
 # usage: benches/queue_big.sh [COUNT]
 #   env NEW (default target/release/ringrelay), OLD (a binary of an older commit; skipped
@@ -44,12 +45,12 @@ run() {
     local label=$1
     shift
     echo "\$ $*"
-    /usr/bin/time -f "%e %M" -o "$WORK/time" timeout "$LIMIT" bash -c "$*" >"$WORK/out" 2>"$WORK/err" || {
+    /usr/bin/time -f "%e %M %U %S" -o "$WORK/time" timeout "$LIMIT" bash -c "$*" >"$WORK/out" 2>"$WORK/err" || {
         echo "  FAILED (exit $?): $(tail -3 "$WORK/err")"
     }
-    read -r secs rss <"$WORK/time" || true
-    printf "  %-28s %8s s  %8s MiB peak RSS   output: %s\n" "$label" "$secs" "$((${rss:-0} / 1024))" \
-        "$(tail -1 "$WORK/out" | cut -c1-100)"
+    read -r secs rss user sys <"$WORK/time" || true
+    printf "  %-28s %7s s wall %6s s CPU %6s MiB peak RSS   output: %s\n" "$label" "$secs" \
+        "$(echo "${user:-0} + ${sys:-0}" | bc)" "$((${rss:-0} / 1024))" "$(tail -1 "$WORK/out" | cut -c1-60)"
 }
 
 printf "# queue_big on %s (%s cores, %s GiB RAM, kernel %s), %s\n" "$(hostname)" "$(nproc)" \
