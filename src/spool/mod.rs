@@ -12,7 +12,8 @@
 //! - `lock`: one owner per spool directory.
 //! - [`stream`]: large messages written while they arrive, each into a segment of its own
 //!   ([`Spool::begin_streamed`], [`Spool::accept_streamed`]).
-//! - [`inspect`]: `queue list|stats`, read-only.
+//! - [`inspect`]: `queue list|stats`, read-only; `scan`: its segment reader, which
+//!   streams each segment and keeps no message content.
 //! - [`control`]: `queue flush|remove|hold|release` requests to a running server (files
 //!   plus SIGUSR1), and `remove|hold|release` on a stopped spool.
 //!
@@ -27,6 +28,7 @@ pub mod control;
 pub mod inspect;
 mod lock;
 pub mod record;
+mod scan;
 mod segment;
 pub mod stream;
 

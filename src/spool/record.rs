@@ -422,28 +422,75 @@ pub enum Decoded {
     Corrupt(&'static str),
 }
 
-/// Reads the record at the start of `buf`. `content` is a shared handle to the same bytes
-/// so message contents are sliced rather than copied.
-pub fn decode(buf: &Bytes) -> Decoded {
+/// A record's fixed header: what a reader that streams a segment (rather than holding it
+/// whole) needs before the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The record kind.
+    pub kind: u8,
+    /// Payload length in bytes (at most [`MAX_PAYLOAD`]).
+    pub payload_len: usize,
+    /// The checksum the header carries.
+    pub checksum: u32,
+    /// The checksum of the header fields it covers (kind and length): continue it over
+    /// the payload with `crc32c::crc32c_append` and compare with `checksum`.
+    pub checksum_seed: u32,
+}
+
+impl Header {
+    /// A message record (the only kind with content, so the only large one).
+    pub fn is_message(&self) -> bool {
+        self.kind == KIND_MESSAGE
+    }
+}
+
+/// Why [`decode_header`] found no header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Fewer than [`HEADER_LEN`] bytes.
+    Incomplete,
+    /// No magic, or an implausible length.
+    Corrupt(&'static str),
+}
+
+/// Reads a record header from the start of `buf`. The payload is not looked at.
+pub fn decode_header(buf: &[u8]) -> Result<Header, HeaderError> {
     if buf.len() < HEADER_LEN {
-        return Decoded::Incomplete;
+        return Err(HeaderError::Incomplete);
     }
     let u32_at = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
     if u32_at(0) != MAGIC {
-        return Decoded::Corrupt("bad magic");
+        return Err(HeaderError::Corrupt("bad magic"));
     }
-    let len = u32_at(8) as usize;
-    if len > MAX_PAYLOAD {
-        return Decoded::Corrupt("implausible length");
+    let payload_len = u32_at(8) as usize;
+    if payload_len > MAX_PAYLOAD {
+        return Err(HeaderError::Corrupt("implausible length"));
     }
+    Ok(Header {
+        kind: buf[4],
+        payload_len,
+        checksum: u32_at(12),
+        checksum_seed: crc32c::crc32c(&buf[4..12]),
+    })
+}
+
+/// Reads the record at the start of `buf`. `content` is a shared handle to the same bytes
+/// so message contents are sliced rather than copied.
+pub fn decode(buf: &Bytes) -> Decoded {
+    let header = match decode_header(buf) {
+        Ok(h) => h,
+        Err(HeaderError::Incomplete) => return Decoded::Incomplete,
+        Err(HeaderError::Corrupt(why)) => return Decoded::Corrupt(why),
+    };
+    let len = header.payload_len;
     if buf.len() < HEADER_LEN + len {
         return Decoded::Incomplete;
     }
     let payload = buf.slice(HEADER_LEN..HEADER_LEN + len);
-    if checksum(&buf[4..12], &payload) != u32_at(12) {
+    if checksum(&buf[4..12], &payload) != header.checksum {
         return Decoded::Corrupt("checksum mismatch");
     }
-    let record = match buf[4] {
+    let record = match header.kind {
         KIND_MESSAGE => decode_message(payload).map(Record::Message),
         KIND_RECIPIENT => decode_recipient(&payload),
         KIND_FINISHED => Reader::new(&payload).u128().map(|v| Record::Finished {
@@ -500,8 +547,46 @@ fn decode_hold(payload: &[u8]) -> Option<Record> {
     Some(Record::Hold { id, held })
 }
 
-fn decode_message(payload: Bytes) -> Option<StoredMessage> {
-    let mut r = Reader::new(&payload);
+/// A message record's envelope: every field before the content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageHead {
+    /// Queue ID.
+    pub id: QueueId,
+    /// Arrival time (whole seconds).
+    pub arrival: SystemTime,
+    /// Reverse path.
+    pub from: ReversePath,
+    /// Recipients, in envelope order.
+    pub rcpts: Vec<Mailbox>,
+    /// BODY=8BITMIME was declared.
+    pub eight_bit: bool,
+    /// The client asked for SMTPUTF8.
+    pub smtputf8: bool,
+    /// DSN parameters, if the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
+    /// Where the content starts in the payload.
+    pub content_at: usize,
+    /// The content's length.
+    pub content_len: u64,
+}
+
+impl MessageHead {
+    /// True when the payload of `payload_len` bytes holds exactly these fields and the
+    /// content (what [`decode`] requires of a message record).
+    pub fn fills(&self, payload_len: usize) -> bool {
+        u64::try_from(self.content_at)
+            .ok()
+            .and_then(|at| at.checked_add(self.content_len))
+            == u64::try_from(payload_len).ok()
+    }
+}
+
+/// Decodes a message record's envelope from the start of its payload; `payload` may end
+/// anywhere after the envelope (content need not be there). `None` when the fields are
+/// malformed or run past the end of `payload`. The checksum is not checked here: a reader
+/// that skips the content must check it over the whole payload before it trusts the head.
+pub fn decode_message_head(payload: &[u8]) -> Option<MessageHead> {
+    let mut r = Reader::new(payload);
     let id = QueueId::from_u128(r.u128()?);
     let arrival = UNIX_EPOCH + Duration::from_secs(r.u64()?);
     let from = r.str()?;
@@ -524,13 +609,8 @@ fn decode_message(payload: Bytes) -> Option<StoredMessage> {
     } else {
         None
     };
-    let data_len = usize::try_from(r.u64()?).ok()?;
-    let start = r.pos;
-    let end = start.checked_add(data_len)?;
-    if end != payload.len() {
-        return None;
-    }
-    Some(StoredMessage {
+    let content_len = r.u64()?;
+    Some(MessageHead {
         id,
         arrival,
         from,
@@ -538,7 +618,25 @@ fn decode_message(payload: Bytes) -> Option<StoredMessage> {
         eight_bit: flags & FLAG_EIGHT_BIT != 0,
         smtputf8: flags & FLAG_SMTPUTF8 != 0,
         dsn,
-        data: payload.slice(start..end),
+        content_at: r.pos,
+        content_len,
+    })
+}
+
+fn decode_message(payload: Bytes) -> Option<StoredMessage> {
+    let head = decode_message_head(&payload)?;
+    if !head.fills(payload.len()) {
+        return None;
+    }
+    Some(StoredMessage {
+        id: head.id,
+        arrival: head.arrival,
+        from: head.from,
+        rcpts: head.rcpts,
+        eight_bit: head.eight_bit,
+        smtputf8: head.smtputf8,
+        dsn: head.dsn,
+        data: payload.slice(head.content_at..),
     })
 }
 

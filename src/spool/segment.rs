@@ -102,7 +102,8 @@ pub struct DeliveryState {
 }
 
 impl DeliveryState {
-    fn apply(&mut self, record: Record) {
+    /// Takes in one of the message's records (only deferral and hold records change it).
+    pub(super) fn apply(&mut self, record: Record) {
         match record {
             Record::Deferred {
                 attempts,
@@ -591,7 +592,9 @@ pub fn recover(dir: &Path, repair: bool) -> io::Result<RecoveryReport> {
     Ok(report)
 }
 
-fn recover_segment(
+/// Recovers one segment into `report` (what [`recover`] does for each); also the reader
+/// `queue list` falls back on when its own finds anything but whole, valid records.
+pub(super) fn recover_segment(
     dir: &Path,
     id: SegmentId,
     repair: bool,
