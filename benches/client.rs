@@ -62,6 +62,9 @@ fn bench_client(c: &mut Criterion) {
         rcpts: vec![Mailbox::parse("rcpt@dst.example").unwrap()],
         data: message_1kib(),
         eight_bit: false,
+        smtputf8: false,
+        needs_smtputf8: false,
+        dsn: None,
     };
     let mut client = Client::new("relay.example");
     client.receive(b"220 mx.dst.example ESMTP\r\n");

@@ -27,3 +27,33 @@ stop_server() {
     echo "127.0.0.1:$PORT still busy 10 s after stopping the server" >&2
     exit 1
 }
+
+# shared_fn SCRIPT FN NEW [OLD=NEW...]: define the function NEW as the multi-line function FN
+# of the shared harness script SCRIPT (e.g. ../shared/bench/exim_relay.sh), with every word OLD
+# in its body renamed to NEW. Lets peers.sh run the shared scripts' relay set-ups (config,
+# start, stop) without copying them, and without running their benchmark loops.
+shared_fn() {
+    local src=$1 fn=$2 new=$3 body r
+    shift 3
+    # from "FN() {" to the last "}" line before the next top-level definition or command
+    # (a "}" line alone can sit inside a here-document, e.g. Haraka's plugin)
+    body=$(awk -v f="$fn() {" '$0 == f {on = 1; print; next}
+        on && (/^[A-Za-z_][A-Za-z0-9_]*\(\) \{/ || /^[a-z_]+ "\$/) {exit}
+        on {print}' "$src" | sed -n '1h;1!H;${g;s/\(.*\n}\)\n.*/\1/;p}')
+    [ -n "$body" ] || { echo "no multi-line $fn() in $src" >&2; return 1; }
+    body="$new() {${body#"$fn() {"}"
+    for r in "$@"; do body=$(sed "s/\\b${r%%=*}\\b/${r#*=}/g" <<<"$body"); done
+    eval "$body"
+}
+
+# self_signed_cert DIR: DIR/cert.pem and DIR/key.pem, an RSA-2048 self-signed certificate for
+# relay.test and 127.0.0.1 valid 2 days (a throwaway: world-readable, the relays' unprivileged
+# processes must read it), and DIR/key600.pem, the same key readable by root only (OpenSMTPD
+# refuses a key that others may read).
+self_signed_cert() {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=relay.test \
+        -addext "subjectAltName=DNS:relay.test,IP:127.0.0.1" \
+        -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null || return 1
+    chmod 644 "$1/cert.pem" "$1/key.pem"
+    install -m 600 "$1/key.pem" "$1/key600.pem"
+}

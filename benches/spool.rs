@@ -31,6 +31,8 @@ fn records(c: &mut Criterion) {
             from: &from,
             rcpts: &rcpts,
             eight_bit: false,
+            smtputf8: false,
+            dsn: None,
             data: &data,
         };
         type Encoder = fn(&mut BytesMut, &MessageRecord<'_>);

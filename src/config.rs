@@ -100,6 +100,8 @@ pub struct Config {
     pub proxy: Proxy,
     /// The Prometheus endpoint.
     pub metrics: Metrics,
+    /// `[dkim."example.com"]`: DKIM keys by `From:` domain (see [`crate::dkim`]).
+    pub dkim: BTreeMap<String, crate::dkim::DkimDomain>,
     /// Switches for A/B measurements; not in the file (see [`Config::apply_env`]).
     #[serde(skip)]
     pub ab: AbSwitches,
@@ -237,6 +239,9 @@ pub struct Relay {
     /// Where a bare `<postmaster>` and double bounces go; empty: `<postmaster>` is
     /// refused (`550 5.1.1`) and double bounces are dropped (logged).
     pub postmaster: String,
+    /// A message still queued this long gets one delay report (RFC 3464 `Action:
+    /// delayed`) for the recipients that asked with `NOTIFY=DELAY` (RFC 3461); 0: never.
+    pub delay_warning_secs: u64,
 }
 
 /// `[spool]`
@@ -344,6 +349,7 @@ impl Default for Config {
             auth: Auth::default(),
             proxy: Proxy::default(),
             metrics: Metrics::default(),
+            dkim: BTreeMap::new(),
             ab: AbSwitches::default(),
         }
     }
@@ -373,6 +379,7 @@ impl Default for Relay {
             mynetworks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             domains: Vec::new(),
             postmaster: String::new(),
+            delay_warning_secs: 14_400,
         }
     }
 }
@@ -611,7 +618,44 @@ impl Config {
             );
         }
         self.validate_shaping()?;
+        self.validate_dkim()?;
         self.validate_tls()
+    }
+
+    /// `[dkim."domain"]`: a domain name, a selector (a dot-atom of letters, digits and
+    /// hyphens, RFC 6376 §3.1) and a key file (read by [`Config::check_files`]).
+    fn validate_dkim(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (domain, d) in &self.dkim {
+            let key = format!("dkim.{domain:?}");
+            if !valid_domain(domain) {
+                return Err(ConfigError(format!("{key}: not a valid domain name")));
+            }
+            if !seen.insert(domain.to_ascii_lowercase()) {
+                return Err(ConfigError(format!(
+                    "{key}: the domain is configured twice (names are compared without case)"
+                )));
+            }
+            let selector_ok = !d.selector.is_empty()
+                && d.selector.split('.').all(|label| {
+                    !label.is_empty()
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !selector_ok {
+                return Err(ConfigError(format!(
+                    "{key}.selector: {:?} is not a selector (letters, digits, hyphens, dots)",
+                    d.selector
+                )));
+            }
+            if d.key_file.as_os_str().is_empty() {
+                return Err(ConfigError(format!("{key}.key_file: is required")));
+            }
+        }
+        Ok(())
     }
 
     /// `listen` and `tls.implicit_listen` together: no address twice, and no two that the
@@ -773,7 +817,7 @@ impl Config {
     }
 
     /// Reads the files the configuration names (TLS certificate and key, AUTH users, the
-    /// extra CA file, the smarthost password) and checks that each is usable, as `serve`
+    /// extra CA file, the smarthost password, the DKIM keys) and checks that each is usable, as `serve`
     /// does at start and `check-config` does on request. Errors name the key and the file.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         let t = &self.tls;
@@ -804,6 +848,7 @@ impl Config {
                 )));
             }
         }
+        crate::dkim::Signers::load(&self.dkim).map_err(ConfigError)?;
         Ok(())
     }
 

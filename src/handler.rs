@@ -4,9 +4,17 @@
 //!
 //! The handler is made once per shard by the factory given to [`crate::Server::start`] and
 //! lives on that shard's thread, so it needs no locks (it need not be `Send`).
+//!
+//! A handler that keeps messages somewhere other than memory may take a large message's
+//! content while it arrives ([`Handler::body_sink`], a [`BodySink`]): the server's memory
+//! then no longer grows with message size. A handler that just wants the bytes ignores
+//! that and gets every message whole in [`Handler::on_message`].
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+
+use bytes::Bytes;
 
 use crate::config::Config;
 use crate::smtp::{Envelope, Mailbox, Reply, ReversePath};
@@ -40,6 +48,18 @@ pub trait Handler: 'static {
         Ok(())
     }
 
+    /// A message (DATA or BDAT) has passed the server's streaming threshold (its first
+    /// 256 KiB) and is still arriving: return a sink to take its content from here on, or
+    /// `None` (the default) to get it whole in [`Handler::on_message`]. `envelope` is the
+    /// transaction so far; its `data` is empty. The sink gets every byte of the content in
+    /// order (our `Received:` header first), and then, instead of `on_message`, the
+    /// finished envelope with the last bytes ([`BodySink::finish`]). A message that does
+    /// not end well (refused, or the client left) is dropped with its sink unfinished.
+    fn body_sink(&self, envelope: &Envelope) -> Option<Box<dyn BodySink>> {
+        let _ = envelope;
+        None
+    }
+
     /// A message arrived whole. `Ok` answers `250 2.0.0 Ok: queued as ID`; `Err` sends its
     /// reply. Answer `Ok` only once the message is safe.
     fn on_message(&self, envelope: Envelope) -> impl Future<Output = Result<(), Reply>>;
@@ -56,4 +76,21 @@ pub trait Handler: 'static {
     fn on_shutdown(&self) -> impl Future<Output = ()> {
         std::future::ready(())
     }
+}
+
+/// A boxed future that stays on the shard's thread.
+pub type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Where a streamed message's content goes while it arrives (see [`Handler::body_sink`]).
+/// Dropped without [`BodySink::finish`], the message was not accepted: let go of what was
+/// written.
+pub trait BodySink {
+    /// Takes the next piece of the content (unstuffed, CRLF line endings). `Err` refuses
+    /// the message: the rest of it is read and thrown away, and the client gets the reply.
+    fn write(&mut self, piece: Bytes) -> LocalFuture<'_, Result<(), Reply>>;
+
+    /// The message ended well: `envelope.data` holds its last bytes (possibly none). As
+    /// for [`Handler::on_message`], `Ok` answers `250`, so answer `Ok` only once the whole
+    /// message is safe.
+    fn finish(self: Box<Self>, envelope: Envelope) -> LocalFuture<'static, Result<(), Reply>>;
 }

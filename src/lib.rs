@@ -13,7 +13,9 @@
 //! ## Map
 //! - [`smtp`]: the protocol without I/O — commands, paths, replies, the DATA scanner, the
 //!   server [`Session`] and the outbound client state machines.
-//! - [`handler`]: the [`Handler`] trait, what the inbound side calls.
+//! - [`handler`]: the [`Handler`] trait, what the inbound side calls, and the [`BodySink`] a
+//!   handler may take large messages into while they arrive (the relay streams them to
+//!   the spool).
 //! - [`server`]: [`Server`] and [`ServerHandle`], the library's front door.
 //! - `driver` (private): shards, listeners, the io_uring and epoll drivers, the
 //!   connection loop, outbound sockets, buffer pools and connection caps.
@@ -21,11 +23,14 @@
 //! - [`policy`]: relay access (who may relay where).
 //! - [`id`]: queue IDs, unique across shards and restarts.
 //! - [`spool`]: the durable spool's front door (accept, read, settle, finish, recover)
-//!   over its records, segments, group commit and lock; `queue` command support.
+//!   over its records, segments, streamed messages, group commit and lock; `queue`
+//!   command support.
 //! - [`qmgr`]: the queue manager: the relay's handler, the queue, the delivery worker and
 //!   the attempt (outcomes to the spool, deferrals, bounces).
 //! - [`outbound`]: routing (static routes, smarthost, MX), DNS, connection pools and
 //!   bounce messages.
+//! - [`dkim`]: DKIM signing keys (`[dkim."domain"]`) and the signing of accepted mail
+//!   whose `From:` domain has one, off the shard's thread.
 //! - [`sink`]: the `serve --sink` handler, which counts and discards.
 //! - [`observe`]: Prometheus metrics, their `/metrics` endpoint, and the delivery log.
 //! - [`tls`]: sans-IO TLS over our own buffers (rustls), for inbound and outbound;
@@ -34,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod dkim;
 mod driver;
 pub mod handler;
 pub mod id;
@@ -55,6 +61,6 @@ pub use driver::raise_open_file_limit;
 /// tests that connect from a chosen CPU (local connections reach the shard on theirs).
 #[doc(hidden)]
 pub use driver::{allowed_cpus, pin_to_cpu};
-pub use handler::Handler;
+pub use handler::{BodySink, Handler};
 pub use server::{Server, ServerHandle};
 pub use smtp::{Envelope, Mailbox, Reply, ReversePath, Session};

@@ -496,79 +496,46 @@ fn queue(action: QueueAction) -> ExitCode {
 }
 
 /// `queue list`: Postfix's `mailq` shape; one line per message (ID, `!` when on hold,
-/// size, arrival, sender), then one per pending recipient with its delivery state.
+/// size, arrival, sender), then one per pending recipient with its delivery state. Written
+/// as it is formatted, one message at a time (a million queued messages make hundreds of
+/// megabytes of text, never held whole).
 fn queue_list(args: &QueueArgs) -> ExitCode {
     let dir = match spool_dir(args) {
         Ok(d) => d,
         Err(code) => return code,
     };
-    let (list, stats) = match inspect::read(&dir) {
-        Ok(r) => r,
+    let queue = match inspect::scan(&dir, true) {
+        Ok(q) => q,
         Err(e) => return fail(1, &e.to_string()),
     };
-    if args.json {
-        return print_json(&list);
-    }
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    if !list.is_empty() {
-        let _ = writeln!(
-            out,
-            "{:<25} {:>10}  {:<23}  SENDER / RECIPIENTS",
-            "QUEUE ID", "SIZE", "ARRIVAL"
-        );
-    }
-    for q in &list {
-        let mark = if q.held { "!" } else { "" };
-        let _ = writeln!(
-            out,
-            "{:<25} {:>10}  {:<23}  <{}>",
-            format!("{}{mark}", q.id),
-            q.size,
-            inspect::human_time(q.arrival_unix),
-            q.from
-        );
-        for r in &q.recipients {
-            let next = match (r.held, r.next_attempt_unix) {
-                (true, _) => "on hold".to_string(),
-                (false, Some(t)) => format!("next attempt {}", inspect::human_time(t)),
-                (false, None) if stats.running => "next attempt now".to_string(),
-                (false, None) => "next attempt at start".to_string(),
-            };
-            let last = r
-                .last_error
-                .as_deref()
-                .filter(|e| !e.is_empty())
-                .map_or(String::new(), |e| format!("; last reply: {e}"));
-            let _ = writeln!(
-                out,
-                "{:>39}<{}>  attempts {}; {next}{last}",
-                "", r.address, r.attempts
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "-- {} message(s), {} recipient(s) pending, {} on hold{}",
-        stats.messages,
-        stats.recipients,
-        stats.held,
-        if stats.running {
-            " (server running)"
-        } else {
-            ""
-        }
-    );
-    emit(&out)
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &queue.json_list())
+            .map_err(std::io::Error::from)
+            .and_then(|()| std::io::Write::write_all(&mut out, b"\n"))
+    } else {
+        queue.write_text(&mut out)
+    };
+    finish_output(written.and_then(|()| std::io::Write::flush(&mut out)))
 }
 
+/// The end of streamed output. A reader that stops early (`| head`) is no failure.
+fn finish_output(written: std::io::Result<()>) -> ExitCode {
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(1, &format!("cannot write to standard output: {e}")),
+    }
+}
+
+/// `queue stats`: the totals only (no message is kept while the segments are read).
 fn queue_stats(args: &QueueArgs) -> ExitCode {
     let dir = match spool_dir(args) {
         Ok(d) => d,
         Err(code) => return code,
     };
-    let stats = match inspect::read(&dir) {
-        Ok((_, stats)) => stats,
+    let stats = match inspect::scan(&dir, false) {
+        Ok(q) => q.stats,
         Err(e) => return fail(1, &e.to_string()),
     };
     if args.json {

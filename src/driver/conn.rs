@@ -2,6 +2,10 @@
 //! hand them to the sans-IO [`Session`], write its replies, await the handler for each
 //! finished message, and enforce timeouts and graceful shutdown.
 //!
+//! A large message's content goes to the handler's [`BodySink`] while it arrives, when the
+//! handler offers one (the relay streams it into the spool): the connection then holds
+//! about [`crate::smtp::session::STREAM_ABOVE`] of it at a time, whatever its size.
+//!
 //! Timeouts and shutdown never drop an in-flight read (with io_uring a dropped read keeps
 //! running and would swallow the next bytes): the loser of the race is completed by shutting
 //! the socket down, which makes the pending read return.
@@ -23,7 +27,7 @@ use super::caps::ConnectionSlot;
 use super::secure::{self, TlsLayer};
 use super::shard::{OpenGuard, Shard, ShardHooks};
 use super::{ListenerKind, Phase};
-use crate::handler::Handler;
+use crate::handler::{BodySink, Handler};
 use crate::observe::log;
 use crate::proxy;
 use crate::smtp::{Reply, Session};
@@ -123,6 +127,9 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     };
     // The current read size during DATA (see DATA_READ_START).
     let mut data_read = DATA_READ_START;
+    // The sink taking the content of the message being received, if it is streamed, with
+    // the session's serial number of that message.
+    let mut sink: Option<(u32, Box<dyn BodySink>)> = None;
     // The TLS layer once the connection runs over TLS (boxed: a plaintext connection's
     // task holds one pointer for it).
     let mut tls: Option<Box<TlsLayer>> = None;
@@ -196,10 +203,19 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         }
         if let Some(envelope) = session.take_message() {
             // The delivery log's line for it, made only when that log is on.
-            let accepted = log::enabled().then(|| Accepted::of(&envelope));
-            // Boxed (one allocation per message): a handler's future would otherwise
-            // size every connection's task, idle ones included.
-            let result = Box::pin(shard.handler.on_message(envelope)).await;
+            let accepted = log::enabled().then(|| Accepted::of(&envelope, session.streamed()));
+            let result = match sink.take() {
+                // Streamed: the sink has everything before the envelope's last bytes.
+                Some((serial, s)) if serial == session.body_serial() => s.finish(envelope).await,
+                _ if session.streamed() > 0 => {
+                    // Cannot happen (a streamed message keeps its sink); never hand a
+                    // handler a message without its beginning.
+                    Err(Reply::local_error("message content lost; try again later"))
+                }
+                // Boxed (one allocation per message): a handler's future would otherwise
+                // size every connection's task, idle ones included.
+                _ => Box::pin(shard.handler.on_message(envelope)).await,
+            };
             if let (Some(a), true) = (accepted, result.is_ok()) {
                 a.log(&session);
             }
@@ -210,6 +226,14 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
             buf.advance(used);
             account_data_memory(&shard, &mut session, &mut open);
             continue;
+        }
+        if sink.is_some() || session.piece_ready() {
+            // Boxed: only large messages come here.
+            Box::pin(pump_body(&shard, &mut session, &mut sink)).await;
+            account_data_memory(&shard, &mut session, &mut open);
+            if session.has_output() {
+                continue;
+            }
         }
         let now_phase = *phase.borrow_and_update();
         if now_phase == Phase::Closing || (now_phase == Phase::Draining && session.is_idle()) {
@@ -364,13 +388,14 @@ struct Accepted {
 }
 
 impl Accepted {
-    fn of(e: &crate::smtp::Envelope) -> Box<Accepted> {
+    /// `streamed`: content bytes that went to a sink before the envelope's.
+    fn of(e: &crate::smtp::Envelope, streamed: u64) -> Box<Accepted> {
         Box::new(Accepted {
             id: e.id,
             helo: Arc::clone(&e.helo),
             ip: e.peer.ip().to_canonical(),
             from: e.from.to_string(),
-            size: e.data.len(),
+            size: e.data.len() + streamed as usize,
             nrcpt: e.to.len(),
         })
     }
@@ -533,6 +558,48 @@ async fn wait_input<R: Future<Output = (io::Result<usize>, BytesMut)>>(
                     return Wake::ShuttingDown;
                 }
             }
+        }
+    }
+}
+
+/// Moves the content the session holds to the handler's sink once it has passed the
+/// streaming threshold (asking the handler for a sink the first time), and lets go of a
+/// sink whose message will not end well (refused, or another message began).
+async fn pump_body<H: Handler>(
+    shard: &Shard<H>,
+    session: &mut Session,
+    sink: &mut Option<(u32, Box<dyn BodySink>)>,
+) {
+    let serial = session.body_serial();
+    if sink
+        .as_ref()
+        .is_some_and(|(s, _)| *s != serial || !session.receiving_body())
+    {
+        // Dropped unfinished: the handler lets go of what it wrote.
+        *sink = None;
+    }
+    while session.piece_ready() {
+        if sink.is_none() {
+            let Some(envelope) = session.envelope_so_far() else {
+                return;
+            };
+            match shard.handler.body_sink(&envelope) {
+                Some(s) => *sink = Some((serial, s)),
+                None => {
+                    // The handler wants messages whole: the memory budget bounds them.
+                    session.keep_whole();
+                    return;
+                }
+            }
+        }
+        let piece = session.take_piece();
+        let Some((_, s)) = sink.as_mut() else {
+            return;
+        };
+        if let Err(reply) = s.write(piece).await {
+            tracing::warn!(peer = %session.peer(), "streamed message refused: {}", reply.one_line());
+            session.refuse_data(reply);
+            *sink = None;
         }
     }
 }

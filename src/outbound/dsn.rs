@@ -1,10 +1,15 @@
-//! Bounces: the delivery status notification (RFC 3464) sent to a message's reverse path
-//! when some of its recipients cannot be delivered.
+//! Bounces and the other delivery status notifications (RFC 3464) sent to a message's
+//! reverse path: failures (`Action: failed`), and, when the sender asked for them with
+//! NOTIFY (RFC 3461), delays (`delayed`) and successful relays to a next hop without DSN
+//! (`relayed`).
 //!
 //! [`build_bounce`] turns a [`BounceInput`] into a complete message, a
 //! `multipart/report; report-type=delivery-status` (RFC 6522) of three parts: a short
-//! explanation for people, the `message/delivery-status` fields for programs, and the
-//! original header section as `text/rfc822-headers`. It does no I/O and reads no clock. The
+//! explanation for people, the `message/delivery-status` fields for programs (with the
+//! sender's ENVID as `Original-Envelope-Id` and each ORCPT as `Original-Recipient`), and
+//! the original header section as `text/rfc822-headers`, or, for a failure report whose
+//! sender asked for `RET=FULL`, the whole message as `message/rfc822` when it is 7-bit
+//! with lines of at most 998 octets and no larger than the 128 KiB cap (else the headers). It does no I/O and reads no clock. The
 //! caller spools the result like any other message, with the null reverse path `<>` so that
 //! a bounce can never bounce, and never builds a bounce for a message whose own reverse
 //! path was `<>`.
@@ -47,9 +52,35 @@ const MAX_TOKEN: usize = 32;
 /// The per-message DSN field (an RFC 3464 extension field) carrying the original queue ID.
 const QUEUE_ID_FIELD: &str = "X-Ringrelay-Queue-ID";
 
-/// Why a recipient failed.
+/// What a report says happened to a recipient (RFC 3464 §2.3.3 `Action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Action {
+    /// Failed for good.
+    #[default]
+    Failed,
+    /// Not delivered yet, still being retried.
+    Delayed,
+    /// Handed to a next hop that does not offer DSN, so no further report will come.
+    Relayed,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Relayed => "relayed",
+        }
+    }
+}
+
+/// A recipient a report is about (the name stays from when every report was a bounce).
 #[derive(Debug, Clone)]
 pub struct FailedRecipient {
+    /// What happened to it.
+    pub action: Action,
+    /// The sender's ORCPT, `type;address` (becomes `Original-Recipient`).
+    pub original_recipient: Option<String>,
     /// The original recipient.
     pub recipient: Mailbox,
     /// RFC 3463 status, e.g. "5.1.1" (taken from the remote reply's enhanced code when it
@@ -85,8 +116,12 @@ pub struct BounceInput<'a> {
     /// per-recipient fields, which RFC 3464 does not allow).
     pub failed: &'a [FailedRecipient],
     /// The original message (headers + body, CRLF). Only its header section goes into the
-    /// report, as `text/rfc822-headers`.
+    /// report, as `text/rfc822-headers`, unless `return_full` and it can go whole.
     pub original: &'a [u8],
+    /// The sender asked for the full message in failure reports (`RET=FULL`).
+    pub return_full: bool,
+    /// The sender's ENVID (becomes `Original-Envelope-Id`).
+    pub envid: Option<&'a str>,
     /// A value unique to this bounce, used to make the MIME boundary and Message-ID
     /// (e.g. the bounce's own queue ID printed). Its first 32 characters are used, with
     /// anything but letters, digits and `-` hex-escaped.
@@ -102,9 +137,24 @@ pub struct BounceInput<'a> {
 pub fn build_bounce(input: &BounceInput<'_>) -> Bytes {
     let host = host_name(input.reporting_mta);
     let token = token(input.unique);
-    let notification = notification_part(input, &host);
+    let kind = kind_of(input.failed);
+    let notification = notification_part(input, &host, kind);
     let report = report_part(input, &host);
-    let headers = returned_headers(input.original);
+    let full = (input.return_full && kind == Action::Failed)
+        .then(|| returnable_whole(input.original))
+        .flatten();
+    let headers;
+    let (returned_type, returned_description, returned): (&str, &str, &[u8]) = match full {
+        Some(whole) => ("message/rfc822", "Undelivered message", whole),
+        None => {
+            headers = returned_headers(input.original);
+            let description = match kind {
+                Action::Failed => "Undelivered message headers",
+                Action::Delayed | Action::Relayed => "Message headers",
+            };
+            ("text/rfc822-headers", description, &headers)
+        }
+    };
     let parts: [(&str, &str, &[u8]); 3] = [
         (
             "text/plain; charset=us-ascii",
@@ -116,11 +166,7 @@ pub fn build_bounce(input: &BounceInput<'_>) -> Bytes {
             "Delivery report",
             report.as_bytes(),
         ),
-        (
-            "text/rfc822-headers",
-            "Undelivered message headers",
-            &headers,
-        ),
+        (returned_type, returned_description, returned),
     ];
     let boundary = choose_boundary(&token, parts.iter().map(|p| p.2));
 
@@ -128,7 +174,12 @@ pub fn build_bounce(input: &BounceInput<'_>) -> Bytes {
     let from = format!("Mail Delivery System <MAILER-DAEMON@{host}>");
     push_field(&mut head, "From", &from);
     push_field_verbatim(&mut head, "To", &format!("<{}>", address(input.to)));
-    push_field(&mut head, "Subject", "Undelivered Mail Returned to Sender");
+    let subject = match kind {
+        Action::Failed => "Undelivered Mail Returned to Sender",
+        Action::Delayed => "Delayed Mail (still being retried)",
+        Action::Relayed => "Successful Mail Delivery Report",
+    };
+    push_field(&mut head, "Subject", subject);
     push_field(&mut head, "Date", &date(input.now));
     let message_id = format!("<{}.{token}@{host}>", unix_secs(input.now));
     push_field(&mut head, "Message-ID", &message_id);
@@ -184,15 +235,55 @@ pub fn header_section(message: &[u8]) -> &[u8] {
     message
 }
 
+/// What the report is about as a whole: a failure if any recipient failed, else a delay
+/// if any is delayed, else a success.
+fn kind_of(recipients: &[FailedRecipient]) -> Action {
+    let any = |a| recipients.iter().any(|r| r.action == a);
+    if any(Action::Failed) || recipients.is_empty() {
+        Action::Failed
+    } else if any(Action::Delayed) {
+        Action::Delayed
+    } else {
+        Action::Relayed
+    }
+}
+
+/// The original message whole, if it can go in a report unchanged: 7-bit, CRLF lines of at
+/// most 998 octets, ending in CRLF, within [`MAX_RETURNED_HEADERS`].
+fn returnable_whole(original: &[u8]) -> Option<&[u8]> {
+    let fits = !original.is_empty()
+        && original.len() <= MAX_RETURNED_HEADERS
+        && original.is_ascii()
+        && original.ends_with(b"\r\n")
+        && original.split(|&b| b == b'\n').all(|line| {
+            line.len() <= MAX_LINE + 1 && !line[..line.len().saturating_sub(1)].contains(&b'\r')
+        })
+        && original
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b != b'\n' || (i > 0 && original[i - 1] == b'\r'));
+    fits.then_some(original)
+}
+
 /// Part 1: what happened, for the person who sent the message.
-fn notification_part(input: &BounceInput<'_>, host: &str) -> String {
+fn notification_part(input: &BounceInput<'_>, host: &str, kind: Action) -> String {
     let mut s = String::with_capacity(512 + input.failed.len() * 256);
     let intro = format!("This is the mail delivery system at {host}.");
     push_wrapped(&mut s, &intro, "");
     s.push_str("\r\n");
+    let what = match kind {
+        Action::Failed => "Your message could not be delivered to one or more of its recipients.",
+        Action::Delayed => {
+            "Your message could not be delivered yet to one or more of its recipients; \
+             delivery is still being tried. You need not send it again."
+        }
+        Action::Relayed => {
+            "Your message was relayed to the next hop for the recipients below, as you asked. \
+             That system does not report deliveries, so no further notice will come."
+        }
+    };
     let summary = format!(
-        "Your message could not be delivered to one or more of its recipients. It arrived \
-         on {} and had queue ID {}. Its header section is attached below.",
+        "{what} It arrived on {} and had queue ID {}. Its header section is attached below.",
         date(input.arrival),
         input.original_id
     );
@@ -219,15 +310,21 @@ fn notification_part(input: &BounceInput<'_>, host: &str) -> String {
 /// Part 2: the RFC 3464 per-message and per-recipient fields.
 fn report_part(input: &BounceInput<'_>, host: &str) -> String {
     let mut s = String::with_capacity(256 + input.failed.len() * 384);
+    if let Some(envid) = input.envid.map(printable).filter(|e| !e.is_empty()) {
+        push_field_verbatim(&mut s, "Original-Envelope-Id", &envid);
+    }
     push_field(&mut s, "Reporting-MTA", &format!("dns; {host}"));
     push_field(&mut s, QUEUE_ID_FIELD, &input.original_id.to_string());
     push_field(&mut s, "Arrival-Date", &date(input.arrival));
     let last_attempt = date(input.now);
     for failed in input.failed {
         s.push_str("\r\n");
+        if let Some(original) = failed.original_recipient.as_deref().map(printable) {
+            push_field_verbatim(&mut s, "Original-Recipient", &original);
+        }
         let recipient = format!("rfc822; {}", address(&failed.recipient));
         push_field_verbatim(&mut s, "Final-Recipient", &recipient);
-        push_field(&mut s, "Action", "failed");
+        push_field(&mut s, "Action", failed.action.as_str());
         push_field(&mut s, "Status", status(&failed.status));
         if let Some(mta) = remote_mta(failed) {
             push_field(&mut s, "Remote-MTA", &format!("dns; {mta}"));
@@ -474,6 +571,20 @@ fn address(mailbox: &Mailbox) -> String {
         .collect()
 }
 
+/// A value checked when it was received (ENVID, ORCPT: printable ASCII), kept so on the
+/// way out whatever the spool held: anything else becomes `?`, and it is cut at
+/// [`MAX_ADDRESS`] characters.
+fn printable(value: &str) -> String {
+    value
+        .chars()
+        .take(MAX_ADDRESS)
+        .map(|c| match c {
+            ' '..='~' => c,
+            _ => '?',
+        })
+        .collect()
+}
+
 /// Our host name reduced to letters, digits, `-` and `.`; `localhost` if nothing is left.
 fn host_name(name: &str) -> String {
     let host: String = name
@@ -696,6 +807,8 @@ mod tests {
             remote_reply: Some(Reply::new(550, "5.1.1 <nobody@dest.example>: user unknown")),
             remote_mta: Some("mx.dest.example".into()),
             reason: "the next hop refused it".into(),
+            action: Action::Failed,
+            original_recipient: None,
         }
     }
 
@@ -706,6 +819,8 @@ mod tests {
             remote_reply: None,
             remote_mta: None,
             reason: "gave up after 5 days".into(),
+            action: Action::Failed,
+            original_recipient: None,
         }
     }
 
@@ -720,6 +835,8 @@ mod tests {
             failed,
             original,
             unique,
+            return_full: false,
+            envid: None,
         })
     }
 
@@ -975,6 +1092,98 @@ mod tests {
         assert!(p.parts[2].body.contains("X-A: --=_rr_U_0=\r\n"));
     }
 
+    fn report_with(
+        recipients: &[FailedRecipient],
+        original: &[u8],
+        return_full: bool,
+        envid: Option<&str>,
+    ) -> Parsed {
+        let to = mbox("sender@origin.example");
+        check_wire(&build_bounce(&BounceInput {
+            reporting_mta: "relay.example",
+            original_id: id(),
+            to: &to,
+            arrival: UNIX_EPOCH,
+            now: UNIX_EPOCH,
+            failed: recipients,
+            original,
+            unique: "R1",
+            return_full,
+            envid,
+        }))
+    }
+
+    #[test]
+    fn envid_and_orcpt_are_carried() {
+        let mut r = refused();
+        r.original_recipient = Some("rfc822;orig@dest.example".into());
+        let p = report_with(&[r, expired()], ORIGINAL, false, Some("QQ314159"));
+        let g = groups(&p.parts[1].body);
+        assert_eq!(only(&g[0], "Original-Envelope-Id"), "QQ314159");
+        assert_eq!(
+            only(&g[1], "Original-Recipient"),
+            "rfc822;orig@dest.example"
+        );
+        assert!(!has(&g[2], "Original-Recipient"));
+    }
+
+    #[test]
+    fn success_and_delay_reports_say_so() {
+        let mut relayed = refused();
+        relayed.action = Action::Relayed;
+        relayed.status = "2.0.0".into();
+        relayed.remote_reply = Some(Reply::new(250, "2.0.0 Ok"));
+        let p = report_with(&[relayed], ORIGINAL, true, None);
+        assert_eq!(
+            only(&p.fields, "Subject"),
+            "Successful Mail Delivery Report"
+        );
+        let g = groups(&p.parts[1].body);
+        assert_eq!(only(&g[1], "Action"), "relayed");
+        assert_eq!(only(&g[1], "Status"), "2.0.0");
+        // RET=FULL is for failures: a success report returns the headers.
+        assert_eq!(
+            params(only(&p.parts[2].fields, "Content-Type")).0,
+            "text/rfc822-headers"
+        );
+        let mut delayed = expired();
+        delayed.action = Action::Delayed;
+        let p = report_with(&[delayed], ORIGINAL, false, None);
+        assert_eq!(
+            only(&p.fields, "Subject"),
+            "Delayed Mail (still being retried)"
+        );
+        assert_eq!(only(&groups(&p.parts[1].body)[1], "Action"), "delayed");
+        assert!(words(&p.parts[0].body).contains("still being tried"));
+    }
+
+    #[test]
+    fn ret_full_returns_the_whole_message_when_it_can_go_unchanged() {
+        let p = report_with(&[refused()], ORIGINAL, true, None);
+        assert_eq!(
+            params(only(&p.parts[2].fields, "Content-Type")).0,
+            "message/rfc822"
+        );
+        assert_eq!(p.parts[2].body.as_bytes(), ORIGINAL);
+        // 8-bit, or a line too long, or too large: the headers instead.
+        let eight_bit = "Subject: é\r\n\r\nbody\r\n".as_bytes();
+        let long = format!("Subject: x\r\n\r\n{}\r\n", "x".repeat(1200));
+        let large = format!("Subject: x\r\n\r\n{}", "line\r\n".repeat(30_000));
+        for original in [
+            eight_bit,
+            long.as_bytes(),
+            large.as_bytes(),
+            b"Subject: x\n\nbare\n",
+        ] {
+            let p = report_with(&[refused()], original, true, None);
+            assert_eq!(
+                params(only(&p.parts[2].fields, "Content-Type")).0,
+                "text/rfc822-headers"
+            );
+            assert!(!p.parts[2].body.contains("body"));
+        }
+    }
+
     #[test]
     fn choose_boundary_skips_every_counter_in_use() {
         let content = b"=_rr_T_0= =_rr_T_1= =_rr_T_10= =_rr_T_2= =_rr_T_99999999999999999999=";
@@ -1002,6 +1211,8 @@ mod tests {
             failed: &failed,
             original: ORIGINAL,
             unique: "U\r\nBcc: evil6@x",
+            return_full: false,
+            envid: Some("E\r\nBcc: evil7@x"),
         });
         let p = check_wire(&msg);
         assert!(!has(&p.fields, "Bcc"));
@@ -1092,6 +1303,8 @@ mod tests {
                     remote_reply: (i != 1).then(|| Reply::multiline(code, lines)),
                     remote_mta: mta.clone(),
                     reason: reason.clone(),
+                    action: Action::Failed,
+            original_recipient: None,
                 })
                 .collect();
             let to = mbox("sender@origin.example");
@@ -1104,6 +1317,8 @@ mod tests {
                 failed: &failed,
                 original: &original,
                 unique: &unique,
+                return_full: unique.len() % 2 == 0,
+                envid: None,
             });
             let p = check_wire(&msg);
             prop_assert_eq!(groups(&p.parts[1].body).len(), failed.len() + 1);

@@ -50,6 +50,9 @@ pub struct HopUsed {
     pub host: String,
     /// The address connected to (or tried last).
     pub addr: Option<std::net::SocketAddr>,
+    /// It offered DSN (RFC 3461) and was given the recipients' DSN parameters: success
+    /// reports for what it accepted are its to send, not ours.
+    pub dsn: bool,
 }
 
 impl HopUsed {
@@ -57,6 +60,7 @@ impl HopUsed {
         HopUsed {
             host: host.to_string(),
             addr: None,
+            dsn: false,
         }
     }
 
@@ -64,6 +68,7 @@ impl HopUsed {
         HopUsed {
             host: target.host.clone(),
             addr: Some(target.addr),
+            dsn: false,
         }
     }
 }
@@ -408,8 +413,10 @@ impl Outbound {
                     }
                 }
             }
+            let mut hop = HopUsed::at(target);
+            hop.dsn = conn.client.offers_dsn();
             self.pool.checkin(conn);
-            return (HopUsed::at(target), outcomes);
+            return (hop, outcomes);
         }
         let (host, reply) = last;
         (host, deferred(&reply))

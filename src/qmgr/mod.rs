@@ -8,11 +8,13 @@
 //!
 //! - [`queue`]: ready, deferred and held messages, retry times.
 //! - [`worker`]: starts deliveries as messages fall due, tidies once a second.
+//! - `stream`: large messages streamed into the spool while they arrive.
 //! - [`attempt`]: one delivery attempt of one message: recipients grouped by domain, each
 //!   outcome recorded, failures bounced (RFC 3464, spooled like any message).
 
 pub mod attempt;
 pub mod queue;
+mod stream;
 pub mod worker;
 
 use std::cell::{Cell, RefCell};
@@ -24,7 +26,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use crate::config::{AbSwitches, Config};
-use crate::handler::Handler;
+use crate::dkim::Signers;
+use crate::handler::{BodySink, Handler};
 use crate::id::{IdGenerator, QueueId};
 use crate::observe::metrics::{Registry, Rejection, ShardMetrics};
 use crate::outbound::{Outbound, OutboundConfig};
@@ -50,6 +53,9 @@ pub struct RelayConfig {
     pub max_queue_age: Duration,
     /// Where double bounces go (`relay.postmaster`); `None` drops them, with a log line.
     pub postmaster: Option<Mailbox>,
+    /// A message still pending this long gets one delay report for its recipients that
+    /// asked with NOTIFY=DELAY (`relay.delay_warning_secs`); zero: never.
+    pub delay_warning: Duration,
     /// Routes, pools and MX routing.
     pub outbound: OutboundConfig,
     /// The benches' A/B switches (the group commit's among them).
@@ -62,6 +68,8 @@ pub struct RelayConfig {
     pub max_queued_messages: u64,
     /// Where each shard counts (shard `i` uses `metrics.shard_at(i)`, as the server does).
     pub metrics: Registry,
+    /// DKIM keys: mail from their domains is signed at accept.
+    pub dkim: Arc<Signers>,
 }
 
 impl RelayConfig {
@@ -72,14 +80,26 @@ impl RelayConfig {
             retry_schedule: config.delivery.retry_schedule_secs.clone(),
             max_queue_age: Duration::from_secs(config.delivery.max_queue_age_secs),
             postmaster: config.postmaster().unwrap_or(None),
+            delay_warning: Duration::from_secs(config.relay.delay_warning_secs),
             outbound: OutboundConfig::from_config(config),
             ab: config.ab,
             node_id: config.effective_node_id(),
             min_free_bytes: config.spool.min_free_bytes,
             max_queued_messages: config.spool.max_queued_messages,
             metrics: Registry::new(),
+            dkim: Arc::new(load_dkim(config)),
         }
     }
+}
+
+/// The DKIM keys `config` names. `serve`, `check-config` and SIGHUP have checked them
+/// already ([`Config::check_files`]); a key that went bad since (or was never checked by a
+/// library user) is logged and signs nothing, and a reload keeps the keys in force.
+fn load_dkim(config: &Config) -> Signers {
+    Signers::load(&config.dkim).unwrap_or_else(|e| {
+        tracing::error!("DKIM: {e}; no key loaded");
+        Signers::default()
+    })
 }
 
 /// The relay for the life of the server: the spool directory (locked, recovered) and the
@@ -99,6 +119,9 @@ impl RelayService {
     ) -> io::Result<Arc<RelayService>> {
         ignore_sigusr1();
         let spool = SpoolDir::open(dir, shards)?;
+        if !config.dkim.is_empty() {
+            tracing::info!("DKIM signing: {}", config.dkim.describe().join(", "));
+        }
         Ok(Arc::new(RelayService {
             config: Arc::new(config),
             spool,
@@ -246,6 +269,10 @@ impl Shard {
         new.metrics = old.metrics.clone();
         new.node_id = old.node_id;
         new.ab = old.ab;
+        if new.dkim.is_empty() && !config.dkim.is_empty() {
+            // The keys could not be loaded (logged): keep signing with those in force.
+            new.dkim = Arc::clone(&old.dkim);
+        }
         self.count_dns();
         *self.outbound.borrow_mut() = Rc::new(Outbound::new(self.index, &new.outbound));
         self.dns_seen.set((0, 0));
@@ -390,8 +417,26 @@ impl Handler for RelayHandler {
         }
     }
 
+    /// Large messages go into the spool while they arrive (`stream`).
+    fn body_sink(&self, envelope: &Envelope) -> Option<Box<dyn BodySink>> {
+        // DKIM signs the whole message before the spool (`on_message`), so while keys are
+        // configured messages are kept whole, up to `limits.max_data_memory`.
+        if !self.shard.config().dkim.is_empty() {
+            return None;
+        }
+        let sink = stream::SpoolSink::open(&self.shard, envelope)?;
+        Some(Box::new(sink))
+    }
+
     async fn on_message(&self, envelope: Envelope) -> Result<(), Reply> {
         let shard = &self.shard;
+        // Signed once, here, before the spool: retries send the stored, signed copy.
+        let mut envelope = envelope;
+        let dkim = Arc::clone(&shard.config().dkim);
+        if !dkim.is_empty() {
+            let id = envelope.id.to_string();
+            envelope.data = crate::dkim::sign_off_thread(&dkim, &id, envelope.data).await;
+        }
         let accepted = shard
             .spool
             .accept(NewMessage {
@@ -400,6 +445,8 @@ impl Handler for RelayHandler {
                 from: envelope.from,
                 rcpts: envelope.to,
                 eight_bit: envelope.body_type == BodyType::EightBitMime,
+                smtputf8: envelope.smtputf8,
+                dsn: envelope.dsn,
                 data: &envelope.data,
             })
             .await;

@@ -32,6 +32,9 @@ pub struct Entry {
     pub last_error: Option<String>,
     /// Made ready before its time by an operator (flush, release).
     pub(super) early: bool,
+    /// A delay report went out for it (at most one per message; not kept across a
+    /// restart, so a restarted server may send one more).
+    pub delay_warned: bool,
 }
 
 impl Entry {
@@ -43,6 +46,7 @@ impl Entry {
             data,
             last_error: None,
             early: false,
+            delay_warned: false,
         }
     }
 
@@ -318,6 +322,8 @@ mod tests {
                 rcpts: vec![],
                 pending: vec![],
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 arrival: SystemTime::UNIX_EPOCH,
             },
             Some(Bytes::from_static(b"x")),

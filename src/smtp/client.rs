@@ -1,6 +1,14 @@
 //! The client side of one outbound SMTP connection as a deterministic state machine
 //! (sans-IO): RFC 5321, with PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
-//! STARTTLS (RFC 3207) and AUTH PLAIN / LOGIN to a smarthost (RFC 4954, RFC 4616).
+//! STARTTLS (RFC 3207), AUTH PLAIN / LOGIN to a smarthost (RFC 4954, RFC 4616), SMTPUTF8
+//! (RFC 6531) and DSN (RFC 3461).
+//!
+//! SMTPUTF8 and DSN: a message that declared SMTPUTF8 goes out with it to a server that
+//! offers it; one that needs it (UTF-8 in its envelope or headers) and a server that does
+//! not offer it fail at once with `553 5.6.7`, nothing sent (RFC 6531 §3.2). The DSN
+//! parameters (RET, ENVID, NOTIFY, ORCPT) go to a server that offers DSN and are left off
+//! for one that does not; [`Client::offers_dsn`] tells the caller which, since then the
+//! success reports a sender asked for are ours to send (RFC 3461 §5.2.2).
 //!
 //! Bytes from the next hop go in through [`Client::receive`]; bytes to write come out of
 //! [`Client::poll_transmit`]; what happened comes out of [`Client::poll_event`]: the
@@ -46,6 +54,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use memchr::memmem;
 
 use crate::smtp::auth::{base64_encode, plain_initial_response};
+use crate::smtp::ext::{xtext_encode, DsnEnvelope, RcptDsn, Ret};
 use crate::smtp::{Mailbox, Reply, ReversePath};
 use crate::tls::TlsLevel;
 
@@ -67,6 +76,14 @@ pub struct Outgoing {
     pub data: Bytes,
     /// Needs 8BITMIME (declare BODY=8BITMIME when the server offers it).
     pub eight_bit: bool,
+    /// Declared SMTPUTF8 when received: declare it when the server offers it.
+    pub smtputf8: bool,
+    /// Cannot go without SMTPUTF8 (UTF-8 in the envelope or headers): to a server that
+    /// does not offer it, every recipient fails with `553 5.6.7`.
+    pub needs_smtputf8: bool,
+    /// The DSN parameters, `rcpts` in the order of [`Outgoing::rcpts`]; sent only to a
+    /// server that offers DSN.
+    pub dsn: Option<Box<DsnEnvelope>>,
 }
 
 /// The fate of one recipient, with the reply that decided it.
@@ -205,6 +222,8 @@ struct Capabilities {
     auth_login: bool,
     /// AUTH was offered, whatever the mechanisms.
     auth: bool,
+    smtputf8: bool,
+    dsn: bool,
 }
 
 /// One recipient while its transaction runs.
@@ -440,6 +459,21 @@ impl Client {
             self.events.push_back(ClientEvent::Ready);
             return Ok(());
         }
+        if msg.needs_smtputf8 && !self.caps.smtputf8 {
+            let reply = Reply::new(
+                553,
+                "5.6.7 SMTPUTF8 is required, but was not offered by the next hop",
+            );
+            let outcomes = msg
+                .rcpts
+                .iter()
+                .map(|_| RcptOutcome::Failed(reply.clone()))
+                .collect();
+            self.events
+                .push_back(ClientEvent::Delivered(Delivery { outcomes }));
+            self.events.push_back(ClientEvent::Ready);
+            return Ok(());
+        }
         if msg.rcpts.is_empty() {
             self.events.push_back(ClientEvent::Delivered(Delivery {
                 outcomes: Vec::new(),
@@ -464,7 +498,7 @@ impl Client {
             self.write_mail(&mut cmds, &tx.msg);
             self.awaiting.push_back(Await::Mail);
             for (i, rcpt) in tx.msg.rcpts.iter().enumerate() {
-                write_rcpt(&mut cmds, rcpt);
+                self.write_rcpt(&mut cmds, rcpt, rcpt_dsn(&tx.msg, i));
                 self.awaiting.push_back(Await::Rcpt(i));
             }
             cmds.extend_from_slice(b"DATA\r\n");
@@ -510,6 +544,12 @@ impl Client {
     /// Whether the server advertised PIPELINING (after Ready).
     pub fn pipelining(&self) -> bool {
         self.caps.pipelining
+    }
+
+    /// Whether the server advertised DSN (after Ready): it was given the DSN parameters,
+    /// and reports on the recipients it accepted are its business from now on.
+    pub fn offers_dsn(&self) -> bool {
+        self.caps.dsn
     }
 
     /// The server's SIZE limit (after Ready); `None` if it gave none, or `SIZE 0`.
@@ -858,12 +898,31 @@ impl Client {
     }
 
     fn send_rcpt(&mut self, i: usize) {
-        let Some(rcpt) = self.tx.as_ref().and_then(|tx| tx.msg.rcpts.get(i)) else {
+        let Some(tx) = self.tx.as_ref() else { return };
+        let Some(rcpt) = tx.msg.rcpts.get(i) else {
             return;
         };
         let mut cmd = BytesMut::with_capacity(16 + rcpt.as_str().len());
-        write_rcpt(&mut cmd, rcpt);
+        self.write_rcpt(&mut cmd, rcpt, rcpt_dsn(&tx.msg, i));
         self.send(cmd.freeze(), Await::Rcpt(i));
+    }
+
+    /// `RCPT TO:<…>`, with NOTIFY and ORCPT to a server that offers DSN.
+    fn write_rcpt(&self, out: &mut BytesMut, rcpt: &Mailbox, dsn: Option<&RcptDsn>) {
+        out.extend_from_slice(b"RCPT TO:<");
+        out.extend_from_slice(rcpt.as_str().as_bytes());
+        out.put_u8(b'>');
+        if let Some(dsn) = dsn.filter(|_| self.caps.dsn) {
+            if !dsn.notify.is_default() {
+                out.extend_from_slice(b" NOTIFY=");
+                out.extend_from_slice(dsn.notify.to_param().as_bytes());
+            }
+            if let Some(orcpt) = &dsn.orcpt {
+                out.extend_from_slice(b" ORCPT=");
+                out.extend_from_slice(orcpt.to_param().as_bytes());
+            }
+        }
+        out.extend_from_slice(b"\r\n");
     }
 
     fn write_mail(&self, out: &mut BytesMut, msg: &Outgoing) {
@@ -876,10 +935,26 @@ impl Client {
             // Infallible: writing to a BytesMut.
             let _ = write!(BytesWriter(out), " SIZE={}", wire_size(&msg.data));
         }
+        let smtputf8 = msg.smtputf8 && self.caps.smtputf8;
         // Without 8BITMIME offered, 8-bit content goes out as it is: most servers take it,
-        // and downgrading to 7 bit (RFC 6152 §3) is out of scope.
-        if msg.eight_bit && self.caps.eight_bit_mime {
+        // and downgrading to 7 bit (RFC 6152 §3) is out of scope. An SMTPUTF8 message is
+        // 8-bit by nature (RFC 6531 §3.1 requires 8BITMIME beside it).
+        if (msg.eight_bit || smtputf8) && self.caps.eight_bit_mime {
             out.extend_from_slice(b" BODY=8BITMIME");
+        }
+        if smtputf8 {
+            out.extend_from_slice(b" SMTPUTF8");
+        }
+        if let Some(dsn) = msg.dsn.as_ref().filter(|_| self.caps.dsn) {
+            match dsn.ret {
+                Some(Ret::Full) => out.extend_from_slice(b" RET=FULL"),
+                Some(Ret::Hdrs) => out.extend_from_slice(b" RET=HDRS"),
+                None => {}
+            }
+            if let Some(envid) = &dsn.envid {
+                out.extend_from_slice(b" ENVID=");
+                out.extend_from_slice(xtext_encode(envid).as_bytes());
+            }
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -952,10 +1027,9 @@ impl std::fmt::Write for BytesWriter<'_> {
     }
 }
 
-fn write_rcpt(out: &mut BytesMut, rcpt: &Mailbox) {
-    out.extend_from_slice(b"RCPT TO:<");
-    out.extend_from_slice(rcpt.as_str().as_bytes());
-    out.extend_from_slice(b">\r\n");
+/// Recipient `i`'s DSN parameters, if the message has any.
+fn rcpt_dsn(msg: &Outgoing, i: usize) -> Option<&RcptDsn> {
+    msg.dsn.as_ref()?.rcpts.get(i)
 }
 
 /// The size declared with SIZE (RFC 1870): the content as sent, without the stuffing dots
@@ -1015,6 +1089,10 @@ fn parse_ehlo(reply: &Reply) -> Capabilities {
             caps.eight_bit_mime = true;
         } else if keyword.eq_ignore_ascii_case("STARTTLS") {
             caps.starttls = true;
+        } else if keyword.eq_ignore_ascii_case("SMTPUTF8") {
+            caps.smtputf8 = true;
+        } else if keyword.eq_ignore_ascii_case("DSN") {
+            caps.dsn = true;
         } else if keyword.eq_ignore_ascii_case("AUTH")
             || keyword
                 .get(..5)
@@ -1131,6 +1209,9 @@ mod tests {
             rcpts: rcpts.iter().map(|r| mailbox(r)).collect(),
             data: Bytes::from_static(data),
             eight_bit: false,
+            smtputf8: false,
+            needs_smtputf8: false,
+            dsn: None,
         }
     }
 
@@ -1242,6 +1323,87 @@ mod tests {
             ]
         );
         assert!(h.client.is_ready());
+    }
+
+    fn dsn_message(rcpts: &[&str]) -> Outgoing {
+        use crate::smtp::ext::{parse_notify, parse_orcpt};
+        let mut m = message(rcpts, b"Hi\r\n");
+        m.dsn = Some(Box::new(DsnEnvelope {
+            ret: Some(Ret::Hdrs),
+            envid: Some("id 1+x".into()),
+            rcpts: vec![
+                RcptDsn {
+                    notify: parse_notify(b"SUCCESS,FAILURE").unwrap(),
+                    orcpt: parse_orcpt(b"rfc822;b@dst.test"),
+                },
+                RcptDsn::default(),
+            ],
+        }));
+        m
+    }
+
+    #[test]
+    fn dsn_parameters_go_only_to_a_server_that_offers_dsn() {
+        let mut h = Harness::ready(b"250-mx.test\r\n250-PIPELINING\r\n250 DSN\r\n");
+        assert!(h.client.offers_dsn());
+        h.client
+            .start(dsn_message(&["b@dst.test", "c@dst.test"]))
+            .unwrap();
+        assert_eq!(
+            h.sent(),
+            "MAIL FROM:<a@src.test> RET=HDRS ENVID=id+201+2Bx\r\n\
+             RCPT TO:<b@dst.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@dst.test\r\n\
+             RCPT TO:<c@dst.test>\r\nDATA\r\n"
+        );
+        let mut h = Harness::ready(EHLO_PIPELINING);
+        assert!(!h.client.offers_dsn());
+        h.client
+            .start(dsn_message(&["b@dst.test", "c@dst.test"]))
+            .unwrap();
+        assert_eq!(
+            h.sent(),
+            "MAIL FROM:<a@src.test> SIZE=4\r\nRCPT TO:<b@dst.test>\r\nRCPT TO:<c@dst.test>\r\nDATA\r\n"
+        );
+    }
+
+    #[test]
+    fn smtputf8_goes_where_offered_and_a_message_needing_it_fails_elsewhere() {
+        let utf8 = |needs: bool| {
+            let mut m = message(&["用户@例子.test"], b"Hi\r\n");
+            m.smtputf8 = true;
+            m.needs_smtputf8 = needs;
+            m
+        };
+        let mut h =
+            Harness::ready(b"250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n");
+        h.client.start(utf8(true)).unwrap();
+        assert_eq!(
+            h.sent(),
+            "MAIL FROM:<a@src.test> BODY=8BITMIME SMTPUTF8\r\nRCPT TO:<用户@例子.test>\r\nDATA\r\n"
+        );
+        // Not offered: nothing is sent, the recipient fails with 5.6.7 (RFC 6531 §3.2).
+        let mut h = Harness::ready(EHLO_PIPELINING);
+        h.client.start(utf8(true)).unwrap();
+        assert_eq!(h.sent(), "");
+        assert_eq!(
+            h.events(),
+            [
+                delivered(vec![Failed(r(
+                    553,
+                    "5.6.7 SMTPUTF8 is required, but was not offered by the next hop"
+                ))]),
+                ClientEvent::Ready
+            ]
+        );
+        // Declared but not needed (all ASCII after all): it goes without.
+        let mut h = Harness::ready(EHLO_PIPELINING);
+        let mut m = utf8(false);
+        m.rcpts = vec![mailbox("b@dst.test")];
+        h.client.start(m).unwrap();
+        assert_eq!(
+            h.sent(),
+            "MAIL FROM:<a@src.test> SIZE=4\r\nRCPT TO:<b@dst.test>\r\nDATA\r\n"
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! the end-of-data terminator: finding the terminator `CRLF . CRLF` (RFC 5321 §4.1.1.4) in input
 //! that arrives in arbitrary chunks, removing dot-stuffing (RFC 5321 §4.5.2), detecting bare CR
 //! and bare LF (the SMTP smuggling fix for CVE-2023-51764) and enforcing the message size limit
-//! with bounded memory. It performs no I/O, reads no clock and never panics on any input.
+//! with bounded memory; and the same checks for BDAT chunks ([`ChunkScanner`], RFC 3030). It
+//! performs no I/O, reads no clock and never panics on any input.
 //!
 //! Only a genuine `CR LF . CR LF` ends a message (the first CRLF may also be the implicit line
 //! start at the beginning of the DATA phase). Look-alikes such as `LF . LF`, `LF . CR LF`,
@@ -201,6 +202,104 @@ impl DataScanner {
             size: self.size,
             too_large: self.size > self.max_size as u64,
             bare_line_ending: self.bare_line_ending,
+        }
+    }
+}
+
+/// The content of BDAT chunks (RFC 3030): exact byte counts, so no terminator search and
+/// no dot-stuffing, but the same size limit, bounded memory and bare CR / bare LF check as
+/// DATA. Without BINARYMIME (which we do not offer) the content is 7bit or 8bitMIME text
+/// whose lines end in CRLF; a bare LF or CR in it is refused like in DATA, because the
+/// relay sends it on with DATA, where a next hop could read a bare line ending as part of
+/// an end of data (SMTP smuggling). A CRLF may be split across chunks.
+#[derive(Debug)]
+pub struct ChunkScanner {
+    max_size: usize,
+    size: u64,
+    stored: usize,
+    /// The last byte taken was a CR (an LF must come next, perhaps in the next chunk).
+    cr_pending: bool,
+    bare_line_ending: bool,
+    storing: bool,
+}
+
+impl ChunkScanner {
+    /// A scanner at the start of a message of at most `max_size` bytes.
+    pub fn new(max_size: usize) -> Self {
+        Self {
+            max_size,
+            size: 0,
+            stored: 0,
+            cr_pending: false,
+            bare_line_ending: false,
+            storing: true,
+        }
+    }
+
+    /// Back to the start of a new message (same limit).
+    pub fn reset(&mut self) {
+        *self = Self::new(self.max_size);
+    }
+
+    /// Appends nothing more to the body for the rest of this message (see
+    /// [`DataScanner::stop_storing`]).
+    pub fn stop_storing(&mut self) {
+        self.storing = false;
+    }
+
+    /// Takes `input`, all of it message content: counts it, checks its line endings and
+    /// appends what still fits under the limit to `body`.
+    pub fn take(&mut self, input: &[u8], body: &mut BytesMut) {
+        if input.is_empty() {
+            return;
+        }
+        if self.cr_pending && input[0] != b'\n' {
+            self.bare_line_ending = true;
+        }
+        for p in memchr::memchr2_iter(b'\r', b'\n', input) {
+            let genuine = if input[p] == b'\n' {
+                match p.checked_sub(1) {
+                    Some(before) => input[before] == b'\r',
+                    None => self.cr_pending,
+                }
+            } else {
+                // A CR at the very end is decided by the next chunk (or the end).
+                input.get(p + 1).is_none_or(|&b| b == b'\n')
+            };
+            if !genuine {
+                self.bare_line_ending = true;
+            }
+        }
+        self.cr_pending = input.last() == Some(&b'\r');
+        self.size = self.size.saturating_add(input.len() as u64);
+        let room = if self.storing {
+            self.max_size - self.stored
+        } else {
+            0
+        };
+        let take = input.len().min(room);
+        if take > 0 {
+            body.extend_from_slice(&input[..take]);
+            self.stored += take;
+        }
+    }
+
+    /// The message so far is over the size limit.
+    pub fn too_large(&self) -> bool {
+        self.size > self.max_size as u64
+    }
+
+    /// A bare CR or LF was seen so far (a CR at the very end is not yet counted).
+    pub fn bare_line_ending(&self) -> bool {
+        self.bare_line_ending
+    }
+
+    /// The outcome once the last chunk has been taken: a CR at the very end is bare.
+    pub fn finish(&self) -> DataOutcome {
+        DataOutcome {
+            size: self.size,
+            too_large: self.too_large(),
+            bare_line_ending: self.bare_line_ending || self.cr_pending,
         }
     }
 }
@@ -583,6 +682,90 @@ mod tests {
         cuts
     }
 
+    /// Feeds `input` in pieces ending at `cuts`, draining the body after every piece the
+    /// way a streaming session hands its pieces to a sink; returns the pieces joined.
+    fn feed_streaming(input: &[u8], cuts: &[usize], max: usize) -> Scanned {
+        let mut scanner = DataScanner::new(max);
+        let mut body = BytesMut::new();
+        let mut streamed = Vec::new();
+        let mut consumed = 0;
+        let mut start = 0;
+        for end in cuts.iter().copied().chain([input.len()]) {
+            let end = end.clamp(start, input.len());
+            let (used, outcome) = scanner.scan(&input[start..end], &mut body);
+            consumed += used;
+            streamed.extend_from_slice(&body.split().freeze());
+            if outcome.is_some() {
+                return (consumed, outcome, streamed);
+            }
+            start = end;
+        }
+        (consumed, None, streamed)
+    }
+
+    #[test]
+    fn streamed_pieces_join_to_the_same_message_at_every_boundary() {
+        // Every look-alike of the terminator, and dot-stuffing, around every cut.
+        let wire: &[u8] = b"a\r\n..b\r\n.\r\r\nx\r\n.c\r\n\r\n..\r\n.\r\nNEXT";
+        let whole = feed(wire, 1000);
+        assert_eq!(whole.2, b"a\r\n.b\r\n\r\r\nx\r\nc\r\n\r\n.\r\n");
+        assert!(
+            whole.1.unwrap().bare_line_ending,
+            "the CR CR LF has a bare CR"
+        );
+        for a in 0..=wire.len() {
+            for b in a..=wire.len() {
+                assert_eq!(feed_streaming(wire, &[a, b], 1000), whole, "cuts {a} {b}");
+            }
+        }
+        // The size limit counts the whole message, not what is still in the buffer.
+        let limited = feed(wire, 8);
+        assert!(limited.1.unwrap().too_large);
+        for a in 0..=wire.len() {
+            assert_eq!(feed_streaming(wire, &[a], 8), limited, "cut {a}");
+        }
+    }
+
+    /// Feeds BDAT content in pieces ending at `cuts`; returns the outcome and the body.
+    fn chunks(input: &[u8], cuts: &[usize], max: usize) -> (DataOutcome, Vec<u8>) {
+        let mut scanner = ChunkScanner::new(max);
+        let mut body = BytesMut::new();
+        let mut start = 0;
+        for end in cuts.iter().copied().chain([input.len()]) {
+            let end = end.clamp(start, input.len());
+            scanner.take(&input[start..end], &mut body);
+            start = end;
+        }
+        (scanner.finish(), body.to_vec())
+    }
+
+    #[test]
+    fn chunk_content_is_taken_verbatim_and_checked_across_chunks() {
+        let clean: &[u8] = b"Subject: x\r\n\r\n.dot stays\r\n.\r\nend\r\n";
+        for a in 0..=clean.len() {
+            for b in a..=clean.len() {
+                let (outcome, body) = chunks(clean, &[a, b], 1000);
+                assert_eq!(outcome, ok(clean.len()).unwrap(), "cuts {a} {b}");
+                assert_eq!(body, clean);
+            }
+        }
+        for bare in [&b"a\nb\r\n"[..], b"a\rb\r\n", b"a\r\n\r", b"\n", b"a\r\r\n"] {
+            for a in 0..=bare.len() {
+                let (outcome, _) = chunks(bare, &[a], 1000);
+                assert!(
+                    outcome.bare_line_ending,
+                    "{:?} cut at {a}",
+                    String::from_utf8_lossy(bare)
+                );
+            }
+        }
+        // Over the limit: counted in full, stored only up to it.
+        let (outcome, body) = chunks(clean, &[5, 9], 10);
+        assert!(outcome.too_large);
+        assert_eq!(outcome.size, clean.len() as u64);
+        assert_eq!(body, &clean[..10]);
+    }
+
     proptest! {
         #[test]
         fn random_splits_match_whole_and_reference(
@@ -607,6 +790,8 @@ mod tests {
             prop_assert_eq!(&whole, &reference(&input, max));
             let cuts = cuts_for(input.len(), &raw_cuts);
             prop_assert_eq!(&feed_split(&input, &cuts, max), &whole);
+            // Drained after every piece, as when the message streams to a sink.
+            prop_assert_eq!(&feed_streaming(&input, &cuts, max), &whole);
         }
 
         #[test]

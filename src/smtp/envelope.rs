@@ -1,5 +1,5 @@
 //! The envelope of one accepted message: what the seed's `Client` yielded as FROM, TO and
-//! MSG, plus who sent it and the queue ID it was given.
+//! MSG, plus who sent it, the queue ID it was given, and its SMTPUTF8 and DSN parameters.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::command::BodyType;
+use super::ext::DsnEnvelope;
 use super::path::{Mailbox, ReversePath};
 use crate::id::QueueId;
 
@@ -28,4 +29,8 @@ pub struct Envelope {
     pub helo: Arc<str>,
     /// The `BODY=` the client declared.
     pub body_type: BodyType,
+    /// The client declared SMTPUTF8 (RFC 6531): addresses and headers may be UTF-8.
+    pub smtputf8: bool,
+    /// The DSN parameters (RFC 3461), when the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
 }

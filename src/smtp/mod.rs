@@ -11,6 +11,7 @@
 //! - [`client`]: the outbound (delivery) state machine.
 //! - [`reply`]: reply codes and text; [`received`]: our trace header;
 //!   [`envelope`]: what a finished transaction yields.
+//! - [`ext`]: the SMTPUTF8 and DSN envelope parameters (RFC 6531, RFC 3461).
 //! - [`auth`]: SASL PLAIN and LOGIN exchanges for SMTP AUTH (RFC 4954, RFC 4616).
 
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod client;
 pub mod command;
 pub mod data;
 pub mod envelope;
+pub mod ext;
 pub mod path;
 pub mod received;
 pub mod reply;

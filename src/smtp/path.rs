@@ -2,7 +2,10 @@
 //! validated per RFC 5321 §4.1.2 and the size limits of §4.5.3.1.
 //!
 //! Accepted: dot-string or quoted-string local parts, domains of letters, digits and
-//! hyphens, and IPv4 / `IPv6:` address literals. A source route (`<@a,@b:user@c>`) is
+//! hyphens, and IPv4 / `IPv6:` address literals. Internationalized addresses (RFC 6531
+//! §3.3) parse too: UTF-8 in local parts, U-labels in domains (valid by IDNA), well-formed
+//! UTF-8 without control characters. Whether one is allowed is the session's call (only
+//! in a transaction that declared SMTPUTF8): [`MailboxRef::is_ascii`] tells. A source route (`<@a,@b:user@c>`) is
 //! accepted and dropped, as §C of the RFC asks. Anything else is a syntax error.
 //!
 //! Also the storage that lets a session handle addresses without allocating per command:
@@ -53,6 +56,11 @@ impl Mailbox {
     /// The whole mailbox, `local@domain`.
     pub fn as_str(&self) -> &str {
         &self.text[self.span.whole()]
+    }
+
+    /// True unless the mailbox is internationalized (RFC 6531).
+    pub fn is_ascii(&self) -> bool {
+        self.as_str().is_ascii()
     }
 
     /// The mailbox borrowed, as the command parser yields it.
@@ -121,6 +129,11 @@ impl<'a> MailboxRef<'a> {
     /// The whole mailbox, `local@domain`.
     pub fn as_str(&self) -> &'a str {
         self.text
+    }
+
+    /// True unless the mailbox is internationalized (RFC 6531).
+    pub fn is_ascii(&self) -> bool {
+        self.text.is_ascii()
     }
 
     /// An owned copy (one allocation).
@@ -370,17 +383,28 @@ fn parse_mailbox(s: &[u8]) -> Result<MailboxRef<'_>, PathError> {
     if !(is_dot_string(local) || is_quoted_string(local)) {
         return Err(PathError::Syntax);
     }
-    if !(is_domain(domain) || is_address_literal(domain)) {
+    // Bytes over 0x7f passed the checks above as RFC 6531's UTF8-non-ascii: the whole
+    // must be well-formed UTF-8 (no overlong forms, no surrogates: `from_utf8` refuses
+    // them), with no control characters (C1 controls are UTF-8 too).
+    let text = std::str::from_utf8(s).map_err(|_| PathError::Syntax)?;
+    if !text.is_ascii() && text.chars().any(char::is_control) {
         return Err(PathError::Syntax);
     }
-    // Every byte checked above is ASCII, so this cannot fail; stay panic-free regardless.
-    let text = std::str::from_utf8(s).map_err(|_| PathError::Syntax)?;
+    let domain_ok = if domain.is_ascii() {
+        is_domain(domain) || is_address_literal(domain)
+    } else {
+        super::ext::is_u_domain(&text[at + 1..])
+    };
+    if !domain_ok {
+        return Err(PathError::Syntax);
+    }
     Ok(MailboxRef { text, at })
 }
 
-/// RFC 5322 `atext`.
+/// RFC 5322 `atext`, and RFC 6531's UTF8-non-ascii (any byte over 0x7f here; the UTF-8
+/// is checked as a whole).
 fn is_atext(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b)
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b) || b >= 0x80
 }
 
 fn is_dot_string(s: &[u8]) -> bool {
@@ -404,7 +428,7 @@ fn is_quoted_string(s: &[u8]) -> bool {
                 i += 2;
             }
             b'"' => return false,
-            b if (32..=126).contains(&b) => i += 1,
+            b if (32..=126).contains(&b) || b >= 0x80 => i += 1,
             _ => return false,
         }
     }
@@ -490,6 +514,32 @@ mod tests {
         assert_eq!(path("<a>"), Err(PathError::Syntax));
         assert_eq!(path("a@b.example"), Err(PathError::Syntax));
         assert_eq!(path("<a@b.example"), Err(PathError::Syntax));
+    }
+
+    #[test]
+    fn internationalized_mailboxes() {
+        let m = Mailbox::parse("δοκιμή@παράδειγμα.δοκιμή").unwrap();
+        assert!(!m.is_ascii());
+        assert_eq!(m.domain(), "παράδειγμα.δοκιμή");
+        assert!(path("<\"δο κι\"@example.org>").is_ok());
+        assert!(Mailbox::parse("a@example.org").unwrap().is_ascii());
+        // Broken UTF-8, C1 controls, invalid U-labels.
+        for bad in [
+            &b"<\xff@example.org>"[..],
+            b"<a\xc0\xaf@example.org>",
+            b"<a\xc2\x85@example.org>",
+            b"<a@\xe4\xbe>",
+        ] {
+            assert_eq!(parse_path(bad, false).map(|_| ()), Err(PathError::Syntax));
+        }
+        assert_eq!(path("<a@-例子.test>"), Err(PathError::Syntax));
+        assert_eq!(path("<a@例 子.test>"), Err(PathError::Syntax));
+        // Limits are in octets: 22 three-octet characters are 66 > 64.
+        let local = "例".repeat(22);
+        assert_eq!(
+            path(&format!("<{local}@example.org>")),
+            Err(PathError::TooLong)
+        );
     }
 
     #[test]

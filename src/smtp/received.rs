@@ -25,6 +25,9 @@ pub struct Trace<'a> {
     /// The client authenticated (SMTP AUTH): `ESMTPA`/`ESMTPSA` (RFC 3848). Who it was
     /// goes to the log, never into the header.
     pub authenticated: bool,
+    /// The transaction declared SMTPUTF8: the protocol is `UTF8SMTP`, `UTF8SMTPS`,
+    /// `UTF8SMTPA` or `UTF8SMTPSA` (RFC 6531 §3.7.3).
+    pub smtputf8: bool,
     /// The message's queue ID.
     pub id: QueueId,
     /// The recipient, when there is exactly one (RFC 5321 §4.4 `for` clause).
@@ -33,7 +36,8 @@ pub struct Trace<'a> {
 
 /// Appends `Received: from HELO ([IP]) [(using TLS… with cipher …)] by HOST (ringrelay) with
 /// PROTOCOL id ID [for <RCPT>]; DATE` to `out`, folded over several lines. PROTOCOL is
-/// `SMTP`, `ESMTP`, `ESMTPS` (TLS), `ESMTPA` (AUTH) or `ESMTPSA` (both), per RFC 3848. Written straight into `out`: nothing is allocated
+/// `SMTP`, `ESMTP`, `ESMTPS` (TLS), `ESMTPA` (AUTH) or `ESMTPSA` (both), per RFC 3848, or
+/// `UTF8SMTP`… likewise for an SMTPUTF8 transaction (RFC 6531 §3.7.3). Written straight into `out`: nothing is allocated
 /// but `out`'s own growth.
 pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
     let Trace {
@@ -43,6 +47,7 @@ pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
         esmtp,
         tls,
         authenticated,
+        smtputf8,
         id,
         single_rcpt,
     } = *trace;
@@ -75,6 +80,12 @@ pub fn write_received(out: &mut BytesMut, trace: &Trace<'_>, now: SystemTime) {
     out.extend_from_slice(b"\r\n\tby ");
     out.extend_from_slice(hostname.as_bytes());
     out.extend_from_slice(match (esmtp, tls.is_some(), authenticated) {
+        (true, tls, auth) if smtputf8 => match (tls, auth) {
+            (false, false) => b" (ringrelay) with UTF8SMTP id ",
+            (true, false) => b" (ringrelay) with UTF8SMTPS id ",
+            (false, true) => b" (ringrelay) with UTF8SMTPA id ",
+            (true, true) => b" (ringrelay) with UTF8SMTPSA id ",
+        },
         (false, _, _) => b" (ringrelay) with SMTP id ",
         (true, false, false) => b" (ringrelay) with ESMTP id ",
         (true, true, false) => b" (ringrelay) with ESMTPS id ",
@@ -162,6 +173,7 @@ mod tests {
             esmtp: true,
             tls: None,
             authenticated: false,
+            smtputf8: false,
             id: crate::id::IdGenerator::starting_at(0, 1).next_id(),
             single_rcpt: None,
         };
@@ -192,6 +204,7 @@ mod tests {
             esmtp: true,
             tls: None,
             authenticated: false,
+            smtputf8: false,
             id,
             single_rcpt: Some("rcpt@dest.example"),
         };
@@ -211,6 +224,7 @@ mod tests {
             esmtp: false,
             tls: None,
             authenticated: false,
+            smtputf8: false,
             id,
             single_rcpt: None,
         };
@@ -223,7 +237,7 @@ mod tests {
     #[test]
     fn tls_and_auth_name_the_protocol() {
         let id = crate::id::IdGenerator::starting_at(0, 1).next_id();
-        let header = |tls: Option<(&str, &str)>, authenticated: bool| {
+        let header_utf8 = |tls: Option<(&str, &str)>, authenticated: bool, smtputf8: bool| {
             let mut b = BytesMut::new();
             let trace = Trace {
                 helo: "c",
@@ -232,13 +246,19 @@ mod tests {
                 esmtp: true,
                 tls,
                 authenticated,
+                smtputf8,
                 id,
                 single_rcpt: None,
             };
             write_received(&mut b, &trace, UNIX_EPOCH);
             String::from_utf8(b.to_vec()).unwrap()
         };
+        let header = |tls, authenticated| header_utf8(tls, authenticated, false);
         let tls = Some(("TLSv1.3", "TLS_AES_256_GCM_SHA384"));
+        assert!(header_utf8(None, false, true).contains(" with UTF8SMTP id "));
+        assert!(header_utf8(tls, false, true).contains(" with UTF8SMTPS id "));
+        assert!(header_utf8(None, true, true).contains(" with UTF8SMTPA id "));
+        assert!(header_utf8(tls, true, true).contains(" with UTF8SMTPSA id "));
         let s = header(tls, false);
         assert!(s.starts_with(
             "Received: from c ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\r\n\tby r (ringrelay) with ESMTPS id "

@@ -7,6 +7,12 @@
 //! per-address checks come from the caller's [`Hooks`]. A whole conversation can therefore
 //! be driven, byte by byte, from a test.
 //!
+//! Message content comes with DATA (the [`DataScanner`]) or in BDAT chunks (CHUNKING, RFC
+//! 3030: exact byte counts, the [`ChunkScanner`]); both end in the same checks and the same
+//! envelope. Past [`STREAM_ABOVE`] bytes the content can leave the session while it arrives
+//! ([`Session::take_piece`]), so a handler that streams it to disk keeps memory flat
+//! whatever the message size; the size limit and the checks still see every byte.
+//!
 //! PIPELINING (RFC 2920): every command in the input is processed in order; the session
 //! stops early only when a message awaits its result, or when the session closed. Replies
 //! are only ever appended, so none is lost or reordered; the driver sends them whenever
@@ -29,8 +35,9 @@ use bytes::{Bytes, BytesMut};
 
 use super::auth::{AuthExchange, Credentials, Step, MAX_RESPONSE_LINE};
 use super::command::{self, BodyType, Command, CommandError};
-use super::data::{DataOutcome, DataScanner};
+use super::data::{ChunkScanner, DataOutcome, DataScanner};
 use super::envelope::Envelope;
+use super::ext::{self, DsnEnvelope, RcptDsn, Ret};
 use super::path::{ListEntry, Mailbox, MailboxList, MailboxRef, MailboxSlot, ReversePath};
 use super::received::{write_received, Trace};
 use super::reply::Reply;
@@ -39,6 +46,20 @@ use crate::policy::RelayPolicy;
 
 /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
+
+/// Longest MAIL or RCPT line, CRLF included: the DSN extension adds up to 500 octets
+/// (RFC 3461 §4: ORCPT on RCPT; ENVID and RET on MAIL need less).
+pub const MAX_MAIL_RCPT_LINE: usize = MAX_COMMAND_LINE + 500;
+
+/// The line limit for a command line that starts with `line`.
+fn line_limit(line: &[u8]) -> usize {
+    match line.get(..4) {
+        Some(verb) if verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT") => {
+            MAX_MAIL_RCPT_LINE
+        }
+        _ => MAX_COMMAND_LINE,
+    }
+}
 
 /// Why [`take_rcpt`] refused a recipient.
 enum RcptRefusal {
@@ -56,6 +77,7 @@ fn take_rcpt(
     hook_mailbox: &mut MailboxSlot,
     tx: &mut Transaction,
     to: Option<MailboxRef<'_>>,
+    dsn: RcptDsn,
     hooks: &mut impl Hooks,
 ) -> Result<(), RcptRefusal> {
     // `<Postmaster>` with no domain is ours: it goes to the configured postmaster, from
@@ -70,7 +92,21 @@ fn take_rcpt(
         },
     };
     let local = postmaster.is_some();
-    if !local && !may_relay && !config.relay.is_relay_domain(to.domain()) {
+    // RFC 6531 §3.5: an internationalized address only in a transaction that declared
+    // SMTPUTF8.
+    if !to.is_ascii() && !tx.smtputf8 {
+        return Err(RcptRefusal::Wire(NON_ASCII_RCPT));
+    }
+    // A U-label domain is compared in its A-label form, as `relay.domains` is written
+    // (an ASCII one as it is: the comparison ignores case, and allocates nothing).
+    let relay_domain = |d: &str| {
+        if d.is_ascii() {
+            config.relay.is_relay_domain(d)
+        } else {
+            config.relay.is_relay_domain(&ext::ascii_domain(d))
+        }
+    };
+    if !local && !may_relay && !relay_domain(to.domain()) {
         return Err(RcptRefusal::Wire(b"550 5.7.1 Relay access denied\r\n"));
     }
     // Sender-specified routing (`user%other@ours`, `host!user@ours`, `"a@b"@ours`) from
@@ -94,8 +130,14 @@ fn take_rcpt(
     checked.map_err(RcptRefusal::Hook)?;
     let entry = tx.addresses.push(to);
     tx.to.push(entry);
+    tx.any_dsn |= !dsn.is_default();
+    tx.rcpt_dsn.push(dsn);
     Ok(())
 }
+
+/// The reply to a non-ASCII recipient in a transaction without SMTPUTF8 (RFC 6531 §3.5).
+const NON_ASCII_RCPT: &[u8] =
+    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n";
 
 /// The reply to a bare `<postmaster>` when `relay.postmaster` is empty.
 const NO_POSTMASTER: &[u8] =
@@ -107,6 +149,11 @@ const BODY_KEEP: usize = 16 * 1024;
 /// Extra `452 4.5.3` replies tolerated past `max_recipients` before they count as errors
 /// (a client may legitimately pipeline more recipients than we take).
 const RCPT_OVERSHOOT_ALLOWANCE: u32 = 1000;
+
+/// Content held in memory before a message may be streamed: smaller messages are handed
+/// over whole (the fast path: one buffer, appended to the spool's shared segment), larger
+/// ones leave the session in pieces of about this size while they arrive.
+pub const STREAM_ABOVE: usize = 256 * 1024;
 
 /// What a session needs to know, shared by every session of a server.
 #[derive(Debug)]
@@ -133,6 +180,8 @@ pub struct SessionConfig {
     /// Where a bare `<postmaster>` goes (`relay.postmaster`); `None` refuses it with
     /// `550 5.1.1`.
     pub postmaster: Option<Mailbox>,
+    /// Content held before the message is offered for streaming ([`STREAM_ABOVE`]).
+    pub stream_above: usize,
     greeting: Bytes,
     /// The EHLO reply before TLS (STARTTLS offered when configured).
     ehlo_reply: Bytes,
@@ -150,7 +199,11 @@ fn ehlo_reply(hostname: &str, max_message_size: usize, starttls: bool, auth: boo
     if auth {
         r.push_str("250-AUTH PLAIN LOGIN\r\n");
     }
-    r.push_str("250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n");
+    // CHUNKING (RFC 3030) without BINARYMIME: most next hops could not take binary
+    // content on, so BDAT content is text with CRLF line endings like DATA's.
+    r.push_str(
+        "250-8BITMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n",
+    );
     Bytes::from(r)
 }
 
@@ -201,6 +254,7 @@ impl SessionConfig {
             ehlo_reply_tls,
             helo_reply,
             postmaster: None,
+            stream_above: STREAM_ABOVE,
         }
     }
 
@@ -254,6 +308,8 @@ enum State {
     Command,
     /// Between `354` and the end of the message.
     Data,
+    /// Reading the content of a BDAT chunk (`Session::chunk` says how much is left).
+    Chunk,
     /// A message was handed out; waiting for [`Session::message_result`].
     AwaitingResult,
     /// `220 Ready to start TLS` is queued: nothing more is read until the driver has done
@@ -284,9 +340,20 @@ struct Transaction {
     /// The text of `from` and `to`.
     addresses: MailboxList,
     body_type: BodyType,
+    /// MAIL declared SMTPUTF8 (RFC 6531).
+    smtputf8: bool,
+    /// MAIL's `RET=` and `ENVID=` (RFC 3461).
+    ret: Option<Ret>,
+    envid: Option<Box<str>>,
+    /// Each accepted recipient's NOTIFY and ORCPT, in the order of `to`.
+    rcpt_dsn: Vec<RcptDsn>,
+    /// Some DSN parameter was given: the envelope carries them.
+    any_dsn: bool,
     /// RCPT commands seen, accepted or not: tells "need RCPT" from "no valid recipients".
     rcpt_attempts: u32,
     id: Option<QueueId>,
+    /// Its content is coming in BDAT chunks (so DATA is out of sequence).
+    chunked: bool,
 }
 
 impl Transaction {
@@ -299,8 +366,15 @@ impl Transaction {
         self.to.shrink_to(KEEP_RECIPIENT_SLOTS);
         self.addresses.clear();
         self.body_type = BodyType::default();
+        self.smtputf8 = false;
+        self.ret = None;
+        self.envid = None;
+        self.rcpt_dsn.clear();
+        self.rcpt_dsn.shrink_to(KEEP_RECIPIENT_SLOTS);
+        self.any_dsn = false;
         self.rcpt_attempts = 0;
         self.id = None;
+        self.chunked = false;
     }
 }
 
@@ -321,6 +395,13 @@ pub struct Session {
     /// Where the MAIL and RCPT hooks' `&Mailbox` is made, without an allocation each.
     hook_mailbox: MailboxSlot,
     scanner: DataScanner,
+    chunker: ChunkScanner,
+    /// The BDAT chunk being read (boxed: most sessions never see one).
+    chunk: Option<Box<ChunkState>>,
+    /// How the current message's content leaves the session.
+    stream: Streaming,
+    /// Counts the messages whose content began (a sink belongs to one of them).
+    body_serial: u32,
     body: BytesMut,
     /// The finished message's buffer capacity, counted by `data_memory` until its result.
     awaiting_memory: usize,
@@ -330,8 +411,9 @@ pub struct Session {
     rcpt_overshoot: u32,
     /// Discarding the rest of an over-long command line.
     skipping_line: bool,
-    /// The server ran short of memory for this message: it is read to its end and refused.
-    data_refused: bool,
+    /// The server could not keep this message (memory budget, or its sink failed): it is
+    /// read to its end and refused with this reply.
+    data_refused: Option<Box<Reply>>,
     /// What TLS negotiated, once the session runs over it.
     tls: Option<TlsInfo>,
     /// SMTP AUTH, once the client has tried it.
@@ -345,6 +427,7 @@ impl Session {
     pub fn new(config: Arc<SessionConfig>, peer: SocketAddr) -> Self {
         let may_relay = config.relay.client_may_relay(peer.ip());
         let scanner = DataScanner::new(config.max_message_size);
+        let chunker = ChunkScanner::new(config.max_message_size);
         Session {
             config,
             peer,
@@ -356,6 +439,10 @@ impl Session {
             tx: Transaction::default(),
             hook_mailbox: MailboxSlot::default(),
             scanner,
+            chunker,
+            chunk: None,
+            stream: Streaming::default(),
+            body_serial: 0,
             body: BytesMut::new(),
             awaiting_memory: 0,
             out: BytesMut::with_capacity(256),
@@ -363,7 +450,7 @@ impl Session {
             errors: 0,
             rcpt_overshoot: 0,
             skipping_line: false,
-            data_refused: false,
+            data_refused: None,
             tls: None,
             auth: None,
             junk: 0,
@@ -408,13 +495,32 @@ impl Session {
                         None => return pos,
                     }
                 }
+                State::Chunk => {
+                    let Some(chunk) = self.chunk.as_mut() else {
+                        self.state = State::Command;
+                        continue;
+                    };
+                    let rest = &input[pos..];
+                    let take =
+                        usize::try_from(chunk.left).map_or(rest.len(), |l| l.min(rest.len()));
+                    chunk.left -= take as u64;
+                    let done = chunk.left == 0;
+                    if chunk.refusal.is_none() {
+                        self.chunker.take(&rest[..take], &mut self.body);
+                    }
+                    pos += take;
+                    if !done {
+                        return pos;
+                    }
+                    self.end_of_chunk();
+                }
                 State::Command => {
                     let rest = &input[pos..];
                     let Some(lf) = memchr::memchr(b'\n', rest) else {
                         if self.skipping_line {
                             return input.len();
                         }
-                        if rest.len() >= MAX_COMMAND_LINE {
+                        if rest.len() >= line_limit(rest) {
                             // No line end within the limit: refuse now, drop the rest of it.
                             self.line_too_long();
                             self.skipping_line = true;
@@ -430,7 +536,7 @@ impl Session {
                     // Bare LF ends a command line too (as in Postfix); only DATA is strict.
                     let line = &rest[..lf];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    if line.len() + 2 > MAX_COMMAND_LINE {
+                    if line.len() + 2 > line_limit(line) {
                         self.line_too_long();
                     } else {
                         self.command(line, now, hooks);
@@ -504,7 +610,69 @@ impl Session {
 
     /// True while receiving message content (the data timeout applies).
     pub fn in_data(&self) -> bool {
-        self.state == State::Data
+        matches!(self.state, State::Data | State::Chunk)
+    }
+
+    /// A message's content is being received: in DATA, in a BDAT chunk, or between the
+    /// chunks of a BDAT transaction.
+    pub fn receiving_body(&self) -> bool {
+        matches!(self.state, State::Data | State::Chunk)
+            || (self.state == State::Command && self.tx.chunked)
+    }
+
+    /// The content held so far has reached the streaming threshold: the driver may offer
+    /// the message to the handler's sink and take the content with [`Session::take_piece`].
+    pub fn piece_ready(&self) -> bool {
+        self.receiving_body()
+            && !self.stream.whole
+            && self.data_refused.is_none()
+            && self.body.len() >= self.config.stream_above
+    }
+
+    /// The content held so far, for the handler's sink; the session keeps checking and
+    /// counting what follows as before. The message's envelope then carries only the
+    /// content after the last piece.
+    pub fn take_piece(&mut self) -> Bytes {
+        self.stream.taken += self.body.len() as u64;
+        self.body.split().freeze()
+    }
+
+    /// Which message's content is (or was last) being received: a sink opened for one
+    /// message is never used for the next.
+    pub fn body_serial(&self) -> u32 {
+        self.body_serial
+    }
+
+    /// Content of the current (or just finished) message handed out by
+    /// [`Session::take_piece`].
+    pub fn streamed(&self) -> u64 {
+        self.stream.taken
+    }
+
+    /// The handler keeps this message whole: no more pieces are offered for it.
+    pub fn keep_whole(&mut self) {
+        self.stream.whole = true;
+    }
+
+    /// The transaction so far as an envelope with no content (for the handler's sink), if
+    /// a message is being received.
+    pub fn envelope_so_far(&mut self) -> Option<Envelope> {
+        if !self.receiving_body() {
+            return None;
+        }
+        let id = self.tx.id?;
+        Some(self.envelope(id, Bytes::new()))
+    }
+
+    /// The message cannot be kept (its sink failed): the rest of it is read and thrown
+    /// away, and `reply` answers its end.
+    pub fn refuse_data(&mut self, reply: Reply) {
+        if self.receiving_body() {
+            self.data_refused = Some(Box::new(reply));
+            self.scanner.stop_storing();
+            self.chunker.stop_storing();
+            self.body = BytesMut::new();
+        }
     }
 
     /// True while an over-long command line is being read and discarded: its bytes are
@@ -524,8 +692,8 @@ impl Session {
     /// handler holds its content while it stores it, and the client has no 250 yet.
     pub fn data_memory(&self) -> usize {
         match self.state {
-            State::Data => self.body.capacity(),
             State::AwaitingResult => self.awaiting_memory,
+            _ if self.receiving_body() => self.body.capacity(),
             _ => 0,
         }
     }
@@ -533,10 +701,11 @@ impl Session {
     /// The server cannot hold this message in memory: stop storing it, read it to its end,
     /// and refuse it then with `452 4.3.1`. The session goes on.
     pub fn refuse_data_for_memory(&mut self) {
-        if self.state == State::Data {
-            self.data_refused = true;
-            self.scanner.stop_storing();
-            self.body = BytesMut::new();
+        if self.receiving_body() {
+            self.refuse_data(Reply::new(
+                452,
+                "4.3.1 Error: insufficient system storage, try again later",
+            ));
         }
     }
 
@@ -564,7 +733,7 @@ impl Session {
         self.helo = None;
         self.helo_shared = None;
         self.esmtp = false;
-        self.tx.clear();
+        self.end_transaction();
         self.auth = None;
         self.may_relay = self.config.relay.client_may_relay(self.peer.ip());
         self.state = State::Command;
@@ -737,21 +906,35 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8], now: SystemTime, hooks: &mut impl Hooks) {
-        let cmd = match command::parse(line) {
-            Ok(cmd) => cmd,
-            Err(CommandError::Unknown) => {
-                return self.error(b"500 5.5.2 Error: command not recognized\r\n")
-            }
-            Err(CommandError::UnknownParameter) => {
-                return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
-            }
-            Err(CommandError::Syntax(hint)) => {
-                // The hint is one of the parser's own short ASCII texts: written as it is.
-                self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
-                self.out.extend_from_slice(hint.as_bytes());
-                return self.error(b"\r\n");
-            }
-        };
+        let cmd =
+            match command::parse(line) {
+                Ok(cmd) => cmd,
+                Err(CommandError::Unknown) => {
+                    return self.error(b"500 5.5.2 Error: command not recognized\r\n")
+                }
+                Err(CommandError::UnknownParameter) => {
+                    return self.error(b"555 5.5.4 Error: unsupported parameter\r\n")
+                }
+                Err(CommandError::NonAscii) => return self.error(
+                    b"553 5.6.7 Error: non-ASCII addresses are not permitted without SMTPUTF8\r\n",
+                ),
+                Err(CommandError::Syntax(hint)) => {
+                    // The hint is one of the parser's own short ASCII texts: written as it is.
+                    self.out.extend_from_slice(b"501 5.5.4 Syntax: ");
+                    self.out.extend_from_slice(hint.as_bytes());
+                    if line
+                        .get(..4)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(b"BDAT"))
+                    {
+                        // The chunk's bytes follow with no size we can trust: none of them may
+                        // be read as commands (smuggling), so the connection ends here.
+                        self.reply(b"\r\n");
+                        self.state = State::Closed;
+                        return;
+                    }
+                    return self.error(b"\r\n");
+                }
+            };
         match cmd {
             Command::Ehlo(host) | Command::Helo(host) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));
@@ -759,7 +942,7 @@ impl Session {
                 helo.clear();
                 helo.push_str(host);
                 self.esmtp = esmtp;
-                self.tx.clear();
+                self.end_transaction();
                 self.out
                     .extend_from_slice(match (esmtp, self.tls.is_some()) {
                         (true, false) => &self.config.ehlo_reply,
@@ -769,13 +952,21 @@ impl Session {
             }
             Command::StartTls => self.starttls(),
             Command::Auth(args) => self.auth(args),
-            Command::Mail { from, size, body } => self.mail(from, size, body, hooks),
-            Command::Rcpt(to) => self.rcpt(to, hooks),
+            Command::Mail {
+                from,
+                size,
+                body,
+                smtputf8,
+                ret,
+                envid,
+            } => self.mail(from, size, body, (smtputf8, ret, envid), hooks),
+            Command::Rcpt { to, dsn } => self.rcpt(to, dsn, hooks),
             Command::Data => self.data(now, hooks),
+            Command::Bdat { size, last } => self.bdat(size, last, now, hooks),
             Command::Rset | Command::Noop | Command::Vrfy | Command::Help
                 if self.junk_limit_reached() => {}
             Command::Rset => {
-                self.tx.clear();
+                self.end_transaction();
                 self.reply(b"250 2.0.0 Ok\r\n");
             }
             Command::Noop => self.reply(b"250 2.0.0 Ok\r\n"),
@@ -787,7 +978,7 @@ impl Session {
                 b"252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n",
             ),
             Command::Help => self.reply(
-                b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n",
+                b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\r\n",
             ),
             Command::Unsupported => self.error(b"502 5.5.1 Error: command not implemented\r\n"),
         }
@@ -798,6 +989,7 @@ impl Session {
         from: Option<MailboxRef<'_>>,
         size: Option<u64>,
         body: BodyType,
+        (smtputf8, ret, envid): (bool, Option<Ret>, Option<Box<str>>),
         hooks: &mut impl Hooks,
     ) {
         if self.helo.is_none() {
@@ -823,10 +1015,14 @@ impl Session {
         self.tx.from = from.map(|m| self.tx.addresses.push(m));
         self.tx.started = true;
         self.tx.body_type = body;
+        self.tx.smtputf8 = smtputf8;
+        self.tx.any_dsn = ret.is_some() || envid.is_some();
+        self.tx.ret = ret;
+        self.tx.envid = envid;
         self.reply(b"250 2.1.0 Ok\r\n");
     }
 
-    fn rcpt(&mut self, to: Option<MailboxRef<'_>>, hooks: &mut impl Hooks) {
+    fn rcpt(&mut self, to: Option<MailboxRef<'_>>, dsn: RcptDsn, hooks: &mut impl Hooks) {
         if !self.tx.started {
             return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
         }
@@ -847,6 +1043,7 @@ impl Session {
             &mut self.hook_mailbox,
             &mut self.tx,
             to,
+            dsn,
             hooks,
         );
         let refused = match &taken {
@@ -868,23 +1065,100 @@ impl Session {
         }
     }
 
-    fn data(&mut self, now: SystemTime, hooks: &mut impl Hooks) {
-        let Some(helo) = self.helo.as_deref() else {
-            return self.error(b"503 5.5.1 Error: send HELO/EHLO first\r\n");
-        };
+    /// Why the transaction cannot send its content now (DATA or a first BDAT), if it cannot.
+    fn content_refusal(&self) -> Option<&'static [u8]> {
+        if self.helo.is_none() {
+            return Some(b"503 5.5.1 Error: send HELO/EHLO first\r\n");
+        }
         if !self.tx.started {
-            return self.error(b"503 5.5.1 Error: need MAIL command\r\n");
+            return Some(b"503 5.5.1 Error: need MAIL command\r\n");
         }
         if self.tx.to.is_empty() {
-            return if self.tx.rcpt_attempts == 0 {
-                self.error(b"503 5.5.1 Error: need RCPT command\r\n")
+            return Some(if self.tx.rcpt_attempts == 0 {
+                b"503 5.5.1 Error: need RCPT command\r\n"
             } else {
-                self.error(b"554 5.5.1 Error: no valid recipients\r\n")
-            };
+                b"554 5.5.1 Error: no valid recipients\r\n"
+            });
+        }
+        None
+    }
+
+    fn data(&mut self, now: SystemTime, hooks: &mut impl Hooks) {
+        if self.tx.chunked {
+            // RFC 3030 §4.2: DATA may not follow BDAT in one transaction.
+            return self.error(b"503 5.5.1 Error: DATA after BDAT; use BDAT\r\n");
+        }
+        if let Some(wire) = self.content_refusal() {
+            return self.error(wire);
         }
         if let Err(reply) = hooks.check_data() {
             return reply.write_to(&mut self.out);
         }
+        self.start_body(now, hooks);
+        self.scanner.reset();
+        self.state = State::Data;
+        self.reply(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+    }
+
+    /// `BDAT size [LAST]`: its content is read whatever happens (the client sends it
+    /// without waiting), and answered when it has all arrived ([`Session::end_of_chunk`]).
+    fn bdat(&mut self, size: u64, last: bool, now: SystemTime, hooks: &mut impl Hooks) {
+        let mut refusal = None;
+        if !self.tx.chunked {
+            if let Some(wire) = self.content_refusal() {
+                refusal = Some(Box::new(wire_reply(wire)));
+            } else if let Err(reply) = hooks.check_data() {
+                refusal = Some(Box::new(reply));
+            } else {
+                self.start_body(now, hooks);
+                self.chunker.reset();
+                self.tx.chunked = true;
+            }
+        }
+        self.chunk = Some(Box::new(ChunkState {
+            size,
+            left: size,
+            last,
+            refusal,
+        }));
+        self.state = State::Chunk;
+    }
+
+    /// A BDAT chunk's content has all arrived: answer it, and end the message after LAST.
+    fn end_of_chunk(&mut self) {
+        self.state = State::Command;
+        let Some(chunk) = self.chunk.take() else {
+            return;
+        };
+        if let Some(reply) = chunk.refusal {
+            // The transaction did not allow content: the chunk was read and thrown away.
+            return self.error_reply(*reply);
+        }
+        if self.data_refused.is_some()
+            || self.chunker.too_large()
+            || self.chunker.bare_line_ending()
+        {
+            // Refused at once (not only after LAST): the client stops sending, and the
+            // chunks it already sent are answered 503 (no transaction), read and dropped.
+            return self.end_of_data(self.chunker.finish());
+        }
+        if chunk.last {
+            return self.end_of_data(self.chunker.finish());
+        }
+        self.out.extend_from_slice(b"250 2.0.0 ");
+        self.out
+            .extend_from_slice(chunk.size.to_string().as_bytes());
+        self.out.extend_from_slice(b" octets received\r\n");
+    }
+
+    /// The start of a message's content: its queue ID, and our `Received:` header.
+    fn start_body(&mut self, now: SystemTime, hooks: &mut impl Hooks) {
+        let Some(helo) = self.helo.as_deref() else {
+            return;
+        };
+        self.data_refused = None;
+        self.stream = Streaming::default();
+        self.body_serial = self.body_serial.wrapping_add(1);
         let id = hooks.queue_id();
         self.tx.id = Some(id);
         self.body.clear();
@@ -900,23 +1174,20 @@ impl Session {
             esmtp: self.esmtp,
             tls: self.tls.map(|t| (t.version, t.cipher)),
             authenticated: self.auth.as_ref().is_some_and(|a| a.user.is_some()),
+            smtputf8: self.tx.smtputf8,
             id,
             single_rcpt: single,
         };
         write_received(&mut self.body, &trace, now);
-        self.scanner.reset();
-        self.state = State::Data;
-        self.reply(b"354 End data with <CR><LF>.<CR><LF>\r\n");
     }
 
     fn end_of_data(&mut self, outcome: DataOutcome) {
-        if std::mem::take(&mut self.data_refused) {
+        if let Some(reply) = self.data_refused.take() {
             self.tx.clear();
             self.body.clear();
             self.state = State::Command;
             // Our shortage, not the client's error: not counted against it.
-            return self
-                .reply(b"452 4.3.1 Error: insufficient system storage, try again later\r\n");
+            return reply.write_to(&mut self.out);
         }
         if outcome.bare_line_ending {
             self.tx.clear();
@@ -938,27 +1209,52 @@ impl Session {
             self.state = State::Command;
             return self.reply(b"451 4.3.0 Error: internal state error\r\n");
         };
-        // The envelope's owned parts: one copy of all its addresses, one list of recipients
-        // (the HELO name is shared, and the content is the body buffer itself).
+        self.awaiting_memory = self.body.capacity();
+        let data = self.take_body();
+        self.message = Some(self.envelope(id, data));
+        self.tx.clear();
+        // Keep the ID for the 250 reply; the rest of the transaction is gone.
+        self.tx.id = Some(id);
+        self.state = State::AwaitingResult;
+    }
+
+    /// Ends the transaction (RSET, EHLO, STARTTLS), with the content of a BDAT message
+    /// that will never get its LAST chunk.
+    fn end_transaction(&mut self) {
+        if self.tx.chunked {
+            self.body = BytesMut::new();
+        }
+        self.tx.clear();
+    }
+
+    /// The transaction's envelope with `data`. Its owned parts: one copy of all its
+    /// addresses, one list of recipients (the HELO name is shared).
+    fn envelope(&mut self, id: QueueId, data: Bytes) -> Envelope {
         let addresses = self.tx.addresses.share();
         let from = self.tx.from.map_or(ReversePath::Null, |e| {
             ReversePath::Mailbox(addresses.get(e))
         });
         let to = self.tx.to.iter().map(|&e| addresses.get(e)).collect();
-        self.awaiting_memory = self.body.capacity();
-        self.message = Some(Envelope {
+        // Only a transaction that gave DSN parameters pays for carrying them. Copied, not
+        // taken: a streamed message's sink gets its envelope before the content ends.
+        let dsn = self.tx.any_dsn.then(|| {
+            Arc::new(DsnEnvelope {
+                ret: self.tx.ret,
+                envid: self.tx.envid.clone(),
+                rcpts: self.tx.rcpt_dsn.clone(),
+            })
+        });
+        Envelope {
             id,
             from,
             to,
-            data: self.take_body(),
+            data,
             peer: self.peer,
             helo: self.shared_helo(),
             body_type: self.tx.body_type,
-        });
-        self.tx.clear();
-        // Keep the ID for the 250 reply; the rest of the transaction is gone.
-        self.tx.id = Some(id);
-        self.state = State::AwaitingResult;
+            smtputf8: self.tx.smtputf8,
+            dsn,
+        }
     }
 
     /// The finished message's content. A small buffer is split off, so the session can
@@ -985,6 +1281,37 @@ impl Session {
             }
         }
     }
+}
+
+/// A BDAT chunk being read.
+#[derive(Debug)]
+struct ChunkState {
+    /// Its size as announced (for the `250`).
+    size: u64,
+    /// Bytes still to come.
+    left: u64,
+    /// `BDAT … LAST`.
+    last: bool,
+    /// The transaction did not allow content: the chunk is read, thrown away and answered
+    /// with this.
+    refusal: Option<Box<Reply>>,
+}
+
+/// How the current message's content leaves the session.
+#[derive(Debug, Default, Clone, Copy)]
+struct Streaming {
+    /// The handler takes it whole: no pieces are offered.
+    whole: bool,
+    /// Bytes handed out as pieces so far.
+    taken: u64,
+}
+
+/// A fixed reply (`code x.y.z text` CRLF) as a [`Reply`].
+fn wire_reply(wire: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(wire);
+    let text = text.trim_end();
+    let code = text.get(..3).and_then(|c| c.parse().ok()).unwrap_or(451);
+    Reply::new(code, text.get(4..).unwrap_or(""))
 }
 
 #[cfg(test)]
@@ -1185,7 +1512,7 @@ mod tests {
         let text = h.feed(b"EHLO client.example\r\n");
         assert_eq!(
             text,
-            "220 relay.test ESMTP ringrelay\r\n250-relay.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+            "220 relay.test ESMTP ringrelay\r\n250-relay.test\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
         );
         assert_eq!(h.feed(b"HELO other\r\n"), "250 relay.test\r\n");
     }
@@ -1481,6 +1808,23 @@ mod tests {
         assert_eq!(h.codes("y".repeat(5000).as_bytes()), Vec::<String>::new());
         assert_eq!(h.codes(b"yyy\r\nNOOP\r\n"), ["250 2.0.0"]);
         assert!(h.pending.is_empty());
+    }
+
+    #[test]
+    fn mail_and_rcpt_lines_may_carry_dsn_parameters_past_512_octets() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\n");
+        let orcpt = format!("rfc822;{}@example.org", "o".repeat(470));
+        let line = format!("RCPT TO:<{}@example.org> ORCPT={orcpt}\r\n", "r".repeat(60));
+        assert!(line.len() > MAX_COMMAND_LINE && line.len() <= MAX_MAIL_RCPT_LINE);
+        // Split, so the partial line is also judged by its verb.
+        assert_eq!(h.codes(&line.as_bytes()[..550]), Vec::<String>::new());
+        assert_eq!(h.codes(&line.as_bytes()[550..]), ["250 2.1.5"]);
+        let long = format!(
+            "RCPT TO:<b@example.org> NOTIFY=NEVER{}\r\n",
+            " ".repeat(1000)
+        );
+        assert_eq!(h.codes(long.as_bytes()), ["500 5.5.6"]);
     }
 
     #[test]
@@ -1861,7 +2205,7 @@ mod tests {
         h.feed(b"EHLO c.test\r\n");
         assert_eq!(
             h.feed(b"NOOP\r\nRSET\r\nHELP\r\n"),
-            "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n"
+            "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\r\n"
         );
         // Inside a transaction they are not junk.
         assert!(h
@@ -1872,5 +2216,349 @@ mod tests {
             "421 4.7.0 relay.test Error: too many junk commands\r\n"
         );
         assert!(h.session.is_closed());
+    }
+
+    const MAIL_RCPT: &[u8] = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n";
+
+    /// The content of the harness's `n`th message after our `Received:` header (the test
+    /// messages begin with `Subject:`).
+    fn content(h: &Harness, n: usize) -> Vec<u8> {
+        let data = &h.messages[n].data;
+        let at = memchr::memmem::find(data, b"Subject:").unwrap_or(0);
+        data[at..].to_vec()
+    }
+
+    #[test]
+    fn bdat_chunks_make_one_message_with_exact_byte_counts() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c.example\r\n");
+        // Pipelined: MAIL, RCPT, two chunks (the second LAST) and QUIT in one go. The
+        // content has a line-leading dot and a CRLF.CRLF: neither means anything in BDAT.
+        let first = b"Subject: x\r\n\r\n.dot\r\n.\r\n";
+        let second = b"MAIL FROM:<evil@x>\r\nend\r\n";
+        let mut wire = MAIL_RCPT.to_vec();
+        wire.extend_from_slice(format!("BDAT {}\r\n", first.len()).as_bytes());
+        wire.extend_from_slice(first);
+        wire.extend_from_slice(format!("BDAT {} LAST\r\n", second.len()).as_bytes());
+        wire.extend_from_slice(second);
+        wire.extend_from_slice(b"QUIT\r\n");
+        let text = h.feed(&wire);
+        assert_eq!(
+            reply_codes(&text),
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "250 2.0.0",
+                "250 2.0.0",
+                "221 2.0.0"
+            ]
+        );
+        assert!(text.contains(&format!("250 2.0.0 {} octets received\r\n", first.len())));
+        assert_eq!(h.messages.len(), 1);
+        let mut expected = first.to_vec();
+        expected.extend_from_slice(second);
+        assert_eq!(content(&h, 0), expected);
+        assert!(h.messages[0].data.starts_with(b"Received: "));
+    }
+
+    #[test]
+    fn bdat_split_anywhere_gives_the_same_replies_and_message() {
+        let body = b"Subject: s\r\n\r\nline\r\n";
+        let mut wire = MAIL_RCPT.to_vec();
+        wire.extend_from_slice(b"BDAT 5\r\n");
+        wire.extend_from_slice(&body[..5]);
+        wire.extend_from_slice(format!("BDAT {} LAST\r\n", body.len() - 5).as_bytes());
+        wire.extend_from_slice(&body[5..]);
+        wire.extend_from_slice(b"NOOP\r\n");
+        for cut in 0..=wire.len() {
+            let mut h = Harness::local();
+            h.feed(b"EHLO c.example\r\n");
+            let mut codes = h.codes(&wire[..cut]);
+            codes.extend(h.codes(&wire[cut..]));
+            assert_eq!(
+                codes,
+                [
+                    "250 2.1.0",
+                    "250 2.1.5",
+                    "250 2.0.0",
+                    "250 2.0.0",
+                    "250 2.0.0"
+                ],
+                "cut at {cut}"
+            );
+            assert_eq!(content(&h, 0), body, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn rset_lets_go_of_an_unfinished_bdat_message() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c.example\r\n");
+        h.feed(MAIL_RCPT);
+        let mut wire = b"BDAT 5000\r\n".to_vec();
+        wire.extend_from_slice(&[b'x'; 5000]);
+        assert_eq!(h.codes(&wire), ["250 2.0.0"]);
+        assert!(h.session.receiving_body());
+        assert!(h.session.data_memory() >= 5000);
+        assert_eq!(h.codes(b"RSET\r\n"), ["250 2.0.0"]);
+        assert!(!h.session.receiving_body());
+        assert_eq!(h.session.body.capacity(), 0);
+        // The next transaction starts afresh.
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.codes(b"BDAT 3 LAST\r\nok\n"), ["550 5.5.2"]);
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.codes(b"BDAT 4 LAST\r\nok\r\n"), ["250 2.0.0"]);
+        assert!(!h.messages[0].data.windows(3).any(|w| w == b"xxx"));
+    }
+
+    #[test]
+    fn bdat_zero_last_ends_the_message_and_bdat_zero_is_a_chunk() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c.example\r\n");
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.feed(b"BDAT 0\r\n"), "250 2.0.0 0 octets received\r\n");
+        assert_eq!(
+            h.codes(b"BDAT 4\r\nab\r\nBDAT 0 LAST\r\n"),
+            ["250 2.0.0", "250 2.0.0"]
+        );
+        assert_eq!(h.messages.len(), 1);
+        assert!(h.messages[0].data.ends_with(b"\r\nab\r\n"));
+    }
+
+    #[test]
+    fn bdat_out_of_sequence_is_refused_with_its_bytes_consumed() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO c.example\r\n");
+        // No MAIL: 503, and the chunk's bytes (a command look-alike) are not commands.
+        assert_eq!(
+            h.feed(b"BDAT 6\r\nQUIT\r\nNOOP\r\n"),
+            "503 5.5.1 Error: need MAIL command\r\n250 2.0.0 Ok\r\n"
+        );
+        assert!(!h.session.is_closed());
+        h.feed(b"MAIL FROM:<a@example.org>\r\n");
+        assert_eq!(h.codes(b"BDAT 3 LAST\r\nabc"), ["503 5.5.1"], "no RCPT");
+        // DATA after BDAT in one transaction.
+        // A bare LF is refused at the end of its chunk; the transaction is gone.
+        assert_eq!(
+            h.codes(b"RCPT TO:<b@example.org>\r\nBDAT 3\r\nab\n"),
+            ["250 2.1.5", "550 5.5.2"]
+        );
+        assert_eq!(h.codes(b"DATA\r\n"), ["503 5.5.1"]);
+        h.feed(MAIL_RCPT);
+        h.feed(b"BDAT 4\r\nab\r\n");
+        assert_eq!(h.codes(b"DATA\r\n"), ["503 5.5.1"]);
+        // RSET ends the BDAT transaction; a new one may use DATA.
+        assert_eq!(h.codes(b"RSET\r\n"), ["250 2.0.0"]);
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.codes(b"DATA\r\nx\r\n.\r\n"), ["354", "250 2.0.0"]);
+        assert_eq!(h.messages.len(), 1);
+        assert!(h.messages[0].data.ends_with(b"\r\nx\r\n"));
+    }
+
+    #[test]
+    fn bdat_bare_line_endings_and_oversize_are_refused_and_the_session_stays_in_sync() {
+        let mut h = Harness::local(); // 10,000-byte limit
+        h.feed(b"EHLO c.example\r\n");
+        h.feed(MAIL_RCPT);
+        let big = vec![b'x'; 12_000];
+        let mut wire = b"BDAT 12000\r\n".to_vec();
+        wire.extend_from_slice(&big);
+        // Already pipelined behind it: another chunk, then a command.
+        wire.extend_from_slice(b"BDAT 6 LAST\r\nNOOP\r\nNOOP\r\n");
+        assert_eq!(h.codes(&wire), ["552 5.3.4", "503 5.5.1", "250 2.0.0"]);
+        assert!(h.messages.is_empty());
+        // A bare LF; a CR left bare at the end of the last chunk, or by the next chunk.
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.codes(b"BDAT 4 LAST\r\na\nb\r"), ["550 5.5.2"]);
+        h.feed(MAIL_RCPT);
+        assert_eq!(h.codes(b"BDAT 3 LAST\r\nab\r"), ["550 5.5.2"]);
+        h.feed(MAIL_RCPT);
+        assert_eq!(
+            h.codes(b"BDAT 3\r\nab\rBDAT 1 LAST\r\nx"),
+            ["250 2.0.0", "550 5.5.2"]
+        );
+        // A CRLF split across chunks is fine.
+        h.feed(MAIL_RCPT);
+        assert_eq!(
+            h.codes(b"BDAT 3\r\nab\rBDAT 1 LAST\r\n\n"),
+            ["250 2.0.0", "250 2.0.0"]
+        );
+        assert_eq!(h.messages.len(), 1);
+        // A malformed size cannot be skipped: 501 and the end of the session, so nothing
+        // of the chunk runs as commands.
+        assert_eq!(h.codes(b"BDAT x\r\nNOOP\r\n"), ["501 5.5.4"]);
+        assert!(h.session.is_closed());
+    }
+
+    #[test]
+    fn large_content_leaves_in_pieces_and_every_check_still_holds() {
+        for chunked in [false, true] {
+            let mut config = session_config(5_000_000, 5);
+            config.stream_above = 1000;
+            let mut h = Harness::new(Arc::new(config), "127.0.0.1:4000");
+            h.feed(b"EHLO c.example\r\n");
+            h.feed(MAIL_RCPT);
+            let mut sent = Vec::new();
+            let mut pieces: Vec<u8> = Vec::new();
+            if !chunked {
+                h.feed(b"DATA\r\n");
+            }
+            for i in 0..50 {
+                let line = format!(".{i:04} {}\r\n", "y".repeat(90));
+                sent.extend_from_slice(line.as_bytes());
+                if chunked {
+                    h.feed(format!("BDAT {}\r\n", line.len()).as_bytes());
+                    h.feed(line.as_bytes());
+                } else {
+                    h.feed(format!(".{line}").as_bytes());
+                }
+                assert!(h.session.data_memory() < 4096, "bounded while it streams");
+                if h.session.piece_ready() {
+                    pieces.extend_from_slice(&h.session.take_piece());
+                }
+            }
+            assert!(
+                pieces.len() > 3000,
+                "pieces were offered ({})",
+                pieces.len()
+            );
+            assert_eq!(h.session.streamed(), pieces.len() as u64);
+            if chunked {
+                h.feed(b"BDAT 0 LAST\r\n");
+            } else {
+                h.feed(b".\r\n");
+            }
+            assert_eq!(h.messages.len(), 1);
+            pieces.extend_from_slice(&h.messages[0].data);
+            assert!(pieces.starts_with(b"Received: "));
+            assert!(pieces.ends_with(&sent), "chunked: {chunked}");
+        }
+    }
+
+    #[test]
+    fn a_streamed_message_over_the_limit_or_with_a_bare_lf_is_still_refused() {
+        let mut config = session_config(3000, 5);
+        config.stream_above = 500;
+        let mut h = Harness::new(Arc::new(config), "127.0.0.1:4000");
+        h.feed(b"EHLO c.example\r\n");
+        h.feed(MAIL_RCPT);
+        h.feed(b"DATA\r\n");
+        for _ in 0..40 {
+            h.feed(&[b'z'; 98]);
+            h.feed(b"\r\n");
+            if h.session.piece_ready() {
+                h.session.take_piece();
+            }
+        }
+        assert_eq!(h.codes(b".\r\n"), ["552 5.3.4"]);
+        h.feed(MAIL_RCPT);
+        h.feed(b"DATA\r\n");
+        h.feed(&[b'z'; 700]);
+        assert!(h.session.piece_ready());
+        h.session.take_piece();
+        assert_eq!(h.codes(b"\n\r\n.\r\n"), ["550 5.5.2"]);
+        // The sink failed: the rest is read and dropped, then the sink's reply.
+        h.feed(MAIL_RCPT);
+        h.feed(b"DATA\r\n");
+        h.feed(&[b'z'; 700]);
+        h.session.take_piece();
+        h.session
+            .refuse_data(Reply::new(451, "4.3.0 Error: cannot write"));
+        assert!(!h.session.piece_ready());
+        h.feed(&[b'z'; 700]);
+        assert_eq!(h.codes(b"\r\n.\r\n"), ["451 4.3.0"]);
+        assert!(h.messages.is_empty());
+        assert!(!h.session.receiving_body());
+    }
+
+    #[test]
+    fn smtputf8_is_needed_for_internationalized_addresses() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO client.example\r\n");
+        // Without SMTPUTF8: 553 5.6.7 for the sender and for a recipient (RFC 6531 §3.5).
+        assert_eq!(
+            h.codes("MAIL FROM:<δοκιμή@example.org>\r\n".as_bytes()),
+            ["553 5.6.7"]
+        );
+        assert_eq!(
+            h.codes(
+                "MAIL FROM:<a@example.org>\r\nRCPT TO:<用户@example.org>\r\nRSET\r\n".as_bytes()
+            ),
+            ["250 2.1.0", "553 5.6.7", "250 2.0.0"]
+        );
+        // Broken UTF-8 is a syntax error either way.
+        assert_eq!(
+            h.codes(b"MAIL FROM:<a\xc0\xaf@example.org> SMTPUTF8\r\n"),
+            ["501 5.5.4"]
+        );
+        let tx = "MAIL FROM:<δοκιμή@example.org> SMTPUTF8\r\nRCPT TO:<用户@例子.test>\r\nDATA\r\n";
+        assert_eq!(h.codes(tx.as_bytes()), ["250 2.1.0", "250 2.1.5", "354"]);
+        assert!(h
+            .feed("Subject: héllo\r\n\r\nbody\r\n.\r\n".as_bytes())
+            .starts_with("250 2.0.0"));
+        let m = &h.messages[0];
+        assert!(m.smtputf8);
+        assert_eq!(m.to[0].as_str(), "用户@例子.test");
+        let text = String::from_utf8(m.data.to_vec()).unwrap();
+        assert!(text.contains(" with UTF8SMTP id "), "{text}");
+        assert!(text.contains("for <用户@例子.test>"), "{text}");
+        assert!(m.dsn.is_none());
+        // The flag belongs to one transaction.
+        h.feed(b"MAIL FROM:<a@example.org>\r\n");
+        assert_eq!(
+            h.codes("RCPT TO:<用户@example.org>\r\n".as_bytes()),
+            ["553 5.6.7"]
+        );
+    }
+
+    #[test]
+    fn a_u_label_relay_domain_matches_in_its_a_label_form() {
+        let policy = RelayPolicy::new(vec![], vec!["xn--bcher-kva.example".into()]);
+        let config = Arc::new(SessionConfig::new("relay.test".into(), 10_000, 5, policy));
+        let mut h = Harness::new(config, "192.0.2.9:40000");
+        h.feed(b"EHLO client.example\r\n");
+        let codes = h.codes(
+            "MAIL FROM:<a@example.org> SMTPUTF8\r\nRCPT TO:<b@BÜCHER.example>\r\nRCPT TO:<b@buecher.example>\r\n"
+                .as_bytes(),
+        );
+        assert_eq!(codes, ["250 2.1.0", "250 2.1.5", "550 5.7.1"]);
+    }
+
+    #[test]
+    fn dsn_parameters_reach_the_envelope() {
+        let mut h = Harness::local();
+        h.feed(b"EHLO client.example\r\n");
+        let codes = h.codes(
+            b"MAIL FROM:<a@example.org> RET=HDRS ENVID=QQ+2B1\r\n\
+              RCPT TO:<b@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.org\r\n\
+              RCPT TO:<c@example.org> NOTIFY=NEVER NOTIFY=NEVER\r\n\
+              RCPT TO:<d@example.org>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert_eq!(
+            codes,
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "501 5.5.4",
+                "250 2.1.5",
+                "354",
+                "250 2.0.0"
+            ]
+        );
+        let dsn = h.messages[0].dsn.as_ref().expect("DSN parameters");
+        assert_eq!(dsn.ret, Some(Ret::Hdrs));
+        assert_eq!(dsn.envid.as_deref(), Some("QQ+1"));
+        assert_eq!(dsn.rcpts.len(), 2, "one per accepted recipient");
+        assert!(dsn.rcpts[0].notify.has(ext::Notify::SUCCESS));
+        assert_eq!(
+            dsn.rcpts[0].orcpt.as_ref().map(|o| &*o.addr),
+            Some("b@example.org")
+        );
+        assert!(dsn.rcpts[1].is_default());
+        // A transaction without DSN parameters carries none.
+        h.feed(TX);
+        h.feed(b"x\r\n.\r\n");
+        assert!(h.messages[1].dsn.is_none());
+        assert!(!h.messages[1].smtputf8);
     }
 }

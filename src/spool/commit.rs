@@ -336,6 +336,8 @@ mod tests {
                             from: &ReversePath::Null,
                             rcpts: &rcpt,
                             eight_bit: false,
+                            smtputf8: false,
+                            dsn: None,
                             data: b"x\r\n",
                         })
                         .unwrap();

@@ -419,6 +419,8 @@ mod tests {
                         from: &from,
                         rcpts: &rcpts,
                         eight_bit: false,
+                        smtputf8: false,
+                        dsn: None,
                         data: b"x\r\n",
                     })
                     .unwrap();

@@ -10,7 +10,10 @@
 //! - `commit`: group commit — one `fdatasync` for every message that finished DATA since
 //!   the last one (held open a little longer under load); only then is `250` sent.
 //! - `lock`: one owner per spool directory.
-//! - [`inspect`]: `queue list|stats`, read-only.
+//! - [`stream`]: large messages written while they arrive, each into a segment of its own
+//!   ([`Spool::begin_streamed`], [`Spool::accept_streamed`]).
+//! - [`inspect`]: `queue list|stats`, read-only; `scan`: its segment reader, which
+//!   streams each segment and keeps no message content.
 //! - [`control`]: `queue flush|remove|hold|release` requests to a running server (files
 //!   plus SIGUSR1), and `remove|hold|release` on a stopped spool.
 //!
@@ -25,7 +28,9 @@ pub mod control;
 pub mod inspect;
 mod lock;
 pub mod record;
+mod scan;
 mod segment;
+pub mod stream;
 
 use std::cell::RefCell;
 use std::io;
@@ -39,6 +44,7 @@ use bytes::Bytes;
 use crate::config::AbSwitches;
 use crate::id::QueueId;
 use crate::observe::metrics::ShardMetrics;
+use crate::smtp::ext::DsnEnvelope;
 use crate::smtp::{Mailbox, ReversePath};
 use commit::GroupCommit;
 use lock::SpoolLock;
@@ -47,6 +53,7 @@ use segment::{OpenSegment, Recovered, ShardStore};
 use record::MessageRecord;
 pub use record::{RcptOutcome, MAX_PAYLOAD};
 pub use segment::{DeliveryState, Location};
+pub use stream::StreamedBody;
 
 /// Checks that `dir` is a spool some server has used (it has a lock file), so that a queue
 /// command never creates one (an error naming the directory otherwise).
@@ -79,6 +86,10 @@ pub struct NewMessage<'a> {
     pub rcpts: Vec<Mailbox>,
     /// BODY=8BITMIME.
     pub eight_bit: bool,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// The DSN parameters (RFC 3461), if the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
     /// The content, as it will be delivered.
     pub data: &'a [u8],
 }
@@ -99,6 +110,10 @@ pub struct Queued {
     pub pending: Vec<u32>,
     /// BODY=8BITMIME.
     pub eight_bit: bool,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// The DSN parameters (RFC 3461), if the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
     /// When it arrived.
     pub arrival: SystemTime,
 }
@@ -112,6 +127,8 @@ impl From<Recovered> for Queued {
             rcpts: r.message.rcpts,
             pending: r.pending,
             eight_bit: r.message.eight_bit,
+            smtputf8: r.message.smtputf8,
+            dsn: r.message.dsn,
             arrival: r.message.arrival,
         }
     }
@@ -159,6 +176,19 @@ impl SpoolDir {
         let lock = SpoolLock::acquire(dir)?;
         let shards = shards.max(1);
         control::prepare_shards(dir, shards)?;
+        // Streamed messages that were still arriving when the last server stopped: no
+        // client was told 250 for them.
+        match stream::remove_orphans(dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                "spool {}: removed {n} incomplete streamed message(s)",
+                dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "spool {}: cannot remove incomplete streamed messages: {e}",
+                dir.display()
+            ),
+        }
         let report = segment::recover(dir, true).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -281,6 +311,8 @@ impl Spool {
             from: &message.from,
             rcpts: &message.rcpts,
             eight_bit: message.eight_bit,
+            smtputf8: message.smtputf8,
+            dsn: message.dsn.as_deref(),
             data: message.data,
         });
         let location = appended.map_err(|e| AcceptError::Write(e.to_string()))?;
@@ -298,6 +330,54 @@ impl Spool {
             pending: (0..message.rcpts.len() as u32).collect(),
             rcpts: message.rcpts,
             eight_bit: message.eight_bit,
+            smtputf8: message.smtputf8,
+            dsn: message.dsn,
+            arrival: message.arrival,
+        })
+    }
+
+    /// Starts a streamed message (see [`stream`]): its content is written with
+    /// [`StreamedBody::write`] as it arrives, then [`Spool::accept_streamed`] completes it.
+    /// `message.data` is ignored; the envelope must be the one given at the end.
+    pub fn begin_streamed(&self, message: &NewMessage<'_>) -> io::Result<StreamedBody> {
+        let mut store = self.store.borrow_mut();
+        let id = store.reserve_segment();
+        StreamedBody::create(store.dir(), id, &message_record(message))
+    }
+
+    /// Completes a streamed message with its last bytes (`message.data`) and waits for the
+    /// group commit, as [`Spool::accept`] does; only then may the client be told 250. On
+    /// failure nothing of it will ever be delivered.
+    pub async fn accept_streamed(
+        &self,
+        body: StreamedBody,
+        message: NewMessage<'_>,
+    ) -> Result<Queued, AcceptError> {
+        let (segment, file, len) = body
+            .complete(&message_record(&message))
+            .map_err(|e| AcceptError::Write(e.to_string()))?;
+        self.store.borrow_mut().adopt_streamed(segment, file, len);
+        let location = Location {
+            segment,
+            offset: 0,
+            len,
+        };
+        if let Err(e) = self.commit.durable().await {
+            let _ = self
+                .store
+                .borrow_mut()
+                .finish_message(&location, message.id, true);
+            return Err(AcceptError::Sync(e));
+        }
+        Ok(Queued {
+            id: message.id,
+            location,
+            from: message.from,
+            pending: (0..message.rcpts.len() as u32).collect(),
+            rcpts: message.rcpts,
+            eight_bit: message.eight_bit,
+            smtputf8: message.smtputf8,
+            dsn: message.dsn,
             arrival: message.arrival,
         })
     }
@@ -369,6 +449,20 @@ impl Spool {
     /// up with no files).
     pub fn tidy(&self) {
         self.store.borrow_mut().release_idle_current();
+    }
+}
+
+/// The record of `message` (for a streamed one, its envelope and its last bytes).
+fn message_record<'a>(message: &'a NewMessage<'_>) -> MessageRecord<'a> {
+    MessageRecord {
+        id: message.id,
+        arrival: message.arrival,
+        from: &message.from,
+        rcpts: &message.rcpts,
+        eight_bit: message.eight_bit,
+        smtputf8: message.smtputf8,
+        dsn: message.dsn.as_deref(),
+        data: message.data,
     }
 }
 

@@ -6,7 +6,10 @@
 //!
 //! Kinds:
 //! - `Message`: a message as accepted (queue ID, arrival time, reverse path, recipients,
-//!   body type, content).
+//!   body type, content). Its flags byte (once only "8BITMIME") also says whether the
+//!   message declared SMTPUTF8 and whether a DSN block follows the recipients: RET, ENVID
+//!   and each recipient's NOTIFY and ORCPT (RFC 3461). Records written before these flags
+//!   have them clear, and read as they always did.
 //! - `Recipient`: one recipient's final outcome (delivered, bounced, removed).
 //! - `Finished`: the whole message is done (removed by the operator, or a failed sync
 //!   withdrew it).
@@ -23,7 +26,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use std::sync::Arc;
+
 use crate::id::QueueId;
+use crate::smtp::ext::{DsnEnvelope, Notify, Orcpt, RcptDsn, Ret};
 use crate::smtp::{Mailbox, ReversePath};
 
 /// Identifies a record boundary.
@@ -38,6 +44,11 @@ const KIND_RECIPIENT: u8 = 2;
 const KIND_FINISHED: u8 = 3;
 const KIND_DEFERRED: u8 = 4;
 const KIND_HOLD: u8 = 5;
+
+/// The message record's flags byte.
+const FLAG_EIGHT_BIT: u8 = 1;
+const FLAG_SMTPUTF8: u8 = 2;
+const FLAG_DSN: u8 = 4;
 
 /// The longest last reply a deferral record keeps, in bytes (longer ones are cut at a
 /// character boundary).
@@ -67,6 +78,10 @@ pub struct StoredMessage {
     pub rcpts: Vec<Mailbox>,
     /// BODY=8BITMIME was declared.
     pub eight_bit: bool,
+    /// SMTPUTF8 was declared.
+    pub smtputf8: bool,
+    /// The DSN parameters, if the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
     /// Content: headers and body, CRLF, not dot-stuffed.
     pub data: Bytes,
 }
@@ -123,6 +138,10 @@ pub struct MessageRecord<'a> {
     pub rcpts: &'a [Mailbox],
     /// Sent with `BODY=8BITMIME`.
     pub eight_bit: bool,
+    /// Sent with `SMTPUTF8`.
+    pub smtputf8: bool,
+    /// The DSN parameters, if any (one per recipient in `rcpts` order).
+    pub dsn: Option<&'a DsnEnvelope>,
     /// The content, as it will be delivered.
     pub data: &'a [u8],
 }
@@ -143,6 +162,7 @@ impl MessageRecord<'_> {
                 .iter()
                 .map(|r| 2 + r.as_str().len())
                 .sum::<usize>()
+            + self.dsn.map_or(0, dsn_len)
             + 8
     }
 
@@ -178,14 +198,116 @@ pub fn encode_message_head(out: &mut BytesMut, msg: &MessageRecord<'_>) {
     out.put_u128_le(msg.id.as_u128());
     out.put_u64_le(unix_secs(msg.arrival));
     put_str(out, from);
-    out.put_u8(u8::from(msg.eight_bit));
+    let flags = if msg.eight_bit { FLAG_EIGHT_BIT } else { 0 }
+        | if msg.smtputf8 { FLAG_SMTPUTF8 } else { 0 }
+        | if msg.dsn.is_some() { FLAG_DSN } else { 0 };
+    out.put_u8(flags);
     out.put_u32_le(msg.rcpts.len() as u32);
     for r in msg.rcpts {
         put_str(out, r.as_str());
     }
+    if let Some(dsn) = msg.dsn {
+        put_dsn(out, dsn);
+    }
     out.put_u64_le(msg.data.len() as u64);
     debug_assert_eq!(out.len() - start, head_len);
     finish_with(out, start, msg.data);
+}
+
+/// Appends the head of a message record whose content of `data_len` bytes (with crc32c
+/// `data_crc`) was written elsewhere beforehand: a streamed message's content goes to its
+/// file while it arrives, and this head is written in front of it once its length is known.
+/// `msg.data` is ignored. The result equals [`encode_message_head`] for the same content
+/// (a unit test holds the two together): the content's length is the head's last field.
+pub fn encode_streamed_head(
+    out: &mut BytesMut,
+    msg: &MessageRecord<'_>,
+    data_len: u64,
+    data_crc: u32,
+) {
+    let start = out.len();
+    encode_message_head(out, &MessageRecord { data: &[], ..*msg });
+    let end = out.len();
+    let payload = (end - start - HEADER_LEN) as u64 + data_len;
+    debug_assert!(payload <= MAX_PAYLOAD as u64, "checked by the caller");
+    out[start + 8..start + 12].copy_from_slice(&(payload as u32).to_le_bytes());
+    out[end - 8..end].copy_from_slice(&data_len.to_le_bytes());
+    let head = checksum(&out[start + 4..start + 12], &out[start + HEADER_LEN..end]);
+    let crc = crc32c::crc32c_combine(head, data_crc, data_len as usize);
+    out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Bytes [`put_dsn`] writes.
+fn dsn_len(dsn: &DsnEnvelope) -> usize {
+    1 + 2
+        + dsn.envid.as_deref().map_or(0, str::len)
+        + 4
+        + dsn
+            .rcpts
+            .iter()
+            .map(|r| {
+                1 + 2
+                    + 2
+                    + r.orcpt
+                        .as_ref()
+                        .map_or(0, |o| o.addr_type.len() + o.addr.len())
+            })
+            .sum::<usize>()
+}
+
+/// The DSN block: RET (0 none, 1 FULL, 2 HDRS), ENVID (empty: none), then per recipient
+/// NOTIFY's bits and ORCPT's type and address (empty type: none). Values were checked at
+/// RCPT (ORCPT at most 500 octets, ENVID 100), so each fits its u16 length.
+fn put_dsn(out: &mut BytesMut, dsn: &DsnEnvelope) {
+    out.put_u8(match dsn.ret {
+        None => 0,
+        Some(Ret::Full) => 1,
+        Some(Ret::Hdrs) => 2,
+    });
+    put_str(out, dsn.envid.as_deref().unwrap_or(""));
+    out.put_u32_le(dsn.rcpts.len() as u32);
+    for r in &dsn.rcpts {
+        out.put_u8(r.notify.bits());
+        match &r.orcpt {
+            Some(o) => {
+                put_str(out, &o.addr_type);
+                put_str(out, &o.addr);
+            }
+            None => {
+                put_str(out, "");
+                put_str(out, "");
+            }
+        }
+    }
+}
+
+fn get_dsn(r: &mut Reader<'_>, rcpts: usize) -> Option<DsnEnvelope> {
+    let ret = match r.u8()? {
+        0 => None,
+        1 => Some(Ret::Full),
+        2 => Some(Ret::Hdrs),
+        _ => return None,
+    };
+    let envid = Some(r.str()?).filter(|e| !e.is_empty()).map(Box::from);
+    let n = r.u32()? as usize;
+    if n != rcpts {
+        return None;
+    }
+    let mut list = Vec::with_capacity(n);
+    for _ in 0..n {
+        let notify = Notify::from_bits(r.u8()?)?;
+        let (addr_type, addr) = (r.str()?, r.str()?);
+        let orcpt = (!addr_type.is_empty()).then(|| Orcpt {
+            addr_type: addr_type.into(),
+            addr: addr.into(),
+        });
+        list.push(RcptDsn { notify, orcpt });
+    }
+    Some(DsnEnvelope {
+        ret,
+        envid,
+        rcpts: list,
+    })
 }
 
 /// Appends a recipient outcome record.
@@ -300,28 +422,75 @@ pub enum Decoded {
     Corrupt(&'static str),
 }
 
-/// Reads the record at the start of `buf`. `content` is a shared handle to the same bytes
-/// so message contents are sliced rather than copied.
-pub fn decode(buf: &Bytes) -> Decoded {
+/// A record's fixed header: what a reader that streams a segment (rather than holding it
+/// whole) needs before the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The record kind.
+    pub kind: u8,
+    /// Payload length in bytes (at most [`MAX_PAYLOAD`]).
+    pub payload_len: usize,
+    /// The checksum the header carries.
+    pub checksum: u32,
+    /// The checksum of the header fields it covers (kind and length): continue it over
+    /// the payload with `crc32c::crc32c_append` and compare with `checksum`.
+    pub checksum_seed: u32,
+}
+
+impl Header {
+    /// A message record (the only kind with content, so the only large one).
+    pub fn is_message(&self) -> bool {
+        self.kind == KIND_MESSAGE
+    }
+}
+
+/// Why [`decode_header`] found no header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Fewer than [`HEADER_LEN`] bytes.
+    Incomplete,
+    /// No magic, or an implausible length.
+    Corrupt(&'static str),
+}
+
+/// Reads a record header from the start of `buf`. The payload is not looked at.
+pub fn decode_header(buf: &[u8]) -> Result<Header, HeaderError> {
     if buf.len() < HEADER_LEN {
-        return Decoded::Incomplete;
+        return Err(HeaderError::Incomplete);
     }
     let u32_at = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
     if u32_at(0) != MAGIC {
-        return Decoded::Corrupt("bad magic");
+        return Err(HeaderError::Corrupt("bad magic"));
     }
-    let len = u32_at(8) as usize;
-    if len > MAX_PAYLOAD {
-        return Decoded::Corrupt("implausible length");
+    let payload_len = u32_at(8) as usize;
+    if payload_len > MAX_PAYLOAD {
+        return Err(HeaderError::Corrupt("implausible length"));
     }
+    Ok(Header {
+        kind: buf[4],
+        payload_len,
+        checksum: u32_at(12),
+        checksum_seed: crc32c::crc32c(&buf[4..12]),
+    })
+}
+
+/// Reads the record at the start of `buf`. `content` is a shared handle to the same bytes
+/// so message contents are sliced rather than copied.
+pub fn decode(buf: &Bytes) -> Decoded {
+    let header = match decode_header(buf) {
+        Ok(h) => h,
+        Err(HeaderError::Incomplete) => return Decoded::Incomplete,
+        Err(HeaderError::Corrupt(why)) => return Decoded::Corrupt(why),
+    };
+    let len = header.payload_len;
     if buf.len() < HEADER_LEN + len {
         return Decoded::Incomplete;
     }
     let payload = buf.slice(HEADER_LEN..HEADER_LEN + len);
-    if checksum(&buf[4..12], &payload) != u32_at(12) {
+    if checksum(&buf[4..12], &payload) != header.checksum {
         return Decoded::Corrupt("checksum mismatch");
     }
-    let record = match buf[4] {
+    let record = match header.kind {
         KIND_MESSAGE => decode_message(payload).map(Record::Message),
         KIND_RECIPIENT => decode_recipient(&payload),
         KIND_FINISHED => Reader::new(&payload).u128().map(|v| Record::Finished {
@@ -378,8 +547,46 @@ fn decode_hold(payload: &[u8]) -> Option<Record> {
     Some(Record::Hold { id, held })
 }
 
-fn decode_message(payload: Bytes) -> Option<StoredMessage> {
-    let mut r = Reader::new(&payload);
+/// A message record's envelope: every field before the content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageHead {
+    /// Queue ID.
+    pub id: QueueId,
+    /// Arrival time (whole seconds).
+    pub arrival: SystemTime,
+    /// Reverse path.
+    pub from: ReversePath,
+    /// Recipients, in envelope order.
+    pub rcpts: Vec<Mailbox>,
+    /// BODY=8BITMIME was declared.
+    pub eight_bit: bool,
+    /// The client asked for SMTPUTF8.
+    pub smtputf8: bool,
+    /// DSN parameters, if the client gave any.
+    pub dsn: Option<Arc<DsnEnvelope>>,
+    /// Where the content starts in the payload.
+    pub content_at: usize,
+    /// The content's length.
+    pub content_len: u64,
+}
+
+impl MessageHead {
+    /// True when the payload of `payload_len` bytes holds exactly these fields and the
+    /// content (what [`decode`] requires of a message record).
+    pub fn fills(&self, payload_len: usize) -> bool {
+        u64::try_from(self.content_at)
+            .ok()
+            .and_then(|at| at.checked_add(self.content_len))
+            == u64::try_from(payload_len).ok()
+    }
+}
+
+/// Decodes a message record's envelope from the start of its payload; `payload` may end
+/// anywhere after the envelope (content need not be there). `None` when the fields are
+/// malformed or run past the end of `payload`. The checksum is not checked here: a reader
+/// that skips the content must check it over the whole payload before it trusts the head.
+pub fn decode_message_head(payload: &[u8]) -> Option<MessageHead> {
+    let mut r = Reader::new(payload);
     let id = QueueId::from_u128(r.u128()?);
     let arrival = UNIX_EPOCH + Duration::from_secs(r.u64()?);
     let from = r.str()?;
@@ -388,25 +595,48 @@ fn decode_message(payload: Bytes) -> Option<StoredMessage> {
     } else {
         ReversePath::Mailbox(Mailbox::parse(from).ok()?)
     };
-    let eight_bit = r.u8()? != 0;
+    let flags = r.u8()?;
+    if flags & !(FLAG_EIGHT_BIT | FLAG_SMTPUTF8 | FLAG_DSN) != 0 {
+        return None;
+    }
     let n = r.u32()? as usize;
     let mut rcpts = Vec::with_capacity(n.min(10_000));
     for _ in 0..n {
         rcpts.push(Mailbox::parse(r.str()?).ok()?);
     }
-    let data_len = usize::try_from(r.u64()?).ok()?;
-    let start = r.pos;
-    let end = start.checked_add(data_len)?;
-    if end != payload.len() {
-        return None;
-    }
-    Some(StoredMessage {
+    let dsn = if flags & FLAG_DSN != 0 {
+        Some(Arc::new(get_dsn(&mut r, n)?))
+    } else {
+        None
+    };
+    let content_len = r.u64()?;
+    Some(MessageHead {
         id,
         arrival,
         from,
         rcpts,
-        eight_bit,
-        data: payload.slice(start..end),
+        eight_bit: flags & FLAG_EIGHT_BIT != 0,
+        smtputf8: flags & FLAG_SMTPUTF8 != 0,
+        dsn,
+        content_at: r.pos,
+        content_len,
+    })
+}
+
+fn decode_message(payload: Bytes) -> Option<StoredMessage> {
+    let head = decode_message_head(&payload)?;
+    if !head.fills(payload.len()) {
+        return None;
+    }
+    Some(StoredMessage {
+        id: head.id,
+        arrival: head.arrival,
+        from: head.from,
+        rcpts: head.rcpts,
+        eight_bit: head.eight_bit,
+        smtputf8: head.smtputf8,
+        dsn: head.dsn,
+        data: payload.slice(head.content_at..),
     })
 }
 
@@ -466,12 +696,61 @@ mod tests {
                     Mailbox::parse("c@example.net").unwrap(),
                 ],
                 eight_bit: true,
+                smtputf8: false,
+                dsn: None,
                 data: b"Subject: x\r\n\r\nbody\r\n",
             },
         );
         encode_recipient(&mut out, id, 1, RcptOutcome::Delivered);
         encode_finished(&mut out, id);
         (id, out)
+    }
+
+    #[test]
+    fn a_streamed_head_equals_the_whole_record_head() {
+        let id = IdGenerator::starting_at(1, 42).next_id();
+        let from = ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap());
+        let rcpts = [Mailbox::parse("b@example.net").unwrap()];
+        let data = b"Subject: big\r\n\r\nbody\r\nmore\r\n";
+        let dsn = DsnEnvelope {
+            ret: Some(Ret::Hdrs),
+            envid: Some("env-1".into()),
+            rcpts: vec![RcptDsn {
+                notify: Notify::SUCCESS,
+                orcpt: Some(Orcpt {
+                    addr_type: "rfc822".into(),
+                    addr: "b@example.net".into(),
+                }),
+            }],
+        };
+        // Without and with the SMTPUTF8 flag and a DSN block between the recipients and
+        // the content's length.
+        for (smtputf8, dsn) in [(false, None), (true, Some(&dsn))] {
+            let msg = MessageRecord {
+                id,
+                arrival: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+                from: &from,
+                rcpts: &rcpts,
+                eight_bit: false,
+                smtputf8,
+                dsn,
+                data,
+            };
+            let mut whole = BytesMut::new();
+            encode_message_head(&mut whole, &msg);
+            let mut streamed = BytesMut::new();
+            encode_streamed_head(&mut streamed, &msg, data.len() as u64, crc32c::crc32c(data));
+            assert_eq!(streamed, whole);
+            streamed.extend_from_slice(data);
+            match decode(&streamed.freeze()) {
+                Decoded::Record(Record::Message(m), _) => {
+                    assert_eq!(&m.data[..], &data[..]);
+                    assert_eq!(m.smtputf8, smtputf8);
+                    assert_eq!(m.dsn.as_deref(), dsn);
+                }
+                other => panic!("not a message record: {other:?}"),
+            }
+        }
     }
 
     fn decode_all(buf: Bytes) -> Vec<Record> {
@@ -515,6 +794,58 @@ mod tests {
     }
 
     #[test]
+    fn smtputf8_and_dsn_parameters_round_trip() {
+        let id = IdGenerator::starting_at(1, 7).next_id();
+        let from = ReversePath::Mailbox(Mailbox::parse("δοκιμή@παράδειγμα.δοκιμή").unwrap());
+        let rcpts = [
+            Mailbox::parse("用户@例子.test").unwrap(),
+            Mailbox::parse("b@example.net").unwrap(),
+        ];
+        let dsn = DsnEnvelope {
+            ret: Some(Ret::Hdrs),
+            envid: Some("QQ 314".into()),
+            rcpts: vec![
+                RcptDsn {
+                    notify: Notify::from_bits(Notify::SUCCESS.bits() | Notify::DELAY.bits())
+                        .unwrap(),
+                    orcpt: Some(Orcpt {
+                        addr_type: "rfc822".into(),
+                        addr: "x+y@example.org".into(),
+                    }),
+                },
+                RcptDsn::default(),
+            ],
+        };
+        let record = MessageRecord {
+            id,
+            arrival: UNIX_EPOCH,
+            from: &from,
+            rcpts: &rcpts,
+            eight_bit: false,
+            smtputf8: true,
+            dsn: Some(&dsn),
+            data: "Subject: héllo\r\n\r\nbody\r\n".as_bytes(),
+        };
+        let mut out = BytesMut::new();
+        encode_message(&mut out, &record);
+        assert_eq!(out.len(), HEADER_LEN + record.payload_len());
+        let records = decode_all(out.clone().freeze());
+        let Record::Message(m) = &records[0] else {
+            panic!()
+        };
+        assert!(m.smtputf8 && !m.eight_bit);
+        assert_eq!(m.from, from);
+        assert_eq!(m.rcpts, rcpts);
+        assert_eq!(m.dsn.as_deref(), Some(&dsn));
+        // Flags nobody writes are corruption, not a guess (checksum fixed up to get there).
+        let flags_at = HEADER_LEN + 16 + 8 + 2 + from.to_string().len();
+        out[flags_at] |= 0x80;
+        let crc = checksum(&out[4..12], &out[HEADER_LEN..]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&out.freeze()), Decoded::Corrupt(_)));
+    }
+
+    #[test]
     fn head_and_content_make_the_whole_record() {
         let id = IdGenerator::starting_at(3, 4).next_id();
         let from = ReversePath::Mailbox(Mailbox::parse("a@example.org").unwrap());
@@ -526,6 +857,8 @@ mod tests {
                 from: &from,
                 rcpts: &rcpts,
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data,
             };
             let mut whole = BytesMut::from(&b"before"[..]);
@@ -552,6 +885,8 @@ mod tests {
                 from: &ReversePath::Mailbox(Mailbox::parse("a@b.c").unwrap()),
                 rcpts: &[Mailbox::parse("d@e.f").unwrap()],
                 eight_bit: true,
+                smtputf8: false,
+                dsn: None,
                 data: b"hi\r\n",
             },
         );
@@ -584,6 +919,8 @@ mod tests {
             from: &from,
             rcpts: &rcpts,
             eight_bit: false,
+            smtputf8: false,
+            dsn: None,
             data,
         };
         let small = msg(b"x");
@@ -608,6 +945,8 @@ mod tests {
                 from: &ReversePath::Null,
                 rcpts: &[],
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data: b"",
             },
         );

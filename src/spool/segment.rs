@@ -102,7 +102,8 @@ pub struct DeliveryState {
 }
 
 impl DeliveryState {
-    fn apply(&mut self, record: Record) {
+    /// Takes in one of the message's records (only deferral and hold records change it).
+    pub(super) fn apply(&mut self, record: Record) {
         match record {
             Record::Deferred {
                 attempts,
@@ -360,6 +361,40 @@ impl ShardStore {
         }
     }
 
+    /// A segment number for a streamed message's own segment (see `super::stream`),
+    /// taken now so no other segment gets it while the content arrives.
+    pub fn reserve_segment(&mut self) -> SegmentId {
+        let id = SegmentId {
+            shard: self.shard,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        id
+    }
+
+    /// Takes over a streamed message's segment, complete under its final name and holding
+    /// that one message: it and the directory are synced by the next group commit, and
+    /// outcome records go to it like to any segment (it is deleted when its message is
+    /// finished, never being the current segment).
+    pub fn adopt_streamed(&mut self, id: SegmentId, file: File, len: u64) {
+        self.segments.insert(
+            id,
+            Segment {
+                file: Arc::new(file),
+                len,
+                live: 1,
+                broken: false,
+            },
+        );
+        self.unsynced.push(id);
+        self.dir_unsynced = true;
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Takes what the next group commit must sync.
     pub fn take_sync_targets(&mut self) -> SyncTargets {
         let files = self
@@ -557,7 +592,9 @@ pub fn recover(dir: &Path, repair: bool) -> io::Result<RecoveryReport> {
     Ok(report)
 }
 
-fn recover_segment(
+/// Recovers one segment into `report` (what [`recover`] does for each); also the reader
+/// `queue list` falls back on when its own finds anything but whole, valid records.
+pub(super) fn recover_segment(
     dir: &Path,
     id: SegmentId,
     repair: bool,
@@ -772,6 +809,8 @@ mod tests {
                 from: &from,
                 rcpts: &rcpts,
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data: body.as_bytes(),
             })
             .unwrap();
@@ -800,6 +839,8 @@ mod tests {
                 from: &ReversePath::Null,
                 rcpts: &[mb("r@example.net")],
                 eight_bit: false,
+                smtputf8: false,
+                dsn: None,
                 data: &huge,
             })
             .unwrap_err();
@@ -827,6 +868,8 @@ mod tests {
                 from,
                 rcpts: &rcpts[..i],
                 eight_bit: i == 2,
+                smtputf8: false,
+                dsn: None,
                 data: body.as_bytes(),
             };
             let loc = store.append_message(&msg).unwrap();

@@ -341,6 +341,9 @@ pub fn assert_ehlo(r: &Reply, max_size: usize) {
         "PIPELINING".into(),
         format!("SIZE {max_size}"),
         "8BITMIME".into(),
+        "CHUNKING".into(),
+        "DSN".into(),
+        "SMTPUTF8".into(),
         "ENHANCEDSTATUSCODES".into(),
     ];
     assert!(
