@@ -126,7 +126,7 @@ delivered() { # messages smtp-sink has counted
 }
 
 one() { # RELAY LOAD REP -> a result line
-    local relay=$1 load=$2 rep=$3 idle peak msgs sessions size t0 ok
+    local relay=$1 load=$2 rep=$3 idle peak msgs sessions size t0 ok took
     peer_up "$load"
     relay_up "$relay"
     idle=$(pss_now_kb)
@@ -142,14 +142,14 @@ one() { # RELAY LOAD REP -> a result line
         for _ in $(seq 1200); do [ "$(delivered)" = "$msgs" ] && break; sleep 0.1; done
         [ "$(delivered)" = "$msgs" ] && ok=delivered || ok="delivered $(delivered)"
     fi
+    took=$(awk -v a="$t0" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}')
     sleep 3
     stop_pid "$SAMPLER_PID"; SAMPLER_PID=""
     peak=$(awk '$2 > s {s = $2} END {print s + 0}' "$WORK/mem")
     relay_down
     stop_pid "$PEER_PID"; PEER_PID=""
-    printf "%-10s %-7s %3s %12s %12s %12s  %s in %.1f s\n" "$relay" "$load" "$rep" \
-        "$((idle / 1024))M" "$((peak / 1024))M" "$(((peak - idle) / 1024))M" "$msgs $ok" \
-        "$(awk -v a="$t0" -v b="$(now)" 'BEGIN {print b - a - 3}')"
+    printf "%-10s %-7s %3s %12s %12s %12s  %s in %s s\n" "$relay" "$load" "$rep" \
+        "$((idle / 1024))M" "$((peak / 1024))M" "$(((peak - idle) / 1024))M" "$msgs $ok" "$took"
 }
 
 echo "# benches/memory_compare.sh $REPS — $(date -u +%FT%TZ), commit $(git -C "$ROOT" rev-parse --short HEAD), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
