@@ -57,3 +57,13 @@ self_signed_cert() {
     chmod 644 "$1/cert.pem" "$1/key.pem"
     install -m 600 "$1/key.pem" "$1/key600.pem"
 }
+
+# stop_pid PID: SIGTERM, wait up to 10 s for it to exit, then SIGKILL (for servers a script
+# started in the background; `wait` reaps it when it is the script's child).
+stop_pid() { # PID: SIGTERM, wait up to 10 s, then SIGKILL
+    [ -n "${1:-}" ] || return 0
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}

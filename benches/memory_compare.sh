@@ -48,13 +48,6 @@ PEER_PID=""
 RELAY=""
 SAMPLER_PID=""
 
-stop_pid() { # PID: SIGTERM, wait up to 10 s, then SIGKILL
-    [ -n "${1:-}" ] || return 0
-    kill "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
 relay_down() {
     if [ -n "$SAMPLER_PID" ]; then stop_pid "$SAMPLER_PID"; SAMPLER_PID=""; fi
     case "$RELAY" in

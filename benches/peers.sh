@@ -192,13 +192,6 @@ PERF_PID=""
 CASE=""
 TLS=0        # 1 while case tls runs: the config wrappers switch TLS on
 
-stop_pid() { # PID: SIGTERM, wait up to 10 s, then SIGKILL
-    [ -n "${1:-}" ] || return 0
-    kill "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
 wait_free() { # PORT: an io_uring listener is released asynchronously
     for _ in $(seq 100); do port_free "$1" && return 0; sleep 0.1; done
     echo "127.0.0.1:$1 still busy" >&2

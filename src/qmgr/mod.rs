@@ -203,6 +203,16 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
+    /// A message the spool could not take: counted, logged, answered 451.
+    fn spool_refused(&self, e: AcceptError) -> Reply {
+        self.metrics.reject(Rejection::Spool);
+        tracing::warn!(shard = self.index, "{e}; answering 451");
+        Reply::local_error(match e {
+            AcceptError::Write(_) => "cannot write to the spool; try again later",
+            AcceptError::Sync(_) => "cannot sync the spool; try again later",
+        })
+    }
+
     /// Adds what the MX cache did since last time to the metrics (once a second, and
     /// before a reload replaces the resolver).
     fn count_dns(&self) {
@@ -450,14 +460,7 @@ impl Handler for RelayHandler {
                 data: &envelope.data,
             })
             .await;
-        let msg = accepted.map_err(|e| {
-            shard.metrics.reject(Rejection::Spool);
-            tracing::warn!(shard = shard.index, "{e}; answering 451");
-            Reply::local_error(match e {
-                AcceptError::Write(_) => "cannot write to the spool; try again later",
-                AcceptError::Sync(_) => "cannot sync the spool; try again later",
-            })
-        })?;
+        let msg = accepted.map_err(|e| shard.spool_refused(e))?;
         // A long ready queue (a slow next hop) must not pin every message in memory: only
         // small messages, and only so many, wait with their content; the rest is read back
         // from the spool when its turn comes (at most 64 MiB per shard waits in memory).

@@ -14,7 +14,7 @@ use crate::handler::{BodySink, LocalFuture};
 use crate::observe::metrics::Rejection;
 use crate::smtp::command::BodyType;
 use crate::smtp::{Envelope, Reply};
-use crate::spool::{AcceptError, NewMessage, StreamedBody};
+use crate::spool::{NewMessage, StreamedBody};
 
 /// A streamed message on its way into the spool.
 pub(crate) struct SpoolSink {
@@ -74,14 +74,7 @@ impl BodySink for SpoolSink {
                 .spool
                 .accept_streamed(body, new_message(&envelope, &envelope.data))
                 .await;
-            let msg = accepted.map_err(|e| {
-                shard.metrics.reject(Rejection::Spool);
-                tracing::warn!(shard = shard.index, "{e}; answering 451");
-                Reply::local_error(match e {
-                    AcceptError::Write(_) => "cannot write to the spool; try again later",
-                    AcceptError::Sync(_) => "cannot sync the spool; try again later",
-                })
-            })?;
+            let msg = accepted.map_err(|e| shard.spool_refused(e))?;
             shard.metrics.messages_received.inc();
             // Large by definition: read back from the spool when its turn comes.
             shard.enqueue(Entry::new(msg, None));

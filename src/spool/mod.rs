@@ -305,17 +305,21 @@ impl Spool {
     /// that was written but not synced is withdrawn (the client was not told 250, so a
     /// later recovery must not deliver it behind the client's back).
     pub async fn accept(&self, message: NewMessage<'_>) -> Result<Queued, AcceptError> {
-        let appended = self.store.borrow_mut().append_message(&MessageRecord {
-            id: message.id,
-            arrival: message.arrival,
-            from: &message.from,
-            rcpts: &message.rcpts,
-            eight_bit: message.eight_bit,
-            smtputf8: message.smtputf8,
-            dsn: message.dsn.as_deref(),
-            data: message.data,
-        });
+        let appended = self
+            .store
+            .borrow_mut()
+            .append_message(&message_record(&message));
         let location = appended.map_err(|e| AcceptError::Write(e.to_string()))?;
+        self.commit_queued(message, location).await
+    }
+
+    /// Waits for the group commit to make the message at `location` durable, then hands
+    /// it to the queue; a failed sync withdraws its record.
+    async fn commit_queued(
+        &self,
+        message: NewMessage<'_>,
+        location: Location,
+    ) -> Result<Queued, AcceptError> {
         if let Err(e) = self.commit.durable().await {
             let _ = self
                 .store
@@ -362,24 +366,7 @@ impl Spool {
             offset: 0,
             len,
         };
-        if let Err(e) = self.commit.durable().await {
-            let _ = self
-                .store
-                .borrow_mut()
-                .finish_message(&location, message.id, true);
-            return Err(AcceptError::Sync(e));
-        }
-        Ok(Queued {
-            id: message.id,
-            location,
-            from: message.from,
-            pending: (0..message.rcpts.len() as u32).collect(),
-            rcpts: message.rcpts,
-            eight_bit: message.eight_bit,
-            smtputf8: message.smtputf8,
-            dsn: message.dsn,
-            arrival: message.arrival,
-        })
+        self.commit_queued(message, location).await
     }
 
     /// A message's content, read back from its record.
