@@ -51,12 +51,14 @@ pub trait Handler: 'static {
     /// A message (DATA or BDAT) has passed the server's streaming threshold (its first
     /// 256 KiB) and is still arriving: return a sink to take its content from here on, or
     /// `None` (the default) to get it whole in [`Handler::on_message`]. `envelope` is the
-    /// transaction so far; its `data` is empty. The sink gets every byte of the content in
-    /// order (our `Received:` header first), and then, instead of `on_message`, the
+    /// transaction so far; its `data` is empty. `head` is the content so far (our
+    /// `Received:` header, then usually the whole header section), for a handler whose
+    /// choice depends on the headers; the sink gets it too, in its first piece. The sink
+    /// gets every byte of the content in order, and then, instead of `on_message`, the
     /// finished envelope with the last bytes ([`BodySink::finish`]). A message that does
     /// not end well (refused, or the client left) is dropped with its sink unfinished.
-    fn body_sink(&self, envelope: &Envelope) -> Option<Box<dyn BodySink>> {
-        let _ = envelope;
+    fn body_sink(&self, envelope: &Envelope, head: &[u8]) -> Option<Box<dyn BodySink>> {
+        let _ = (envelope, head);
         None
     }
 

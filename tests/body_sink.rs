@@ -73,7 +73,7 @@ impl Drop for Collect {
 }
 
 impl Handler for Streaming {
-    fn body_sink(&self, envelope: &Envelope) -> Option<Box<dyn BodySink>> {
+    fn body_sink(&self, envelope: &Envelope, _head: &[u8]) -> Option<Box<dyn BodySink>> {
         let fail = envelope
             .from
             .mailbox()

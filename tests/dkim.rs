@@ -291,10 +291,66 @@ fn sighup_swaps_the_key(io: &str) {
     assert!(verify(&third, &both));
 }
 
+/// Messages past the streaming threshold (256 KiB): one from the signing domain is kept
+/// whole and signed (dkimpy verifies it); one from another domain streams into the spool
+/// and arrives unsigned and intact.
+fn large_messages_are_signed_whole_or_streamed(io: &str) {
+    if skip_without_verifier("large_messages_are_signed_whole_or_streamed") {
+        return;
+    }
+    let hop = Aiosmtpd::start(&AiosmtpdOpts::default());
+    let spool = tempfile::tempdir().unwrap();
+    let file = key("ed25519.pem");
+    let relay = start(io, &hop, spool.path(), &dkim_block("ed1", &file));
+    let body: String = (0..10_000)
+        .map(|i| format!("line {i:05} of a large report, with some padding to fill it out\r\n"))
+        .collect();
+    let signed = format!(
+        "From: alice@example.com\r\nTo: bob@dest.test\r\nSubject: big signed\r\n\r\n{body}"
+    );
+    let other =
+        format!("From: carol@other.test\r\nTo: bob@dest.test\r\nSubject: big other\r\n\r\n{body}");
+    assert!(signed.len() > 600 << 10);
+    for m in [&signed, &other] {
+        send_one(
+            relay.addr,
+            "alice@example.com",
+            &["bob@dest.test"],
+            m.as_bytes(),
+        )
+        .assert(250, "2.0.0");
+    }
+    let got = hop.wait_received(2, Duration::from_secs(30));
+    let by_subject = |s: &str| {
+        got.iter()
+            .map(content)
+            .find(|c| String::from_utf8_lossy(c).contains(s))
+            .unwrap_or_else(|| panic!("no message with {s}"))
+    };
+    let big = by_subject("Subject: big signed");
+    assert!(
+        big.starts_with(b"DKIM-Signature:"),
+        "the large signed message"
+    );
+    assert!(
+        verify(&big, &[("ed1", &file)]),
+        "dkimpy refused the large one"
+    );
+    let plain = by_subject("Subject: big other");
+    assert!(!String::from_utf8_lossy(&plain)
+        .to_ascii_lowercase()
+        .contains("dkim-signature"));
+    assert!(
+        plain.ends_with(other.as_bytes()),
+        "the streamed message arrived changed"
+    );
+}
+
 io_tests!(
     signs_and_dkimpy_verifies,
     unsigned_without_key_or_with_two_froms,
-    sighup_swaps_the_key
+    sighup_swaps_the_key,
+    large_messages_are_signed_whole_or_streamed
 );
 
 /// `check-config` refuses each bad key with one line naming the domain and the file (and

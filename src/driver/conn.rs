@@ -583,7 +583,7 @@ async fn pump_body<H: Handler>(
             let Some(envelope) = session.envelope_so_far() else {
                 return;
             };
-            match shard.handler.body_sink(&envelope) {
+            match shard.handler.body_sink(&envelope, session.content_so_far()) {
                 Some(s) => *sink = Some((serial, s)),
                 None => {
                     // The handler wants messages whole: the memory budget bounds them.

@@ -428,10 +428,11 @@ impl Handler for RelayHandler {
     }
 
     /// Large messages go into the spool while they arrive (`stream`).
-    fn body_sink(&self, envelope: &Envelope) -> Option<Box<dyn BodySink>> {
-        // DKIM signs the whole message before the spool (`on_message`), so while keys are
-        // configured messages are kept whole, up to `limits.max_data_memory`.
-        if !self.shard.config().dkim.is_empty() {
+    fn body_sink(&self, envelope: &Envelope, head: &[u8]) -> Option<Box<dyn BodySink>> {
+        // DKIM signs the whole message before the spool (`on_message`): a message that
+        // will be signed (or whose header section cannot be read from its first piece) is
+        // kept whole, within `limits.max_data_memory`; the rest streams.
+        if !matches!(self.shard.config().dkim.signer_for(head), Ok(None)) {
             return None;
         }
         let sink = stream::SpoolSink::open(&self.shard, envelope)?;

@@ -637,6 +637,12 @@ impl Session {
         self.body.split().freeze()
     }
 
+    /// The content held now, not yet taken as a piece (before the first piece: the
+    /// message's beginning, for [`Session::envelope_so_far`]'s caller to look at).
+    pub fn content_so_far(&self) -> &[u8] {
+        &self.body
+    }
+
     /// Which message's content is (or was last) being received: a sink opened for one
     /// message is never used for the next.
     pub fn body_serial(&self) -> u32 {
