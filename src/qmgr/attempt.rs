@@ -19,6 +19,7 @@
 //! `5.6.7`. Domains are routed by their A-label form (IDNA), so a U-label domain finds
 //! its routes and MX like its ASCII twin.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -452,6 +453,9 @@ async fn spool_report(
         return_full: message_dsn.is_some_and(|d| d.ret == Some(Ret::Full)),
         envid: message_dsn.and_then(|d| d.envid.as_deref()),
     });
+    // Signed like any other mail, when our host name's domain has a DKIM key.
+    let dkim = Arc::clone(&shard.config().dkim);
+    let message = crate::dkim::sign_off_thread(&dkim, &unique, message).await;
     let accepted = shard
         .spool
         .accept(NewMessage {

@@ -212,10 +212,12 @@ impl Aiosmtpd {
         }
     }
 
-    /// The messages taken so far, one JSON object each, in order.
+    /// The messages taken so far, one JSON object each, in order. A last line without its
+    /// newline is a record still being written (a large message's): not yet taken.
     pub fn received(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.records)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.records).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).expect("a JSON record"))
             .collect()
