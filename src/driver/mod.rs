@@ -14,6 +14,7 @@ pub(crate) mod buffers;
 pub(crate) mod caps;
 pub(crate) mod conn;
 pub(crate) mod epoll;
+pub(crate) mod file;
 pub(crate) mod listener;
 pub(crate) mod outbound;
 pub(crate) mod probe;

@@ -38,6 +38,11 @@ pub(crate) fn enter(driver: IoDriver) {
     CURRENT.with(|c| c.set(driver));
 }
 
+/// The driver of the shard running on this thread (epoll outside any shard).
+pub(crate) fn current_driver() -> IoDriver {
+    CURRENT.with(Cell::get)
+}
+
 /// Slices per vectored write (well under `IOV_MAX`, 1024 on Linux).
 const SLICES: usize = 64;
 

@@ -79,7 +79,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
     let config = shard.config();
     let data = match entry.data.take() {
         Some(d) => d,
-        None => match shard.spool.read(&entry.msg.location) {
+        None => match shard.spool.read(&entry.msg.location).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(id = %entry.id(), "cannot read the message back from the spool: {e}");

@@ -369,9 +369,14 @@ impl Spool {
         self.commit_queued(message, location).await
     }
 
-    /// A message's content, read back from its record.
-    pub fn read(&self, location: &Location) -> io::Result<Bytes> {
-        Ok(self.store.borrow().read_message(location)?.data)
+    /// A message's content, read back from its record through the shard's driver
+    /// (io_uring on an io_uring shard) and checked.
+    pub async fn read(&self, location: &Location) -> io::Result<Bytes> {
+        // A descriptor of our own: the store may close the segment while the read runs.
+        let file = self.store.borrow().message_file(location)?.try_clone()?;
+        let buf = crate::driver::file::read_exact_at(&file, location.offset, location.len as usize)
+            .await?;
+        Ok(segment::decode_message_at(location, buf)?.data)
     }
 
     /// Records one recipient's outcome. Not synced on its own: a lost outcome record can

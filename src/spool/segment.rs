@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -341,24 +340,25 @@ impl ShardStore {
         result
     }
 
+    #[cfg(test)]
     /// Reads a message back (its content is not kept in memory while it waits).
     pub fn read_message(&self, loc: &Location) -> io::Result<StoredMessage> {
-        let seg = self.segments.get(&loc.segment).ok_or_else(|| {
-            io::Error::other(format!("segment {} is not open", loc.segment.file_name()))
-        })?;
+        use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; loc.len as usize];
-        seg.file.read_exact_at(&mut buf, loc.offset)?;
-        match record::decode(&Bytes::from(buf)) {
-            Decoded::Record(Record::Message(m), _) => Ok(m),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} at {}: not a valid message record",
-                    loc.segment.file_name(),
-                    loc.offset
-                ),
-            )),
-        }
+        self.message_file(loc)?
+            .read_exact_at(&mut buf, loc.offset)?;
+        decode_message_at(loc, buf)
+    }
+
+    /// The segment file holding the message at `loc`, for a read outside the store
+    /// (`Spool::read`, through the shard's driver).
+    pub fn message_file(&self, loc: &Location) -> io::Result<&File> {
+        self.segments
+            .get(&loc.segment)
+            .map(|seg| &*seg.file)
+            .ok_or_else(|| {
+                io::Error::other(format!("segment {} is not open", loc.segment.file_name()))
+            })
     }
 
     /// A segment number for a streamed message's own segment (see `super::stream`),
@@ -773,6 +773,21 @@ fn set_aside(dir: &Path, id: SegmentId, at: usize, region: &[u8]) {
     let result = fs::create_dir_all(&corrupt).and_then(|()| fs::write(corrupt.join(name), region));
     if let Err(e) = result {
         tracing::error!("spool: cannot set aside corrupt region: {e}");
+    }
+}
+
+/// The message record read from `loc` (its whole record, `buf`), checked.
+pub fn decode_message_at(loc: &Location, buf: Vec<u8>) -> io::Result<StoredMessage> {
+    match record::decode(&Bytes::from(buf)) {
+        Decoded::Record(Record::Message(m), _) => Ok(m),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} at {}: not a valid message record",
+                loc.segment.file_name(),
+                loc.offset
+            ),
+        )),
     }
 }
 
