@@ -7,6 +7,7 @@
 //! - [`conn`]: one connection's loop, shared by both drivers.
 //! - [`uring`] / [`epoll`]: the two drivers.
 //! - [`outbound`]: outbound connections on the shard's driver (the relay's next hops).
+//! - [`file`]: spool reads on the shard's driver (a message read back for delivery).
 //! - [`secure`]: inbound TLS (STARTTLS, implicit TLS) and AUTH checks.
 //! - [`buffers`]: the per-shard buffer pool; [`caps`]: connection caps.
 
