@@ -254,7 +254,7 @@ pub fn write_text(
 }
 
 /// Reads the queue of `spool` (which must exist: nothing is created), segment by segment
-/// with [`scan`](super::scan)'s reader: no segment is held whole, no content kept. With
+/// with the `scan` module's reader: no segment is held whole, no content kept. With
 /// `list = false` only the totals are kept (`queue stats`).
 pub fn scan(spool: &Path, list: bool) -> io::Result<Queue> {
     super::require_existing(spool)?;
