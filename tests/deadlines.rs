@@ -51,7 +51,41 @@ fn junk_commands_end_the_session(io: &str) {
     c.expect_eof();
 }
 
+/// The whole-message deadline holds for BDAT too: a chunk of one byte a second, each
+/// answered, is still cut off near the 3 s deadline with `421 4.4.2`.
+fn bdat_trickle_is_cut_at_the_total_deadline(io: &str) {
+    let relay = Relay::start(
+        io,
+        "[limits]\ndata_timeout_secs = 2\ndata_total_timeout_secs = 3\n",
+    );
+    let mut c = relay.connect();
+    assert_eq!(c.cmd("EHLO t.test").code, 250);
+    c.cmd("MAIL FROM:<a@b.test>").assert(250, "2.1.0");
+    c.cmd("RCPT TO:<x@example.test>").assert(250, "2.1.5");
+    let started = Instant::now();
+    let mut closed_by = None;
+    for _ in 0..10 {
+        if c.try_send(b"BDAT 1\r\nx").is_err() {
+            break;
+        }
+        let r = c.reply();
+        if r.code != 250 {
+            closed_by = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(900));
+    }
+    let reply = closed_by.unwrap_or_else(|| c.reply());
+    reply.assert(421, "4.4.2");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "cut off after {took:?}, not near the 3 s deadline"
+    );
+}
+
 io_tests!(
+    bdat_trickle_is_cut_at_the_total_deadline,
     data_trickle_is_cut_at_the_total_deadline,
     junk_commands_end_the_session,
 );

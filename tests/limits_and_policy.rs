@@ -33,6 +33,7 @@ io_tests!(
     protocol_limits,
     data_memory_budget,
     data_memory_budget_is_server_wide,
+    bdat_chunks_count_against_the_data_memory_budget,
 );
 
 fn timeouts(io: &str) {
@@ -556,4 +557,42 @@ fn data_memory_budget_is_server_wide(io: &str) {
     );
     let totals = relay.stop();
     assert_eq!(totals.messages, 2, "{totals:?}");
+}
+
+/// A BDAT message counts against `max_data_memory` between its chunks too: with one
+/// message holding 180,000 of the 200,000 bytes, another sent as 100-byte chunks (each
+/// read whole with its command, so every read ends between chunks) is refused `452 4.3.1` once it would
+/// pass the budget; the first is then taken.
+fn bdat_chunks_count_against_the_data_memory_budget(io: &str) {
+    let mut relay = budget_relay(io, 1);
+    let mut holder = relay.connect();
+    holder.ehlo(200_000);
+    holder.cmd("MAIL FROM:<a@b.test>").assert(250, "2.1.0");
+    holder.cmd("RCPT TO:<c@d.test>").assert(250, "2.1.5");
+    let big = sized_message(180_000);
+    holder.send(format!("BDAT {}\r\n{big}", big.len()));
+    assert_eq!(holder.reply().code, 250);
+    let mut chunker = relay.connect();
+    chunker.ehlo(200_000);
+    chunker.cmd("MAIL FROM:<a@b.test>").assert(250, "2.1.0");
+    chunker.cmd("RCPT TO:<c@d.test>").assert(250, "2.1.5");
+    let piece = "y".repeat(98) + "\r\n";
+    let mut last = None;
+    for _ in 0..400 {
+        chunker.send(format!("BDAT {}\r\n{piece}", piece.len()));
+        let r = chunker.reply();
+        if r.code != 250 {
+            last = Some(r);
+            break;
+        }
+    }
+    let last = last.unwrap_or_else(|| {
+        chunker.send("BDAT 0 LAST\r\n");
+        chunker.reply()
+    });
+    last.assert(452, "4.3.1");
+    holder.send("BDAT 2 LAST\r\n\r\n");
+    assert!(holder.reply().is_queued(), "the first message is taken");
+    let totals = relay.stop();
+    assert_eq!(totals.messages, 1, "{totals:?}");
 }

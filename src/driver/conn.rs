@@ -83,8 +83,11 @@ struct Line {
     /// remains in the buffer is a new line. Kept beside `start`, which lives for the whole
     /// connection: the connection task then keeps it in one place (a smaller task).
     progressed: bool,
-    /// The last wait was in DATA (so `start` marks when DATA began).
-    in_data: bool,
+    /// The last wait was within a message's content (DATA, or a BDAT transaction's chunks
+    /// and the commands between them).
+    in_body: bool,
+    /// When that content began: the whole-message deadline counts from here.
+    body_start: Instant,
 }
 
 /// Serves one accepted connection to the end.
@@ -123,7 +126,8 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
     let mut line = Line {
         start: Instant::now(),
         progressed: false,
-        in_data: false,
+        in_body: false,
+        body_start: Instant::now(),
     };
     // The current read size during DATA (see DATA_READ_START).
     let mut data_read = DATA_READ_START;
@@ -243,7 +247,9 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         let (want, timeout) = if session.in_data() {
             (data_read, shard.data_timeout.get())
         } else {
-            data_read = DATA_READ_START;
+            if !session.receiving_body() {
+                data_read = DATA_READ_START;
+            }
             // `try_reclaim` sees the whole allocation (`capacity()` only what follows the
             // read position) and never allocates.
             if buf.is_empty() && buf.try_reclaim(SHRINK_ABOVE) {
@@ -257,21 +263,28 @@ pub(crate) async fn serve<H: Handler, T: Transport>(
         let offered = buf.capacity() - buf.len();
         let now = Instant::now();
         let in_data = session.in_data();
-        if in_data && !line.in_data {
-            // DATA began: `start` now marks it, for the whole-DATA deadline.
-            line.start = now;
+        let in_body = session.receiving_body();
+        if in_body && !line.in_body {
+            // A message's content began (DATA, or a first BDAT chunk).
+            line.body_start = now;
         }
-        line.in_data = in_data;
+        line.in_body = in_body;
         let mid_line = !in_data && (!buf.is_empty() || session.skipping_long_line());
         if !in_data && (!mid_line || line.progressed) {
             line.start = now;
         }
-        // DATA keeps its per-read timeout (content arrives in arbitrary pieces) within the
-        // deadline of the whole DATA phase, however slowly it trickles.
-        let due = if in_data {
-            (now + timeout).min(line.start + shard.data_total_timeout.get())
+        // DATA keeps its per-read timeout (content arrives in arbitrary pieces), and the
+        // commands between BDAT chunks their per-line one, both within the deadline of the
+        // whole message, however slowly it trickles or however many chunks it takes.
+        let per_wait = if in_data {
+            now + timeout
         } else {
             line.start + timeout
+        };
+        let due = if in_body {
+            per_wait.min(line.body_start + shard.data_total_timeout.get())
+        } else {
+            per_wait
         };
         if sleep.deadline() > due {
             // The timeout got shorter (data → command phase): bring the timer forward.
@@ -616,7 +629,8 @@ fn account_data_memory<H: Handler>(
     if open.hold_data(now) {
         return;
     }
-    if !session.in_data() {
+    // Between BDAT chunks the message is still being received (and refusable).
+    if !session.receiving_body() {
         // The message ended in the read that grew it past the budget: it is the handler's
         // now, too late to refuse, and counts at what it really holds.
         open.hold_data_anyway(now);
