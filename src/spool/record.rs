@@ -524,7 +524,7 @@ fn decode_deferred(payload: &[u8]) -> Option<Record> {
     let mut r = Reader::new(payload);
     let id = QueueId::from_u128(r.u128()?);
     let attempts = r.u32()?;
-    let next_attempt = UNIX_EPOCH + Duration::from_secs(r.u64()?);
+    let next_attempt = UNIX_EPOCH.checked_add(Duration::from_secs(r.u64()?))?;
     let last_reply = r.str()?.to_string();
     r.end()?;
     Some(Record::Deferred {
@@ -588,7 +588,7 @@ impl MessageHead {
 pub fn decode_message_head(payload: &[u8]) -> Option<MessageHead> {
     let mut r = Reader::new(payload);
     let id = QueueId::from_u128(r.u128()?);
-    let arrival = UNIX_EPOCH + Duration::from_secs(r.u64()?);
+    let arrival = UNIX_EPOCH.checked_add(Duration::from_secs(r.u64()?))?;
     let from = r.str()?;
     let from = if from.is_empty() {
         ReversePath::Null

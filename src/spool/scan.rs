@@ -404,14 +404,19 @@ mod tests {
         let last = every_state(dir.path(), true);
         let path = dir.path().join(last.segment.file_name());
         let whole = fs::read(&path).unwrap();
-        for at in (0..whole.len()).step_by(3) {
+        // 0x80 too: a top bit set in a time field (arrival, next attempt) must not
+        // overflow the clock before the checksum is looked at.
+        for (at, flip) in (0..whole.len())
+            .step_by(3)
+            .flat_map(|at| [(at, 0x21u8), (at, 0x80)])
+        {
             let mut bad = whole.clone();
-            bad[at] ^= 0x21;
+            bad[at] ^= flip;
             fs::write(&path, &bad).unwrap();
             assert_eq!(
                 by_scan(dir.path()).0,
                 by_recovery(dir.path()),
-                "flip at {at}"
+                "flip {flip:#x} at {at}"
             );
         }
     }
