@@ -10,12 +10,12 @@ use std::os::unix::fs::FileExt;
 use super::outbound;
 use super::IoDriver;
 
-/// Reads exactly `len` bytes at `pos` of `file`. The file is not consumed: io_uring reads
-/// from a duplicate of its descriptor, closed when the read is done.
-pub(crate) async fn read_exact_at(file: &File, pos: u64, len: usize) -> io::Result<Vec<u8>> {
+/// Reads exactly `len` bytes at `pos` of `file` (the caller's own descriptor, closed when
+/// the read is done).
+pub(crate) async fn read_exact_at(file: File, pos: u64, len: usize) -> io::Result<Vec<u8>> {
     match outbound::current_driver() {
         IoDriver::Uring => {
-            let f = tokio_uring::fs::File::from_std(file.try_clone()?);
+            let f = tokio_uring::fs::File::from_std(file);
             // tokio-uring fills a Vec from its start up to its capacity.
             let (read, buf) = f.read_exact_at(Vec::with_capacity(len), pos).await;
             let closed = f.close().await;

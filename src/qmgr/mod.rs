@@ -442,11 +442,12 @@ impl Handler for RelayHandler {
     async fn on_message(&self, envelope: Envelope) -> Result<(), Reply> {
         let shard = &self.shard;
         // Signed once, here, before the spool: retries send the stored, signed copy.
+        // Without keys (the common case) this costs one look at the configuration.
         let mut envelope = envelope;
-        let dkim = Arc::clone(&shard.config().dkim);
-        if !dkim.is_empty() {
+        let config = shard.config();
+        if !config.dkim.is_empty() {
             let id = envelope.id.to_string();
-            envelope.data = crate::dkim::sign_off_thread(&dkim, &id, envelope.data).await;
+            envelope.data = crate::dkim::sign_off_thread(&config.dkim, &id, envelope.data).await;
         }
         let accepted = shard
             .spool

@@ -374,7 +374,7 @@ impl Spool {
     pub async fn read(&self, location: &Location) -> io::Result<Bytes> {
         // A descriptor of our own: the store may close the segment while the read runs.
         let file = self.store.borrow().message_file(location)?.try_clone()?;
-        let buf = crate::driver::file::read_exact_at(&file, location.offset, location.len as usize)
+        let buf = crate::driver::file::read_exact_at(file, location.offset, location.len as usize)
             .await?;
         Ok(segment::decode_message_at(location, buf)?.data)
     }
