@@ -19,13 +19,12 @@
 //! `5.6.7`. Domains are routed by their A-label form (IDNA), so a U-label domain finds
 //! its routes and MX like its ASCII twin.
 
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
 use super::queue::{jittered, retry_delay, Entry};
-use super::Shard;
+use super::{RelayConfig, Shard};
 use crate::observe::log::{self, Status};
 use crate::outbound::route::Plan;
 use crate::outbound::{dsn, HopUsed};
@@ -84,7 +83,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
             Err(e) => {
                 tracing::error!(id = %entry.id(), "cannot read the message back from the spool: {e}");
                 entry.last_error = Some(format!("spool read failed: {e}"));
-                return reschedule(shard, entry);
+                return reschedule(shard, &config, entry);
             }
         },
     };
@@ -242,7 +241,15 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
     if !relayed.is_empty() {
         // Best effort: the mail itself went on; a success report that cannot be spooled
         // is logged, not retried.
-        notify_sender(shard, &entry, &data, &relayed, dsn::Action::Relayed).await;
+        notify_sender(
+            shard,
+            &config,
+            &entry,
+            &data,
+            &relayed,
+            dsn::Action::Relayed,
+        )
+        .await;
     }
     let warn_after = config.delay_warning;
     if !still_pending.is_empty()
@@ -256,11 +263,19 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
             still_pending.contains(&d.index) && dsn_of(d.index).notify.has(Notify::DELAY)
         });
         if !delayed.is_empty() {
-            notify_sender(shard, &entry, &data, &delayed, dsn::Action::Delayed).await;
+            notify_sender(
+                shard,
+                &config,
+                &entry,
+                &data,
+                &delayed,
+                dsn::Action::Delayed,
+            )
+            .await;
         }
     }
     if !failed.is_empty() {
-        if bounce(shard, &entry, &data, &failed).await {
+        if bounce(shard, &config, &entry, &data, &failed).await {
             for f in &failed {
                 shard
                     .spool
@@ -277,7 +292,7 @@ pub(crate) async fn run(shard: &Shard, mut entry: Entry) {
         shard.spool.finish(&entry.msg);
     } else {
         entry.data = Some(data);
-        reschedule(shard, entry);
+        reschedule(shard, &config, entry);
     }
 }
 
@@ -333,10 +348,10 @@ fn report(
 }
 
 /// Back into the queue, due after the next step of the retry schedule.
-fn reschedule(shard: &Shard, mut entry: Entry) {
+fn reschedule(shard: &Shard, config: &RelayConfig, mut entry: Entry) {
     entry.count_attempt();
     let delay = jittered(
-        retry_delay(&shard.config().retry_schedule, entry.attempts),
+        retry_delay(&config.retry_schedule, entry.attempts),
         entry.id().as_u128() ^ u128::from(entry.attempts),
     );
     tracing::debug!(
@@ -352,8 +367,13 @@ fn reschedule(shard: &Shard, mut entry: Entry) {
 /// bounce itself, or any other report) gets a double bounce to `relay.postmaster` instead,
 /// or none when that is empty; never about mail to the postmaster, which would go where
 /// delivery just failed. True when there is nothing more to do for them.
-async fn bounce(shard: &Shard, entry: &Entry, data: &Bytes, failed: &[Failure]) -> bool {
-    let config = shard.config();
+async fn bounce(
+    shard: &Shard,
+    config: &RelayConfig,
+    entry: &Entry,
+    data: &Bytes,
+    failed: &[Failure],
+) -> bool {
     // NOTIFY=NEVER, or a NOTIFY without FAILURE: the sender wants no failure report.
     let notify_of =
         |f: &&Failure| DsnEnvelope::rcpt(entry.msg.dsn.as_ref(), f.index as usize).notify;
@@ -387,13 +407,23 @@ async fn bounce(shard: &Shard, entry: &Entry, data: &Bytes, failed: &[Failure]) 
             (postmaster, others)
         }
     };
-    spool_report(shard, entry, data, sender, &failed, dsn::Action::Failed).await
+    spool_report(
+        shard,
+        config,
+        entry,
+        data,
+        sender,
+        &failed,
+        dsn::Action::Failed,
+    )
+    .await
 }
 
 /// Spools a success ("relayed") or delay report to the reverse path; none for mail from
 /// `<>`. A report that cannot be spooled is logged: the mail itself is unaffected.
 async fn notify_sender(
     shard: &Shard,
+    config: &RelayConfig,
     entry: &Entry,
     data: &Bytes,
     recipients: &[Failure],
@@ -403,13 +433,14 @@ async fn notify_sender(
         return;
     };
     let recipients: Vec<&Failure> = recipients.iter().collect();
-    spool_report(shard, entry, data, sender, &recipients, action).await;
+    spool_report(shard, config, entry, data, sender, &recipients, action).await;
 }
 
 /// Builds a report (RFC 3464) on `recipients` with `action`, and spools it from `<>` to
 /// `to`. True once it is spooled.
 async fn spool_report(
     shard: &Shard,
+    config: &RelayConfig,
     entry: &Entry,
     data: &Bytes,
     to: &Mailbox,
@@ -442,7 +473,7 @@ async fn spool_report(
         .collect();
     let unique = id.to_string();
     let message = dsn::build_bounce(&dsn::BounceInput {
-        reporting_mta: &shard.config().hostname,
+        reporting_mta: &config.hostname,
         original_id: entry.id(),
         to,
         arrival: entry.msg.arrival,
@@ -454,8 +485,7 @@ async fn spool_report(
         envid: message_dsn.and_then(|d| d.envid.as_deref()),
     });
     // Signed like any other mail, when our host name's domain has a DKIM key.
-    let dkim = Arc::clone(&shard.config().dkim);
-    let message = crate::dkim::sign_off_thread(&dkim, &unique, message).await;
+    let message = crate::dkim::sign_off_thread(&config.dkim, &unique, message).await;
     let accepted = shard
         .spool
         .accept(NewMessage {
