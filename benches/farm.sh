@@ -34,7 +34,7 @@ FRONT=4625; SINK=4626; P1=4627; P2=4628; L1=4629; L2=4630
     --json "$WORK/sink.json" >"$WORK/sink.log" 2>&1 &
 SINK_PID=$!; PIDS+=("$SINK_PID")
 
-node_config() { # N PROXY_PORT
+node_config() { # N PROXY_PORT PLAIN_PORT
     cat >"$WORK/node$1.toml" <<TOML
 node_id = $1
 listen = ["127.0.0.1:$3"]

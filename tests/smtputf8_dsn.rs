@@ -309,6 +309,23 @@ fn code(v: &Value) -> u64 {
     v[0].as_u64().unwrap_or(0)
 }
 
+/// Every transaction in `results` got 250 to MAIL, to each RCPT and to DATA.
+#[track_caller]
+fn assert_accepted(results: &[Value]) {
+    for r in results {
+        assert_eq!(code(&r["mail"]), 250, "{r}");
+        assert!(
+            r["rcpts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|x| code(x) == 250),
+            "{r}"
+        );
+        assert_eq!(code(&r["data"]), 250, "{r}");
+    }
+}
+
 fn text(v: &Value) -> &str {
     v[1].as_str().unwrap_or("")
 }
@@ -372,18 +389,7 @@ fn smtputf8_end_to_end(io: &str) {
         ehlo.contains(&"smtputf8") && ehlo.contains(&"dsn"),
         "{ehlo:?}"
     );
-    for r in &results[..3] {
-        assert_eq!(code(&r["mail"]), 250, "{r}");
-        assert!(
-            r["rcpts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|x| code(x) == 250),
-            "{r}"
-        );
-        assert_eq!(code(&r["data"]), 250, "{r}");
-    }
+    assert_accepted(&results[..3]);
     let raw = results[3]["raw"].as_array().unwrap();
     assert_eq!(code(&raw[1]), 553, "{raw:?}");
     assert!(text(&raw[1]).starts_with("5.6.7"), "{raw:?}");
@@ -497,18 +503,7 @@ fn dsn_end_to_end(io: &str) {
                      "RCPT TO:<x@plain.test> NOTIFY=DELAY ORCPT=rfc822;x+40plain.test"]},
         ]),
     );
-    for r in &results[..4] {
-        assert_eq!(code(&r["mail"]), 250, "{r}");
-        assert!(
-            r["rcpts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|x| code(x) == 250),
-            "{r}"
-        );
-        assert_eq!(code(&r["data"]), 250, "{r}");
-    }
+    assert_accepted(&results[..4]);
     let raw: Vec<u64> = results[4]["raw"]
         .as_array()
         .unwrap()
